@@ -1,0 +1,1 @@
+"""Ray actor processes: vectorized environments, acting policy, n-step adder, actor pool."""

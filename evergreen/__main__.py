@@ -1,0 +1,5 @@
+import sys
+
+from evergreen.cli import main
+
+sys.exit(main())

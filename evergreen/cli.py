@@ -1,0 +1,48 @@
+"""The `evergreen` command line.
+
+    evergreen train --preset cartpole            # a training run (see `evergreen train --help`)
+    evergreen train --resume runs/cartpole-...   # continue a run from its last checkpoint
+    evergreen replay serve --port 0 --table ...  # one replay shard as a standalone process
+    evergreen bench plasticity                   # the synthetic plasticity-loss benchmark
+
+Each subcommand lives with the code it runs; this module only dispatches, importing lazily so that
+`evergreen replay serve` does not pay for torch and Ray.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: evergreen COMMAND ...
+
+commands:
+  train             run a training job (presets in configs/; --help for every option)
+  replay serve      run one replay shard as a gRPC server
+  bench plasticity  synthetic continual-learning benchmark of plasticity interventions
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from evergreen.train import main as train_main
+
+        return train_main(rest)
+    if command == "replay" and rest[:1] == ["serve"]:
+        from replay.server import main as serve_main
+
+        return serve_main(rest[1:])
+    if command == "bench" and rest[:1] == ["plasticity"]:
+        from plasticity.benchmark import main as bench_main
+
+        return bench_main(rest[1:])
+    print(f"evergreen: unknown command {' '.join(argv[:2])!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

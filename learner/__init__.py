@@ -1,0 +1,1 @@
+"""Learner: networks, algorithms (DQN family), the learner loop and checkpoints."""

@@ -1,0 +1,1 @@
+"""Replay service: schema, storages, samplers, rate limiter, gRPC shard server and sharded client."""
