@@ -1,0 +1,1 @@
+"""Plasticity interventions, one module per family; `build_interventions` selects them by name."""
