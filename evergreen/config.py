@@ -1,0 +1,241 @@
+"""The run config: one tree of frozen dataclasses, validated in one place.
+
+    cfg = load_config(preset="cartpole", overrides={"learner": {"total_env_steps": 50_000}})
+    cfg.validate()                      # every cross-field rule lives here
+    save_config(cfg, run_dir / "config.json")
+
+Presets are JSON files in ``configs/`` holding a partial tree on top of these defaults. The
+component configs (env, network, dqn) are the components' own dataclasses; the sections the
+system adds (replay, actors, learner, plasticity, telemetry) are defined here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from actors.envs import EnvConfig
+from evergreen.configtools import from_dict, to_dict
+from learner.dqn import DQNConfig
+from learner.networks import NetworkConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    num_shards: int = 1
+    """Replay shards, each a separate gRPC server process; capacity is split evenly between them."""
+    capacity: int = 100_000
+    """Total transitions held across all shards."""
+    sampler: Literal["uniform", "prioritized"] = "prioritized"
+    """How the learner samples: uniformly, or proportional to priority**alpha (PER)."""
+    priority_exponent: float = 0.6
+    """PER alpha: 0 is uniform, 1 is fully proportional to |TD error|."""
+    importance_beta_start: float = 0.4
+    """PER importance-sampling exponent at the start; annealed linearly to 1 over the run."""
+    min_size_to_sample: int = 1_000
+    """Transitions a shard must hold before the learner may sample from it."""
+    samples_per_insert: float = 0.0
+    """Replay ratio enforced by the rate limiter (sampled rows per inserted row); 0 disables it."""
+    error_buffer: float = 0.0
+    """Slack of the samples-per-insert limiter, in sampled rows; 0 picks max(10 batches, 1% capacity)."""
+    storage: Literal["auto", "ring", "atari"] = "auto"
+    """Storage layout: "atari" stores each frame once; "auto" picks it for image observations."""
+
+
+@dataclass(frozen=True)
+class ActorsConfig:
+    num_actors: int = 1
+    """Ray actor processes stepping environments (each owns env.num_envs environments)."""
+    n_step: int = 3
+    """n of the n-step returns written to replay."""
+    gamma: float = 0.99
+    """Discount factor."""
+    epsilon_base: float = 0.4
+    """Ape-X exploration: actor i of N acts with epsilon_base ** (1 + epsilon_alpha * i / (N - 1))."""
+    epsilon_alpha: float = 7.0
+    """Ape-X exploration spread across actors (see epsilon_base)."""
+    epsilon_start: float = 1.0
+    """Epsilon at the start of the run, decayed linearly to the actor's Ape-X epsilon."""
+    epsilon_decay_steps: int = 10_000
+    """Env steps per actor over which epsilon decays from epsilon_start to the actor's own value."""
+    insert_batch_size: int = 64
+    """Transitions an actor buffers before one gRPC insert."""
+    weight_poll_steps: int = 200
+    """Env steps (per actor) between checks for newer learner weights."""
+    restart_backoff_s: float = 1.0
+    """Delay before a crashed actor is replaced (doubles on each crash within the window)."""
+    max_restarts: int = 5
+    """Crashes tolerated within restart_window_s before the run stops with an error."""
+    restart_window_s: float = 300.0
+    """Window over which crashes are counted for max_restarts."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    batch_size: int = 64
+    """Transitions per learner update."""
+    total_env_steps: int = 100_000
+    """The run stops after this many environment steps (summed over actors)."""
+    stop_at_return: float | None = None
+    """Stop early once the mean return of the last 100 episodes reaches this; null never stops early."""
+    updates_per_env_step: float = 0.25
+    """Learner pacing without a replay rate limiter: target updates per env step (0 = as fast as possible)."""
+    publish_every: int = 50
+    """Publish weights to actors every K updates."""
+    checkpoint_every_s: float = 300.0
+    """Checkpoint (learner + replay shards) every this many seconds, and at the end."""
+    prefetch_batches: int = 4
+    """Sampled batches kept ready by the prefetch thread."""
+    device: str = "auto"
+    """Torch device for the learner: "auto" (cuda if present), "cpu", "cuda", "cuda:1"."""
+    num_threads: int = 0
+    """Torch intra-op threads for the learner; 0 = leave one core to actors and replay."""
+    log_every_s: float = 5.0
+    """Seconds between progress lines and metrics-log records."""
+
+
+@dataclass(frozen=True)
+class PlasticityConfig:
+    interventions: str = ""
+    """Comma-separated interventions, e.g. "layer_norm,weight_decay,redo" (evergreen train --help lists them)."""
+    options: dict = field(default_factory=dict)
+    """Per-intervention options as JSON, e.g. {"redo": {"period": 1000}}."""
+    diagnostics: str = "dormant_ratio,srank,weight_norm,effective_lr,grad_norm,feature_norm"
+    """Comma-separated diagnostics computed on a held-out probe batch; empty disables them."""
+    diagnostics_every: int = 1000
+    """Compute diagnostics every this many updates."""
+    probe_size: int = 256
+    """States in the held-out probe batch used by diagnostics and interventions that need data."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    """Run name; the run directory is runs_dir/name-<timestamp>."""
+    seed: int = 0
+    """Seed for environments, networks and samplers."""
+    runs_dir: str = "runs"
+    """Where run directories are created."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Environment."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """Q-network architecture."""
+    dqn: DQNConfig = field(default_factory=DQNConfig)
+    """DQN-family algorithm."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay service."""
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    """Actors."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Learner loop."""
+    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
+    """Plasticity interventions and diagnostics."""
+
+    def validate(self) -> RunConfig:
+        """Check every field and cross-field rule; raise ValueError naming the first bad value."""
+        for section in (self.env, self.network, self.dqn):
+            section.validate()
+        r, a, lrn, p = self.replay, self.actors, self.learner, self.plasticity
+        _check(r.num_shards >= 1, "replay.num_shards", r.num_shards, "an integer >= 1")
+        _check(r.capacity >= r.num_shards * 2, "replay.capacity", r.capacity, f">= 2 * replay.num_shards ({r.num_shards})")
+        _check(0.0 <= r.priority_exponent <= 1.0, "replay.priority_exponent", r.priority_exponent, "in [0, 1]")
+        _check(0.0 <= r.importance_beta_start <= 1.0, "replay.importance_beta_start", r.importance_beta_start, "in [0, 1]")
+        _check(r.min_size_to_sample >= 1, "replay.min_size_to_sample", r.min_size_to_sample, ">= 1")
+        _check(
+            r.min_size_to_sample * 1 <= r.capacity // r.num_shards,
+            "replay.min_size_to_sample", r.min_size_to_sample,
+            f"<= capacity per shard ({r.capacity // r.num_shards}); otherwise sampling never starts",
+        )
+        _check(lrn.batch_size >= 1, "learner.batch_size", lrn.batch_size, ">= 1")
+        _check(
+            r.min_size_to_sample * r.num_shards >= lrn.batch_size,
+            "replay.min_size_to_sample", r.min_size_to_sample,
+            f">= learner.batch_size / num_shards ({math.ceil(lrn.batch_size / r.num_shards)})",
+        )
+        _check(r.samples_per_insert >= 0, "replay.samples_per_insert", r.samples_per_insert, ">= 0")
+        _check(r.error_buffer >= 0, "replay.error_buffer", r.error_buffer, ">= 0")
+        _check(a.num_actors >= 1, "actors.num_actors", a.num_actors, ">= 1")
+        _check(a.n_step >= 1, "actors.n_step", a.n_step, ">= 1")
+        _check(0.0 < a.gamma <= 1.0, "actors.gamma", a.gamma, "in (0, 1]")
+        _check(0.0 <= a.epsilon_base <= 1.0, "actors.epsilon_base", a.epsilon_base, "in [0, 1]")
+        _check(0.0 <= a.epsilon_start <= 1.0, "actors.epsilon_start", a.epsilon_start, "in [0, 1]")
+        _check(a.epsilon_decay_steps >= 0, "actors.epsilon_decay_steps", a.epsilon_decay_steps, ">= 0")
+        _check(a.insert_batch_size >= 1, "actors.insert_batch_size", a.insert_batch_size, ">= 1")
+        _check(a.weight_poll_steps >= 1, "actors.weight_poll_steps", a.weight_poll_steps, ">= 1")
+        _check(a.max_restarts >= 0, "actors.max_restarts", a.max_restarts, ">= 0")
+        _check(lrn.total_env_steps >= 1, "learner.total_env_steps", lrn.total_env_steps, ">= 1")
+        _check(lrn.updates_per_env_step >= 0, "learner.updates_per_env_step", lrn.updates_per_env_step, ">= 0")
+        _check(lrn.publish_every >= 1, "learner.publish_every", lrn.publish_every, ">= 1")
+        _check(lrn.checkpoint_every_s > 0, "learner.checkpoint_every_s", lrn.checkpoint_every_s, "> 0")
+        _check(lrn.prefetch_batches >= 1, "learner.prefetch_batches", lrn.prefetch_batches, ">= 1")
+        _check(lrn.log_every_s > 0, "learner.log_every_s", lrn.log_every_s, "> 0")
+        _check(
+            lrn.device == "auto" or lrn.device == "cpu" or lrn.device.startswith("cuda"),
+            "learner.device", lrn.device, '"auto", "cpu", "cuda" or "cuda:N"',
+        )
+        _check(p.diagnostics_every >= 1, "plasticity.diagnostics_every", p.diagnostics_every, ">= 1")
+        _check(p.probe_size >= 2, "plasticity.probe_size", p.probe_size, ">= 2")
+        if p.interventions:
+            from plasticity.interventions import build_interventions
+
+            build_interventions(p.interventions, p.options)  # raises with the valid names and options
+        if p.diagnostics:
+            from plasticity.diagnostics import DIAGNOSTICS
+
+            unknown = [d for d in _names(p.diagnostics) if d not in DIAGNOSTICS]
+            _check(not unknown, "plasticity.diagnostics", p.diagnostics, f"names from {sorted(DIAGNOSTICS)}")
+        return self
+
+
+def _names(spec: str) -> list[str]:
+    return [s.strip() for s in spec.replace("+", ",").split(",") if s.strip()]
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} = {value!r} is invalid: expected {expected}")
+
+
+def preset_path(preset: str) -> Path:
+    """A preset name from configs/ (``cartpole``) or a path to a JSON file."""
+    candidate = Path(preset)
+    if candidate.suffix == ".json" and candidate.exists():
+        return candidate
+    path = CONFIG_DIR / f"{preset}.json"
+    if not path.exists():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise ValueError(f"unknown preset {preset!r}: expected one of {available} or a path to a .json file")
+    return path
+
+
+def load_config(*, preset: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the preset's values, then ``overrides`` (same nested shape)."""
+    config = RunConfig()
+    if preset:
+        path = preset_path(preset)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"preset {path}: not valid JSON: {exc}") from exc
+        data.pop("$comment", None)
+        config = from_dict(RunConfig, data, base=config)
+    if overrides:
+        config = from_dict(RunConfig, overrides, base=config)
+    return config
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as JSON atomically."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_config(path: Path) -> RunConfig:
+    return from_dict(RunConfig, json.loads(Path(path).read_text()))

@@ -1,0 +1,67 @@
+"""Versioned weights from the learner to the actors through the Ray object store.
+
+The learner ``ray.put``s each new state dict once and hands the reference to a tiny ``WeightStore``
+actor; actors ask the store for the latest version number (a few bytes) every few hundred steps
+and fetch the weights only when it changed. Weights never pass through the driver's memory twice
+and experience never passes through Ray at all (it goes to replay over gRPC).
+
+    store = WeightStore.options(name="weights").remote()
+    publisher = WeightPublisher(store)
+    publisher(version=120, weights=dqn.weights())          # learner side
+    source = RayWeightSource(store)                        # picklable; give it to actors
+    if source.latest_version() > mine: state = source.get(source.latest_version())
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class WeightStore:
+    """Holds the latest (version, object ref) pair. Refs are wrapped in a list so Ray does not resolve them."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._ref: list[Any] = []
+
+    def publish(self, version: int, ref_holder: list[Any]) -> None:
+        if version >= self._version:
+            self._version, self._ref = version, ref_holder
+
+    def latest_version(self) -> int:
+        return self._version
+
+    def latest(self) -> tuple[int, list[Any]]:
+        return self._version, self._ref
+
+
+class WeightPublisher:
+    """Learner side: ``publisher(version, weights)``; keeps the last ref alive until the next publish."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self._last_ref = None
+
+    def __call__(self, version: int, weights: dict[str, Any]) -> None:
+        ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
+        ray.get(self.store.publish.remote(version, [ref]))
+        self._last_ref = ref
+
+
+class RayWeightSource:
+    """Actor side: the ``weights_source`` interface of ``actors.actor.Actor`` over a WeightStore handle."""
+
+    def __init__(self, store: Any):
+        self.store = store
+
+    def latest_version(self) -> int:
+        return ray.get(self.store.latest_version.remote())
+
+    def get(self, version: int) -> dict[str, Any] | None:
+        latest, holder = ray.get(self.store.latest.remote())
+        if latest < 0 or not holder:
+            return None
+        return ray.get(holder[0])
