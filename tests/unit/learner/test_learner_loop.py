@@ -1,0 +1,118 @@
+"""Prefetcher and LearnerLoop, driven by in-process fakes (the real wiring is tested in integration)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from learner.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from learner.loop import Batch, LearnerLoop, Prefetcher
+
+
+def _convert(raw):
+    keys, version = raw
+    return Batch(tensors={"x": torch.ones(2)}, keys=keys, weights=None, policy_version=version)
+
+
+@dataclass
+class _Result:
+    priorities: np.ndarray
+    metrics: dict
+
+
+class _Algorithm:
+    def __init__(self):
+        self.calls = 0
+
+    def update(self, tensors, *, weights=None):
+        self.calls += 1
+        return _Result(priorities=np.full(2, float(self.calls)), metrics={"loss": 1.0 / self.calls})
+
+    def weights(self):
+        return {"w": torch.tensor([float(self.calls)])}
+
+
+def test_prefetcher_retries_on_none_and_delivers_in_order():
+    source = iter([None, (np.array([1, 2], dtype=np.uint64), np.array([0, 0])), None,
+                   (np.array([3, 4], dtype=np.uint64), np.array([0, 0]))])
+    lock = threading.Lock()
+
+    def sample(_timeout):
+        with lock:
+            try:
+                return next(source)
+            except StopIteration:
+                return None
+
+    pre = Prefetcher(sample=sample, convert=_convert, depth=2, poll_timeout_s=0.01).start()
+    try:
+        assert pre.get(timeout=5).keys.tolist() == [1, 2]
+        assert pre.get(timeout=5).keys.tolist() == [3, 4]
+        assert pre.get(timeout=0.05) is None
+    finally:
+        pre.stop()
+
+
+def test_prefetcher_surfaces_sampling_errors():
+    def sample(_timeout):
+        raise ConnectionError("shard 127.0.0.1:1 unavailable")
+
+    pre = Prefetcher(sample=sample, convert=_convert, depth=1, poll_timeout_s=0.01).start()
+    with pytest.raises(RuntimeError, match="shard 127.0.0.1:1 unavailable"):
+        pre.get(timeout=5)
+    pre.stop()
+
+
+def test_prefetcher_rejects_bad_depth():
+    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
+        Prefetcher(sample=lambda t: None, convert=_convert, depth=0)
+
+
+def test_loop_updates_writes_priorities_publishes_and_measures_lag():
+    batches = [(np.array([10 * i, 10 * i + 1], dtype=np.uint64), np.array([0, 2])) for i in range(6)]
+    it = iter(batches)
+    written, published = [], []
+    pre = Prefetcher(sample=lambda t: next(it, None), convert=_convert, depth=2, poll_timeout_s=0.01).start()
+    loop = LearnerLoop(algorithm=_Algorithm(), prefetcher=pre,
+                       update_priorities=lambda k, p: written.append((k.tolist(), p.tolist())),
+                       publish=lambda v, w: published.append((v, float(w["w"][0]))), publish_every=3,
+                       diagnostics=lambda: {"diag": 7.0}, diagnostics_every=2)
+    metrics = [loop.step(timeout=5) for _ in range(6)]
+    loop.close()
+    assert [m["loss"] for m in metrics] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
+    assert [("diag" in m) for m in metrics] == [False, True, False, True, False, True]
+    assert published == [(3, 3.0), (6, 6.0)]
+    assert written[0] == ([0, 1], [1.0, 1.0]) and written[5] == ([50, 51], [6.0, 6.0])
+    # lag = published version - mean(policy_version) = {0,0,0,3,3,3} - 1
+    assert loop.take_policy_lag() == pytest.approx(np.mean([-1, -1, -1, 2, 2, 2]))
+    assert loop.take_policy_lag() is None
+
+
+def test_loop_raises_when_priority_updates_fail():
+    it = iter([(np.array([1], dtype=np.uint64), None)] * 3)
+    pre = Prefetcher(sample=lambda t: next(it, None), convert=_convert, depth=1, poll_timeout_s=0.01).start()
+
+    def fail(keys, prios):
+        raise ConnectionError("owner shard gone")
+
+    loop = LearnerLoop(algorithm=_Algorithm(), prefetcher=pre, update_priorities=fail,
+                       publish=lambda v, w: None)
+    loop.step(timeout=5)
+    loop._priorities.close()  # drain: the failure is recorded
+    with pytest.raises(RuntimeError, match="owner shard gone"):
+        loop.step(timeout=5)
+    pre.stop()
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, {"step": step, "w": torch.tensor([step])}, step=step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["learner-000000000020.pt", "learner-000000000030.pt"]
+    # a torn write (leftover tmp file) is ignored
+    (tmp_path / ".learner-000000000040.pt.tmp").write_bytes(b"garbage")
+    assert load_latest_checkpoint(tmp_path)["step"] == 30
+    assert load_latest_checkpoint(tmp_path / "missing") is None
