@@ -1,0 +1,236 @@
+"""N-step adder: turns vectorized env steps into n-step transitions, as column arrays.
+
+Each emitted row is ``(obs, action, reward, discount, next_obs, policy_version)`` with
+
+    reward   = sum_{j<k} gamma^j r_{t+j}          (k = steps actually summed, 1 <= k <= n)
+    discount = gamma^k * (1 - terminal)            (0 when the k-th step terminated the episode)
+    next_obs = observation after those k steps     (the final observation on truncation)
+
+so that a learner's target is ``reward + discount * max_a Q(next_obs, a)`` regardless of whether the
+window was cut by an episode end. ``policy_version`` is the version of the policy that chose
+``action``.
+
+Episode ends (gymnasium NEXT_STEP autoreset): on ``terminated`` every pending transition of that env
+is flushed with discount 0; on ``truncated`` they are flushed with discount ``gamma^k``, bootstrapping
+from the final observation. The step after an episode end is the autoreset step (reset observation,
+reward 0, action ignored); it produces no transition.
+
+Usage::
+
+    adder = NStepAdder(num_envs=8, n=3, gamma=0.99)
+    obs = env.reset()
+    while True:
+        actions = policy(obs)
+        next_obs, reward, terminated, truncated, _ = env.step(actions)
+        rows = adder.add(obs, actions, reward, terminated, truncated, next_obs, policy_version=v)
+        if rows is not None:
+            insert(rows)                # dict of column arrays, one row per transition
+        obs = next_obs
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["NStepAdder", "schema", "TRANSITION_FIELDS"]
+
+TRANSITION_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "policy_version")
+
+
+def schema(obs_shape: tuple[int, ...], obs_dtype: Any) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """Field specs ``[(name, dtype, per-row shape), ...]`` of the adder's columns, in column order.
+
+    >>> [(n, str(d), s) for n, d, s in schema((4,), np.float32)][:3]
+    [('obs', 'float32', (4,)), ('action', 'int64', ()), ('reward', 'float32', ())]
+    """
+    shape = tuple(int(d) for d in obs_shape)
+    if any(d <= 0 for d in shape):
+        raise ValueError(f"obs_shape must have positive dimensions, got {obs_shape!r}")
+    dtype = np.dtype(obs_dtype)
+    return [
+        ("obs", dtype, shape),
+        ("action", np.dtype(np.int64), ()),
+        ("reward", np.dtype(np.float32), ()),
+        ("discount", np.dtype(np.float32), ()),
+        ("next_obs", dtype, shape),
+        ("policy_version", np.dtype(np.int64), ()),
+    ]
+
+
+class NStepAdder:
+    """Vectorized n-step adder over ``num_envs`` environments (see the module docstring).
+
+    State per env is a ring of the last ``n`` (obs, action, reward, policy_version) held in
+    preallocated numpy arrays; nothing per transition is a Python object.
+    """
+
+    def __init__(self, num_envs: int, n: int, gamma: float) -> None:
+        for name, value in (("num_envs", num_envs), ("n", n)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"NStepAdder {name} must be an integer >= 1, got {value!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"NStepAdder gamma must be a float in [0, 1], got {gamma!r}")
+        self.num_envs = int(num_envs)
+        self.n = int(n)
+        self.gamma = float(gamma)
+        # gamma^j for j = 0..n, in float64 so that sums are exact to float32 after the cast.
+        self._powers = self.gamma ** np.arange(self.n + 1, dtype=np.float64)
+        self._obs_shape: tuple[int, ...] | None = None
+        self._obs_dtype: np.dtype | None = None
+        self._obs: np.ndarray | None = None  # [N, n, *obs_shape], allocated on the first add
+        self._action = np.zeros((self.num_envs, self.n), dtype=np.int64)
+        self._reward = np.zeros((self.num_envs, self.n), dtype=np.float64)
+        self._version = np.zeros((self.num_envs, self.n), dtype=np.int64)
+        self._pushed = np.zeros(self.num_envs, dtype=np.int64)  # steps pushed in the current episode
+        self._count = np.zeros(self.num_envs, dtype=np.int64)  # pending (not yet emitted) steps
+        self._skip = np.zeros(self.num_envs, dtype=bool)  # next add for this env is an autoreset step
+
+    @property
+    def pending(self) -> np.ndarray:
+        """Pending (not yet emitted) steps per env, int64 ``[num_envs]``."""
+        return self._count.copy()
+
+    def schema(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """Field specs of emitted columns (known after the first ``add``)."""
+        if self._obs_shape is None:
+            raise RuntimeError("NStepAdder.schema() needs the observation shape: call add() first")
+        return schema(self._obs_shape, self._obs_dtype)
+
+    def reset(self) -> None:
+        """Drop all pending steps (e.g. after the env was reset out of band)."""
+        self._pushed[:] = 0
+        self._count[:] = 0
+        self._skip[:] = False
+
+    def add(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        next_obs: np.ndarray,
+        policy_version: int | np.ndarray = 0,
+    ) -> dict[str, np.ndarray] | None:
+        """Record one vector step; return the transitions that became ready (or None)."""
+        obs, actions, rewards, terminated, truncated, next_obs, versions = self._check(
+            obs, actions, rewards, terminated, truncated, next_obs, policy_version
+        )
+        if self._obs is None:
+            self._obs_shape = obs.shape[1:]
+            self._obs_dtype = obs.dtype
+            self._obs = np.zeros((self.num_envs, self.n, *obs.shape[1:]), dtype=obs.dtype)
+
+        live = ~self._skip
+        # An env whose episode ended on this step skips the next (autoreset) step.
+        self._skip = (terminated | truncated) & live
+        envs = np.flatnonzero(live)
+        if envs.size == 0:
+            return None
+        slots = self._pushed[envs] % self.n
+        self._obs[envs, slots] = obs[envs]
+        self._action[envs, slots] = actions[envs]
+        self._reward[envs, slots] = rewards[envs]
+        self._version[envs, slots] = versions[envs]
+        self._pushed[envs] += 1
+        self._count[envs] += 1
+
+        parts: list[dict[str, np.ndarray]] = []
+        ended = self._skip  # ended on this very step
+        full = np.flatnonzero(live & ~ended & (self._count == self.n))
+        if full.size:
+            parts.append(self._emit_full(full, next_obs))
+        for env in np.flatnonzero(ended):
+            parts.append(self._emit_episode_end(int(env), next_obs[env], bool(terminated[env])))
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name in TRANSITION_FIELDS}
+
+    def _emit_full(self, envs: np.ndarray, next_obs: np.ndarray) -> dict[str, np.ndarray]:
+        """The oldest pending step of each env in ``envs`` (all have ``n`` pending)."""
+        n = self.n
+        oldest = (self._pushed[envs] - n) % n
+        order = (oldest[:, None] + np.arange(n)[None, :]) % n  # [E, n] slots, oldest first
+        rewards = np.take_along_axis(self._reward[envs], order, axis=1) @ self._powers[:n]
+        self._count[envs] -= 1
+        return {
+            "obs": self._obs[envs, oldest],
+            "action": self._action[envs, oldest],
+            "reward": rewards.astype(np.float32),
+            "discount": np.full(envs.size, self._powers[n], dtype=np.float32),
+            "next_obs": np.ascontiguousarray(next_obs[envs]),
+            "policy_version": self._version[envs, oldest],
+        }
+
+    def _emit_episode_end(self, env: int, final_obs: np.ndarray, terminal: bool) -> dict[str, np.ndarray]:
+        """Every pending step of ``env``, oldest first; the episode ended on the newest one."""
+        count = int(self._count[env])
+        first = int(self._pushed[env]) - count
+        slots = (first + np.arange(count)) % self.n
+        r = self._reward[env, slots]
+        # Row j sums steps j..count-1: returns[j] = sum_{m>=j} gamma^(m-j) r_m, computed backwards.
+        returns = np.empty(count, dtype=np.float64)
+        acc = 0.0
+        for j in range(count - 1, -1, -1):
+            acc = r[j] + self.gamma * acc
+            returns[j] = acc
+        steps = count - np.arange(count)  # k for each row
+        discount = np.zeros(count, dtype=np.float32) if terminal else self._powers[steps].astype(np.float32)
+        self._count[env] = 0
+        self._pushed[env] = 0
+        return {
+            "obs": self._obs[env, slots],
+            "action": self._action[env, slots],
+            "reward": returns.astype(np.float32),
+            "discount": discount,
+            "next_obs": np.repeat(final_obs[None], count, axis=0),
+            "policy_version": self._version[env, slots],
+        }
+
+    def _check(self, obs, actions, rewards, terminated, truncated, next_obs, policy_version):
+        """Validate everything before any state changes, so a bad call leaves the adder untouched."""
+        n_env = self.num_envs
+        obs = np.asarray(obs)
+        next_obs = np.asarray(next_obs)
+        if obs.ndim < 1 or obs.shape[0] != n_env:
+            raise ValueError(f"obs must have leading dimension num_envs={n_env}, got shape {obs.shape}")
+        if next_obs.shape != obs.shape or next_obs.dtype != obs.dtype:
+            raise ValueError(
+                f"next_obs must match obs (shape {obs.shape}, dtype {obs.dtype}), "
+                f"got shape {next_obs.shape} dtype {next_obs.dtype}"
+            )
+        if self._obs_shape is not None and (obs.shape[1:] != self._obs_shape or obs.dtype != self._obs_dtype):
+            raise ValueError(
+                f"obs rows must have shape {self._obs_shape} dtype {self._obs_dtype} as before, "
+                f"got shape {obs.shape[1:]} dtype {obs.dtype}"
+            )
+        actions = np.asarray(actions)
+        if actions.shape != (n_env,) or actions.dtype.kind not in "iu":
+            raise ValueError(
+                f"actions must be integers of shape ({n_env},), got dtype {actions.dtype} shape {actions.shape}"
+            )
+        rewards = np.asarray(rewards)
+        if rewards.shape != (n_env,) or rewards.dtype.kind not in "iuf":
+            raise ValueError(
+                f"rewards must be numbers of shape ({n_env},), got dtype {rewards.dtype} shape {rewards.shape}"
+            )
+        if not np.all(np.isfinite(rewards)):
+            raise ValueError(f"rewards must be finite, got {rewards}")
+        flags = []
+        for name, value in (("terminated", terminated), ("truncated", truncated)):
+            arr = np.asarray(value)
+            if arr.shape != (n_env,) or arr.dtype != np.bool_:
+                raise ValueError(f"{name} must be bool of shape ({n_env},), got dtype {arr.dtype} shape {arr.shape}")
+            flags.append(arr)
+        versions = np.asarray(policy_version)
+        if versions.dtype.kind not in "iu" or versions.shape not in ((), (n_env,)):
+            raise ValueError(
+                f"policy_version must be an int or int array of shape ({n_env},), "
+                f"got dtype {versions.dtype} shape {versions.shape}"
+            )
+        versions = np.broadcast_to(versions.astype(np.int64), (n_env,))
+        return obs, actions.astype(np.int64), rewards.astype(np.float64), flags[0], flags[1], next_obs, versions

@@ -1,0 +1,322 @@
+"""Vectorized environments behind one small interface, for Atari (ale-py) and gymnasium control tasks.
+
+Both kinds use gymnasium's NEXT_STEP autoreset: after a ``step`` whose ``terminated`` or
+``truncated`` is set for env ``i``, the *next* ``step`` returns env ``i``'s reset observation with
+reward 0 and both flags false, and the action given for ``i`` in that call is ignored. Consumers
+(the n-step adder) must not turn that step into a transition.
+
+Episode statistics are kept here, on the *raw* reward: for Atari the ALE is always created with
+``reward_clipping=False`` and clipping is applied by this wrapper to the training reward only, so
+reported returns are the real game score.
+
+Usage::
+
+    env = make_vector_env(EnvConfig(id="CartPole-v1", num_envs=4, seed=0))
+    obs = env.reset()                                   # [4, 4] float32
+    obs, reward, terminated, truncated, info = env.step(np.zeros(4, dtype=np.int64))
+    returns, lengths = env.pop_episode_stats()          # finished episodes since the last call
+    env.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EnvConfig", "VectorEnv", "make_vector_env", "is_atari_id", "atari_game_name"]
+
+# Control tasks we know how to build, with the optional package each needs.
+_CONTROL_PREFIXES = ("CartPole", "Acrobot", "MountainCar", "LunarLander")
+_BOX2D_PREFIXES = ("LunarLander", "BipedalWalker", "CarRacing")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Which environment an actor steps, and how it is preprocessed.
+
+    Atari-only fields (``sticky_actions`` aside) are ignored for control tasks.
+    """
+
+    id: str = "CartPole-v1"
+    """Environment id: a gymnasium control id ("CartPole-v1", "Acrobot-v1", "MountainCar-v0",
+    "LunarLander-v3"), an ALE id ("ALE/Pong-v5") or an ALE ROM name ("pong", "ms_pacman")."""
+    num_envs: int = 8
+    """Number of environments stepped together in one process (the inference batch size)."""
+    seed: int = 0
+    """Seed of env 0; env ``i`` is seeded with ``seed + i``."""
+    sticky_actions: float | None = None
+    """Probability of repeating the previous action instead of the chosen one
+    (``repeat_action_probability``). None means 0.25 for Atari (Machado et al., 2018) and 0.0
+    for control tasks."""
+    full_action_space: bool = False
+    """Atari: use all 18 actions instead of the game's minimal action set."""
+    frameskip: int = 4
+    """Atari: emulator frames per agent step (max-pooled over the last two)."""
+    frame_stack: int = 4
+    """Atari: number of 84x84 grayscale frames stacked into one observation."""
+    reward_clipping: bool | None = None
+    """Clip training rewards to [-1, 1] (sign). None means True for Atari, False for control.
+    Episode statistics always use the unclipped reward."""
+    max_episode_frames: int = 108_000
+    """Atari: emulator frames after which an episode is truncated (108000 = 30 minutes)."""
+    noop_max: int = 30
+    """Atari: up to this many no-op actions at reset, to randomise starts."""
+    episodic_life: bool = False
+    """Atari: end the episode (terminated) on every life loss."""
+
+    @property
+    def is_atari(self) -> bool:
+        return is_atari_id(self.id)
+
+    @property
+    def repeat_action_probability(self) -> float:
+        """The resolved sticky-action probability."""
+        if self.sticky_actions is not None:
+            return float(self.sticky_actions)
+        return 0.25 if self.is_atari else 0.0
+
+    @property
+    def clip_rewards(self) -> bool:
+        """The resolved reward-clipping switch."""
+        if self.reward_clipping is not None:
+            return bool(self.reward_clipping)
+        return self.is_atari
+
+    def replace(self, **changes: Any) -> EnvConfig:
+        """A copy with ``changes`` applied (validated)."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"EnvConfig.id must be a non-empty string, got {self.id!r}")
+        if not is_atari_id(self.id) and not self.id.startswith(_CONTROL_PREFIXES):
+            raise ValueError(
+                f"EnvConfig.id={self.id!r} is neither an ALE game (e.g. 'ALE/Pong-v5' or 'pong') "
+                f"nor a supported control task (ids starting with {', '.join(_CONTROL_PREFIXES)})"
+            )
+        _check_int("num_envs", self.num_envs, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        if self.sticky_actions is not None and (
+            isinstance(self.sticky_actions, bool)
+            or not isinstance(self.sticky_actions, (int, float))
+            or not 0.0 <= float(self.sticky_actions) < 1.0
+        ):
+            raise ValueError(
+                f"EnvConfig.sticky_actions must be None or a probability in [0, 1), got {self.sticky_actions!r}"
+            )
+        _check_int("frameskip", self.frameskip, minimum=1)
+        _check_int("frame_stack", self.frame_stack, minimum=1)
+        _check_int("max_episode_frames", self.max_episode_frames, minimum=1)
+        _check_int("noop_max", self.noop_max, minimum=0)
+        for name in ("full_action_space", "episodic_life"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EnvConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.reward_clipping is not None and not isinstance(self.reward_clipping, bool):
+            raise ValueError(f"EnvConfig.reward_clipping must be None or a bool, got {self.reward_clipping!r}")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"EnvConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def is_atari_id(env_id: str) -> bool:
+    """True for "ALE/<Game>-v<k>" ids and for lower-case ALE ROM names ("pong", "ms_pacman")."""
+    if env_id.startswith("ALE/"):
+        return True
+    if re.fullmatch(r"[a-z0-9_]+", env_id) is None:
+        return False
+    from ale_py import roms
+
+    return env_id in roms.get_all_rom_ids()
+
+
+def atari_game_name(env_id: str) -> str:
+    """The ALE ROM name for an Atari id: "ALE/MsPacman-v5" -> "ms_pacman", "pong" -> "pong"."""
+    from ale_py import roms
+
+    name = env_id
+    if env_id.startswith("ALE/"):
+        name = env_id[len("ALE/") :].split("-")[0]
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    if name not in roms.get_all_rom_ids():
+        raise ValueError(f"Atari id {env_id!r} resolves to ROM {name!r}, which ale-py does not know")
+    return name
+
+
+class VectorEnv:
+    """``num_envs`` environments stepped together; NEXT_STEP autoreset; raw-reward episode stats.
+
+    ``step`` returns ``(obs, reward, terminated, truncated, info)`` with ``reward`` float32 (clipped
+    when the config says so), ``terminated``/``truncated`` bool, and ``info["raw_reward"]`` (float32,
+    unclipped) and ``info["autoreset"]`` (bool: this step was an autoreset step for that env).
+    """
+
+    def __init__(self, *, config: EnvConfig, env: Any, num_actions: int) -> None:
+        self.config = config
+        self._env = env
+        self.num_envs = config.num_envs
+        space = env.single_observation_space
+        self.observation_shape: tuple[int, ...] = tuple(int(d) for d in space.shape)
+        self.observation_dtype: np.dtype = np.dtype(space.dtype)
+        self.num_actions = int(num_actions)
+        self._clip = config.clip_rewards
+        self._episode_return = np.zeros(self.num_envs, dtype=np.float64)
+        self._episode_length = np.zeros(self.num_envs, dtype=np.int64)
+        self._autoreset = np.zeros(self.num_envs, dtype=bool)
+        self._done_returns: list[np.ndarray] = []
+        self._done_lengths: list[np.ndarray] = []
+        self._closed = False
+
+    @property
+    def task_id(self) -> str:
+        return self.config.id
+
+    def reset(self) -> np.ndarray:
+        """Reset every env (seeded from the config) and return the observations ``[N, ...]``."""
+        obs, _ = self._env.reset(seed=self.config.seed)
+        self._episode_return[:] = 0.0
+        self._episode_length[:] = 0
+        self._autoreset[:] = False
+        return np.ascontiguousarray(obs)
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Step every env with ``actions`` (int, shape ``[N]``, each in ``[0, num_actions)``)."""
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,) or actions.dtype.kind not in "iu":
+            raise ValueError(
+                f"actions must be an integer array of shape ({self.num_envs},), "
+                f"got dtype {actions.dtype} shape {actions.shape}"
+            )
+        if actions.size and (actions.min() < 0 or actions.max() >= self.num_actions):
+            raise ValueError(
+                f"actions must lie in [0, {self.num_actions}), got min {actions.min()} max {actions.max()}"
+            )
+        obs, reward, terminated, truncated, info = self._env.step(actions.astype(np.int64, copy=False))
+        raw = np.asarray(reward, dtype=np.float32)
+        terminated = np.asarray(terminated, dtype=bool)
+        truncated = np.asarray(truncated, dtype=bool)
+        autoreset = self._autoreset.copy()
+
+        # Autoreset steps are not part of any episode: they only deliver the first observation.
+        live = ~autoreset
+        self._episode_return[live] += raw[live]
+        self._episode_length[live] += 1
+        self._episode_return[autoreset] = 0.0
+        self._episode_length[autoreset] = 0
+        done = (terminated | truncated) & live
+        if done.any():
+            self._done_returns.append(self._episode_return[done].copy())
+            self._done_lengths.append(self._episode_length[done].copy())
+        self._autoreset = done
+
+        info = dict(info) if info else {}
+        info["raw_reward"] = raw
+        info["autoreset"] = autoreset
+        train_reward = np.sign(raw).astype(np.float32) if self._clip else raw
+        return np.ascontiguousarray(obs), train_reward, terminated, truncated, info
+
+    def pop_episode_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (float64) and lengths in agent steps (int64) of episodes finished since last call."""
+        if self._done_returns:
+            returns = np.concatenate(self._done_returns)
+            lengths = np.concatenate(self._done_lengths)
+        else:
+            returns = np.zeros(0, dtype=np.float64)
+            lengths = np.zeros(0, dtype=np.int64)
+        self._done_returns.clear()
+        self._done_lengths.clear()
+        return returns, lengths
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._env.close()
+
+    def __enter__(self) -> VectorEnv:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def make_vector_env(config: EnvConfig, *, num_threads: int = 1) -> VectorEnv:
+    """Build the vector env described by ``config`` (validated first).
+
+    ``num_threads`` is the ALE worker-thread count (Atari only); the default 1 suits one actor per
+    CPU core, which is how the actor pool places them.
+    """
+    config.validate()
+    if config.is_atari:
+        return _make_atari(config, num_threads=num_threads)
+    return _make_control(config)
+
+
+def _make_atari(config: EnvConfig, *, num_threads: int) -> VectorEnv:
+    from ale_py.vector_env import AtariVectorEnv
+    from gymnasium.vector import AutoresetMode
+
+    game = atari_game_name(config.id)
+    env = AtariVectorEnv(
+        game,
+        config.num_envs,
+        num_threads=num_threads,
+        max_num_frames_per_episode=config.max_episode_frames,
+        repeat_action_probability=config.repeat_action_probability,
+        full_action_space=config.full_action_space,
+        autoreset_mode=AutoresetMode.NEXT_STEP,
+        img_height=84,
+        img_width=84,
+        grayscale=True,
+        stack_num=config.frame_stack,
+        frameskip=config.frameskip,
+        noop_max=config.noop_max,
+        episodic_life=config.episodic_life,
+        # Clipped here instead, so that episode statistics see the real score.
+        reward_clipping=False,
+    )
+    return VectorEnv(config=config, env=env, num_actions=env.single_action_space.n)
+
+
+def _make_control(config: EnvConfig) -> VectorEnv:
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    if config.id.startswith(_BOX2D_PREFIXES):
+        try:
+            import Box2D  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                f"EnvConfig.id={config.id!r} needs Box2D, which is not installed; "
+                "install gymnasium[box2d] or choose CartPole/Acrobot/MountainCar"
+            ) from exc
+    if config.id not in gym.registry:
+        raise ValueError(f"EnvConfig.id={config.id!r} is not a registered gymnasium environment")
+    p = config.repeat_action_probability
+
+    def make_one() -> Any:
+        env = gym.make(config.id)
+        if p > 0.0:
+            env = gym.wrappers.StickyAction(env, repeat_action_probability=p)
+        return env
+
+    env = SyncVectorEnv([make_one for _ in range(config.num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
+    space = env.single_action_space
+    if not isinstance(space, gym.spaces.Discrete):
+        env.close()
+        raise ValueError(
+            f"EnvConfig.id={config.id!r} has action space {space}; actors need a discrete action space"
+        )
+    # Discrete spaces may start at a non-zero offset; none of the supported tasks does, but refuse rather
+    # than silently shift actions.
+    if int(space.start) != 0:
+        env.close()
+        raise ValueError(f"EnvConfig.id={config.id!r} has a Discrete space starting at {space.start}, expected 0")
+    return VectorEnv(config=config, env=env, num_actions=space.n)

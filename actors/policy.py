@@ -1,0 +1,126 @@
+"""Acting policy pieces: epsilon schedules, Ape-X per-actor epsilons, batched epsilon-greedy.
+
+Usage::
+
+    schedule = LinearEpsilon(start=1.0, end=0.05, steps=100_000)
+    schedule(50_000)                                  # 0.525
+    eps = apex_epsilon(index=3, num_actors=8)         # 0.4 ** (1 + 7 * 3 / 7) = 0.4 ** 4
+    rng = np.random.default_rng(0)
+    actions = epsilon_greedy(q_values, epsilon=eps, rng=rng)   # int64 [B]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "EpsilonSchedule",
+    "LinearEpsilon",
+    "ConstantEpsilon",
+    "apex_epsilon",
+    "apex_epsilons",
+    "epsilon_greedy",
+]
+
+
+@runtime_checkable
+class EpsilonSchedule(Protocol):
+    """Maps a step count (the actor's env steps so far) to an exploration probability in [0, 1]."""
+
+    def __call__(self, step: int) -> float: ...
+
+
+def _check_probability(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    return int(step)
+
+
+@dataclass(frozen=True)
+class ConstantEpsilon:
+    """The same epsilon at every step."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        _check_probability("ConstantEpsilon.value", self.value)
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class LinearEpsilon:
+    """Linear decay from ``start`` at step 0 to ``end`` at step ``steps``, then constant ``end``."""
+
+    start: float = 1.0
+    end: float = 0.05
+    steps: int = 100_000
+
+    def __post_init__(self) -> None:
+        _check_probability("LinearEpsilon.start", self.start)
+        _check_probability("LinearEpsilon.end", self.end)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
+            raise ValueError(f"LinearEpsilon.steps must be an integer >= 1, got {self.steps!r}")
+
+    def __call__(self, step: int) -> float:
+        step = _check_step(step)
+        fraction = min(step / self.steps, 1.0)
+        return float(self.start + fraction * (self.end - self.start))
+
+
+def apex_epsilon(*, index: int, num_actors: int, base: float = 0.4, alpha: float = 7.0) -> float:
+    """Ape-X epsilon of actor ``index`` of ``num_actors``: ``base ** (1 + alpha * index / (num_actors - 1))``.
+
+    With one actor it is ``base`` (Horgan et al., 2018).
+    """
+    if isinstance(num_actors, bool) or not isinstance(num_actors, (int, np.integer)) or num_actors < 1:
+        raise ValueError(f"num_actors must be an integer >= 1, got {num_actors!r}")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < num_actors:
+        raise ValueError(f"index must be an integer in [0, {num_actors}), got {index!r}")
+    _check_probability("base", base)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+        raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
+    if num_actors == 1:
+        return float(base)
+    return float(base ** (1.0 + alpha * index / (num_actors - 1)))
+
+
+def apex_epsilons(*, num_actors: int, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
+    """The Ape-X epsilons of all ``num_actors`` actors, float64 ``[num_actors]``."""
+    return np.array(
+        [apex_epsilon(index=i, num_actors=num_actors, base=base, alpha=alpha) for i in range(num_actors)],
+        dtype=np.float64,
+    )
+
+
+def epsilon_greedy(q_values: np.ndarray, *, epsilon: float | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Greedy actions on ``q_values`` ``[B, A]``, replaced by uniform random ones with prob. ``epsilon``.
+
+    ``epsilon`` is a scalar or one value per row. Ties go to the lowest action index (argmax). The
+    random draws are always made (one uniform and one integer per row) so that the RNG stream does
+    not depend on the Q-values.
+    """
+    q = np.asarray(q_values)
+    if q.ndim != 2 or q.shape[1] < 1 or q.dtype.kind not in "iuf":
+        raise ValueError(f"q_values must be a numeric [batch, num_actions] array, got dtype {q.dtype} shape {q.shape}")
+    eps = np.asarray(epsilon, dtype=np.float64)
+    if eps.shape not in ((), (q.shape[0],)) or np.any((eps < 0) | (eps > 1)) or np.any(np.isnan(eps)):
+        raise ValueError(f"epsilon must be a probability or one per row ({q.shape[0]}), got {epsilon!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    batch, num_actions = q.shape
+    greedy = np.argmax(q, axis=1).astype(np.int64)
+    explore = rng.random(batch) < eps
+    random_actions = rng.integers(0, num_actions, size=batch, dtype=np.int64)
+    return np.where(explore, random_actions, greedy)
