@@ -36,7 +36,7 @@ def _wire_array(array: np.ndarray, *, name: str) -> np.ndarray:
         )
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
 
 
 def encode_array(array: np.ndarray, *, name: str = "array", out: replay_pb2.Array | None = None) -> replay_pb2.Array:
