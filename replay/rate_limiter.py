@@ -1,0 +1,252 @@
+"""Rate limiter with Reverb ``SampleToInsertRatio`` semantics, blocking on the table's Condition.
+
+Arithmetic (all counts are rows; ``inserts`` and ``samples`` are totals since the table was created)::
+
+    diff     = inserts * spi - samples          # how far inserts are "ahead" of samples
+    offset   = spi * min_size_to_sample         # diff after filling to min size with no samples yet
+    min_diff = offset - error_buffer
+    max_diff = offset + error_buffer
+
+    sample of b rows  allowed  iff  size >= min_size_to_sample  and  diff - b >= min_diff
+    insert of n rows  allowed  iff  size <  min_size_to_sample  or   diff + n * spi <= max_diff
+
+So samplers may run at most ``error_buffer`` rows below the target ratio and inserters at most
+``error_buffer`` above it, measured from the point where the table became sampleable. While the table is
+smaller than ``min_size_to_sample`` inserts are never blocked (no sample could ever unblock them).
+With ``samples_per_insert=None`` only the minimum size applies: inserts never block, samples need
+``size >= min_size_to_sample``.
+
+Calls that could never proceed are refused with FailedPrecondition instead of hanging:
+
+* an insert of n rows with ``n * spi > 2 * error_buffer`` that is blocked now: samples can lower ``diff``
+  no further than ``min_diff`` and inserts only raise it, so ``diff + n * spi <= max_diff`` can never
+  hold again (unless the sampler consumes items, as FIFO does, which can shrink the table back below
+  min size -- then the call waits);
+* a sample of b rows with ``b > 2 * error_buffer`` that is blocked now while ``size >= min_size``:
+  inserts can raise ``diff`` no further than ``max_diff`` so ``diff - b >= min_diff`` can never hold.
+
+Config validation follows Reverb: ``error_buffer >= max(1, spi)``, otherwise single-row calls could block
+each other forever.
+
+Example::
+
+    import threading
+    from replay.rate_limiter import RateLimiter
+
+    cond = threading.Condition()
+    rl = RateLimiter(min_size_to_sample=2, samples_per_insert=1.0, error_buffer=2.0)
+    assert rl.can_insert(5, size=0)            # filling: never blocked
+    rl.record_insert(5)                        # diff = 5, min_diff = 0, max_diff = 4
+    assert rl.can_sample(5, size=5) and not rl.can_sample(6, size=5)
+    assert not rl.can_insert(1, size=5)        # 5 + 1 > 4: inserts are too far ahead
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from replay.errors import Cancelled, DeadlineExceeded, FailedPrecondition
+
+__all__ = ["RateLimiter"]
+
+
+class RateLimiter:
+    """Counts inserts/samples, decides which calls may proceed, and blocks callers on a Condition."""
+
+    def __init__(
+        self, *, min_size_to_sample: int, samples_per_insert: float | None = None, error_buffer: float = 100.0
+    ) -> None:
+        self.validate_config(
+            min_size_to_sample=min_size_to_sample,
+            samples_per_insert=samples_per_insert,
+            error_buffer=error_buffer,
+        )
+        self.min_size_to_sample = int(min_size_to_sample)
+        self.samples_per_insert = None if samples_per_insert is None else float(samples_per_insert)
+        self.error_buffer = float(error_buffer)
+        self.inserts = 0
+        self.samples = 0
+        self.insert_blocked_s = 0.0
+        self.sample_blocked_s = 0.0
+
+    @staticmethod
+    def validate_config(
+        *, min_size_to_sample: int, samples_per_insert: float | None, error_buffer: float
+    ) -> None:
+        """ValueError naming the bad value; refuses configs that can deadlock single-row calls."""
+        if (
+            isinstance(min_size_to_sample, bool)
+            or not isinstance(min_size_to_sample, int)
+            or min_size_to_sample < 1
+        ):
+            raise ValueError(f"min_size_to_sample {min_size_to_sample!r}: expected an int >= 1")
+        if samples_per_insert is None:
+            return
+        if isinstance(samples_per_insert, bool) or not isinstance(samples_per_insert, (int, float)):
+            raise ValueError(f"samples_per_insert {samples_per_insert!r}: expected a positive number or None")
+        if not math.isfinite(samples_per_insert) or samples_per_insert <= 0:
+            raise ValueError(
+                f"samples_per_insert {samples_per_insert!r}: expected a finite number > 0 or None"
+            )
+        if (
+            isinstance(error_buffer, bool)
+            or not isinstance(error_buffer, (int, float))
+            or not math.isfinite(error_buffer)
+        ):
+            raise ValueError(f"error_buffer {error_buffer!r}: expected a finite number")
+        need = max(1.0, float(samples_per_insert))
+        if error_buffer < need:
+            raise ValueError(
+                f"error_buffer {error_buffer!r} is smaller than max(1, samples_per_insert) = {need}: a single-row "
+                "insert and a single-row sample could then block each other forever; expected error_buffer >= "
+                f"{need}"
+            )
+
+    # ------------------------------------------------------------ arithmetic
+    @property
+    def limits_ratio(self) -> bool:
+        return self.samples_per_insert is not None
+
+    @property
+    def diff(self) -> float:
+        return self.inserts * (self.samples_per_insert or 0.0) - self.samples
+
+    @property
+    def min_diff(self) -> float:
+        return (self.samples_per_insert or 0.0) * self.min_size_to_sample - self.error_buffer
+
+    @property
+    def max_diff(self) -> float:
+        return (self.samples_per_insert or 0.0) * self.min_size_to_sample + self.error_buffer
+
+    def can_insert(self, n: int, *, size: int) -> bool:
+        if self.samples_per_insert is None or size < self.min_size_to_sample:
+            return True
+        return (self.inserts + n) * self.samples_per_insert - self.samples <= self.max_diff
+
+    def can_sample(self, batch_size: int, *, size: int) -> bool:
+        if size < self.min_size_to_sample:
+            return False
+        if self.samples_per_insert is None:
+            return True
+        return self.diff - batch_size >= self.min_diff
+
+    def insert_never_possible(self, n: int, *, size: int, consuming: bool) -> str | None:
+        """Why a blocked insert of ``n`` rows can never proceed, or None if it may still proceed."""
+        spi = self.samples_per_insert
+        if spi is None or consuming or self.can_insert(n, size=size):
+            return None
+        if n * spi > 2 * self.error_buffer:
+            return (
+                f"an insert of {n} rows raises inserts*samples_per_insert by {n * spi:g}, more than the whole "
+                f"band 2*error_buffer = {2 * self.error_buffer:g} between min_diff {self.min_diff:g} and "
+                f"max_diff {self.max_diff:g}; samples cannot lower diff below min_diff, so it could never "
+                f"proceed (diff now {self.diff:g}); insert at most {int(2 * self.error_buffer // spi)} rows per "
+                "call or raise error_buffer"
+            )
+        return None
+
+    def sample_never_possible(self, batch_size: int, *, size: int, consuming: bool) -> str | None:
+        """Why a blocked sample of ``batch_size`` rows can never proceed, or None if it may still."""
+        if self.samples_per_insert is None or consuming or size < self.min_size_to_sample:
+            return None
+        if self.can_sample(batch_size, size=size):
+            return None
+        if batch_size > 2 * self.error_buffer:
+            return (
+                f"a sample of {batch_size} rows needs diff >= min_diff + {batch_size} = "
+                f"{self.min_diff + batch_size:g}, but inserts cannot raise diff above max_diff "
+                f"{self.max_diff:g} (band 2*error_buffer = {2 * self.error_buffer:g}), so it could never "
+                f"proceed (diff now {self.diff:g}); sample at most {int(2 * self.error_buffer)} rows per call "
+                "or raise error_buffer"
+            )
+        return None
+
+    def describe(self, *, size: int) -> str:
+        """The counts a blocked-call message reports."""
+        s = f"size={size}, min_size_to_sample={self.min_size_to_sample}, inserts={self.inserts}, samples={self.samples}"
+        if self.samples_per_insert is not None:
+            s += (
+                f", samples_per_insert={self.samples_per_insert:g}, diff=inserts*spi-samples={self.diff:g}, "
+                f"min_diff={self.min_diff:g}, max_diff={self.max_diff:g}"
+            )
+        return s
+
+    # ------------------------------------------------------------ counters
+    def record_insert(self, n: int) -> None:
+        self.inserts += int(n)
+
+    def record_sample(self, batch_size: int) -> None:
+        self.samples += int(batch_size)
+
+    # ------------------------------------------------------------ blocking
+    def wait(
+        self,
+        cond: threading.Condition,
+        *,
+        side: str,
+        rows: int,
+        ready: Callable[[], bool],
+        never: Callable[[], str | None],
+        closed: Callable[[], bool],
+        describe: Callable[[], str],
+        timeout: float | None,
+    ) -> None:
+        """Block (``cond`` held) until ``ready()``; counts blocked seconds for ``side`` ("insert"/"sample").
+
+        Raises Cancelled if ``closed()``, FailedPrecondition if ``never()`` gives a reason, and
+        DeadlineExceeded after ``timeout`` seconds (``0`` = fail at once if it would block, None = forever).
+        """
+        if closed():
+            raise Cancelled(f"{side} of {rows} rows: table is closed")
+        if ready():
+            return
+        reason = never()
+        if reason:
+            raise FailedPrecondition(f"{side} of {rows} rows can never proceed: {reason}")
+        if timeout is not None and not (timeout >= 0):
+            raise ValueError(f"timeout {timeout!r}: expected None or a number >= 0")
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"{side} of {rows} rows blocked by the rate limiter for {time.monotonic() - start:.3f} s "
+                        f"(timeout {timeout} s): {describe()}"
+                    )
+                cond.wait(remaining)
+                if closed():
+                    raise Cancelled(f"{side} of {rows} rows: table closed while the call was blocked")
+                if ready():
+                    return
+                reason = never()
+                if reason:
+                    raise FailedPrecondition(f"{side} of {rows} rows can never proceed: {reason}")
+        finally:
+            blocked = time.monotonic() - start
+            if side == "insert":
+                self.insert_blocked_s += blocked
+            else:
+                self.sample_blocked_s += blocked
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "inserts": self.inserts,
+            "samples": self.samples,
+            "insert_blocked_s": self.insert_blocked_s,
+            "sample_blocked_s": self.sample_blocked_s,
+        }
+
+    def load_state_dict(self, meta: dict) -> None:
+        ins, smp = int(meta["inserts"]), int(meta["samples"])
+        if ins < 0 or smp < 0:
+            raise ValueError(f"saved rate limiter counts inserts={ins}, samples={smp}; expected >= 0")
+        self.inserts, self.samples = ins, smp
+        self.insert_blocked_s = float(meta.get("insert_blocked_s", 0.0))
+        self.sample_blocked_s = float(meta.get("sample_blocked_s", 0.0))

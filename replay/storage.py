@@ -1,0 +1,399 @@
+"""Storages: where a table keeps its rows. A ring of preallocated arrays, and a frame-deduplicating
+Atari storage.
+
+Both keep item ``key`` at slot ``key % capacity`` and are written in two steps so that inserts are
+all-or-nothing: :meth:`prepare` (pure, no table state read or written, may run outside the table lock)
+validates and precomputes, and :meth:`commit` (under the lock) only mutates. ``commit`` returns
+``evict_before``: every live key below it has been overwritten and must leave the table.
+
+Atari storage
+-------------
+``obs`` and ``next_obs`` are ``uint8 (S, H, W)`` frame stacks. Consecutive transitions share ``S - 1``
+frames and an n-step transition's ``next_obs`` frames are a later transition's ``obs`` frames, so the
+storage keeps each distinct frame once in a frame pool (a ring of ``frame_capacity`` frames) and each
+transition keeps ``2 * S`` int32 indices into it. Frames are deduplicated by content: a 64-bit hash of
+every incoming frame is looked up among the frames written in the last ``dedup_window`` pool writes (and
+within the batch), and a hit is only used after comparing the bytes, so reconstruction is always
+exact, whatever the environment put in a stack (repeated or zero frames at episode starts, any
+interleaving of writer streams). Only recent frames are reused so that eviction stays oldest-first:
+each frame remembers the largest item key referencing it, and when the pool ring overwrites a frame,
+every item up to that key is evicted first. With ``frame_capacity = capacity + dedup_window`` and about
+one new frame per transition, the pool wraps no sooner than the transition ring does.
+
+Example::
+
+    import numpy as np
+    from replay.schema import Schema
+    from replay.storage import AtariStorage
+
+    st = AtariStorage(schema=Schema.parse("obs:uint8:4x84x84,action:int64,next_obs:uint8:4x84x84"), capacity=1000)
+    obs = np.zeros((2, 4, 84, 84), np.uint8)
+    prep = st.prepare({"obs": obs, "action": np.zeros(2, np.int64), "next_obs": obs}, n=2)
+    st.commit(prep, first_key=0)
+    assert st.gather(np.array([0, 1], np.uint64))["obs"].shape == (2, 4, 84, 84)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from replay.errors import InvalidArgument
+from replay.schema import Field, Schema
+
+__all__ = ["AtariStorage", "RingStorage", "STORAGES", "check_atari_schema", "make_storage"]
+
+STORAGES = ("ring", "atari")
+_STACK_FIELDS = ("obs", "next_obs")
+
+
+def _ring_slices(first_key: int, n: int, capacity: int) -> list[tuple[slice, slice]]:
+    """(destination slots, source rows) pairs covering keys first_key..first_key+n-1 (at most 2 pieces)."""
+    start = first_key % capacity
+    head = min(n, capacity - start)
+    pieces = [(slice(start, start + head), slice(0, head))]
+    if head < n:
+        pieces.append((slice(0, n - head), slice(head, n)))
+    return pieces
+
+
+def _check_arrays(saved: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], what: str) -> None:
+    for name, arr in expected.items():
+        if name not in saved:
+            raise ValueError(f"saved {what} has no array {name!r}")
+        got = np.asarray(saved[name])
+        if got.shape != arr.shape or got.dtype != arr.dtype:
+            raise ValueError(
+                f"saved {what} array {name!r} has shape {got.shape} dtype {got.dtype}; "
+                f"expected {arr.shape} {arr.dtype}"
+            )
+
+
+class _Columns:
+    """Preallocated ``[capacity, *shape]`` arrays for a list of fields, written as a ring."""
+
+    def __init__(self, fields: tuple[Field, ...], capacity: int) -> None:
+        self.capacity = capacity
+        self.arrays = {f.name: np.zeros((capacity, *f.shape), dtype=f.np_dtype) for f in fields}
+
+    def write(self, columns: Mapping[str, np.ndarray], first_key: int, n: int) -> None:
+        for name, arr in self.arrays.items():
+            src = columns[name]
+            for dst, rows in _ring_slices(first_key, n, self.capacity):
+                arr[dst] = src[rows]
+
+    def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: np.take(arr, slots, axis=0) for name, arr in self.arrays.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+@dataclass
+class _RingPrepared:
+    columns: Mapping[str, np.ndarray]
+    n: int
+
+
+class RingStorage:
+    """Every field in its own preallocated ``[capacity, *shape]`` array; slot = key % capacity."""
+
+    kind = "ring"
+
+    def __init__(self, *, schema: Schema, capacity: int) -> None:
+        self.schema = schema
+        self.capacity = int(capacity)
+        self._cols = _Columns(schema.fields, self.capacity)
+
+    def prepare(self, columns: Mapping[str, np.ndarray], *, n: int) -> _RingPrepared:
+        """Columns must already have passed ``schema.validate_batch``; n <= capacity."""
+        if n > self.capacity:
+            raise InvalidArgument(f"insert of {n} rows exceeds the table capacity {self.capacity}")
+        return _RingPrepared(columns, n)
+
+    def commit(self, prepared: _RingPrepared, *, first_key: int) -> int:
+        self._cols.write(prepared.columns, first_key, prepared.n)
+        return first_key + prepared.n - self.capacity
+
+    def gather(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        slots = (keys % np.uint64(self.capacity)).astype(np.intp)
+        out = self._cols.gather(slots)
+        return {f.name: out[f.name] for f in self.schema.fields}
+
+    @property
+    def nbytes(self) -> int:
+        return self._cols.nbytes
+
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return {}, {f"field/{k}": v.copy() for k, v in self._cols.arrays.items()}
+
+    def load_state_dict(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> None:
+        expected = {f"field/{k}": v for k, v in self._cols.arrays.items()}
+        _check_arrays(arrays, expected, "ring storage")
+        for k, v in self._cols.arrays.items():
+            v[...] = arrays[f"field/{k}"]
+
+
+def check_atari_schema(schema: Schema) -> tuple[int, int, int]:
+    """Return ``(S, H, W)`` if ``schema`` suits the Atari storage, else ValueError saying what is expected."""
+    for name in _STACK_FIELDS:
+        if name not in schema:
+            raise ValueError(
+                f"atari storage needs fields 'obs' and 'next_obs' of dtype uint8 and shape (stack, H, W); "
+                f"schema {schema.spec()!r} has no field {name!r}"
+            )
+        f = schema.field(name)
+        if f.dtype != "uint8" or len(f.shape) != 3:
+            raise ValueError(
+                f"atari storage: field {name!r} is {f.dtype} {f.shape}; expected uint8 with shape (stack, H, W)"
+            )
+    o, no = schema.field("obs"), schema.field("next_obs")
+    if o.shape != no.shape:
+        raise ValueError(
+            f"atari storage: obs shape {o.shape} differs from next_obs shape {no.shape}; expected equal"
+        )
+    return o.shape  # type: ignore[return-value]
+
+
+_HASH_MULT = np.random.default_rng(0x5EED_F4A3).integers(1, 2**63, size=1 << 14, dtype=np.uint64) | np.uint64(
+    1
+)
+
+
+def _hash_rows(rows: np.ndarray) -> np.ndarray:
+    """64-bit content hash of each row of a C-contiguous uint8 ``[N, L]`` array (vectorized)."""
+    length = rows.shape[1]
+    if length % 8 == 0:
+        words = rows.view(np.uint64)
+    elif length % 4 == 0:
+        words = rows.view(np.uint32).astype(np.uint64)
+    else:
+        words = rows.astype(np.uint64)
+    nw = words.shape[1]
+    mult = _HASH_MULT[np.arange(nw) % _HASH_MULT.size] if nw > _HASH_MULT.size else _HASH_MULT[:nw]
+    # Multiply-xorshift per word then sum: the shift folds high bits down so that a difference confined
+    # to a word's top byte still changes many bits of the sum (a plain weighted sum would not).
+    y = words * mult
+    y ^= y >> np.uint64(29)
+    h = y.sum(axis=1, dtype=np.uint64)
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+@dataclass
+class _AtariPrepared:
+    others: Mapping[str, np.ndarray]
+    n: int
+    rep_frames: np.ndarray  # [U, H*W] distinct frames of the batch
+    rep_hash: np.ndarray  # [U] uint64
+    frame_rep: np.ndarray  # [n, 2S] index into rep_frames for every stack position (obs then next_obs)
+
+
+class AtariStorage:
+    """Frame-deduplicating storage for ``obs``/``next_obs`` uint8 stacks; other fields as in the ring."""
+
+    kind = "atari"
+
+    def __init__(
+        self,
+        *,
+        schema: Schema,
+        capacity: int,
+        frame_capacity: int | None = None,
+        dedup_window: int | None = None,
+    ) -> None:
+        self.schema = schema
+        self.capacity = int(capacity)
+        self.stack, h, w = check_atari_schema(schema)
+        self.frame_shape = (h, w)
+        self.dedup_window = int(
+            dedup_window if dedup_window is not None else max(self.capacity // 16, 8 * self.stack)
+        )
+        self.frame_capacity = int(
+            frame_capacity if frame_capacity is not None else self.capacity + self.dedup_window
+        )
+        if self.dedup_window < 0 or self.frame_capacity - self.dedup_window < 2 * self.stack:
+            raise ValueError(
+                f"atari storage: frame_capacity {self.frame_capacity} - dedup_window {self.dedup_window} must be "
+                f">= 2 * stack = {2 * self.stack} (room for one transition's frames)"
+            )
+        self.pool = np.zeros((self.frame_capacity, h, w), dtype=np.uint8)
+        self.frame_hash = np.zeros(self.frame_capacity, dtype=np.uint64)
+        self.frame_maxkey = np.full(self.frame_capacity, -1, dtype=np.int64)
+        self.index = np.zeros((self.capacity, 2 * self.stack), dtype=np.int32)
+        self.frames_written = 0  # pool write position (monotonic); slot = position % frame_capacity
+        self._recent: dict[int, int] = {}  # content hash -> slot, for frames in the dedup window
+        self._other_fields = tuple(f for f in schema.fields if f.name not in _STACK_FIELDS)
+        self._cols = _Columns(self._other_fields, self.capacity)
+
+    # ------------------------------------------------------------------ insert
+    def prepare(self, columns: Mapping[str, np.ndarray], *, n: int) -> _AtariPrepared:
+        """Hash and deduplicate the batch's frames (pure; safe outside the table lock)."""
+        if n > self.capacity:
+            raise InvalidArgument(f"insert of {n} rows exceeds the table capacity {self.capacity}")
+        s, (h, w) = self.stack, self.frame_shape
+        hw = h * w
+        obs = np.ascontiguousarray(columns["obs"]).reshape(n * s, hw)
+        nxt = np.ascontiguousarray(columns["next_obs"]).reshape(n * s, hw)
+        hashes = np.concatenate([_hash_rows(obs), _hash_rows(nxt)])
+        total = 2 * n * s
+
+        def take(js: np.ndarray) -> np.ndarray:
+            out = np.empty((js.size, hw), dtype=np.uint8)
+            low = js < n * s
+            out[low] = obs[js[low]]
+            out[~low] = nxt[js[~low] - n * s]
+            return out
+
+        _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        rep_of = first[inverse.reshape(-1)]
+        # Verify in-batch duplicates byte for byte; a (vanishingly rare) hash collision gets its own entry.
+        dup = np.flatnonzero(rep_of != np.arange(total))
+        if dup.size:
+            same = (take(dup) == take(rep_of[dup])).all(axis=1)
+            rep_of[dup[~same]] = dup[~same]
+        reps, frame_rep = np.unique(rep_of, return_inverse=True)
+        if reps.size > self.frame_capacity - self.dedup_window:
+            raise InvalidArgument(
+                f"insert of {n} rows has {reps.size} distinct frames but the frame pool takes at most "
+                f"frame_capacity - dedup_window = {self.frame_capacity - self.dedup_window} per insert; "
+                "insert fewer rows per call"
+            )
+        others = {f.name: columns[f.name] for f in self._other_fields}
+        return _AtariPrepared(
+            others=others,
+            n=n,
+            rep_frames=take(reps),
+            rep_hash=hashes[reps],
+            frame_rep=frame_rep.reshape(2, n, s).transpose(1, 0, 2).reshape(n, 2 * s),
+        )
+
+    def commit(self, prepared: _AtariPrepared, *, first_key: int) -> int:
+        p, fc = prepared, self.frame_capacity
+        n, u = p.n, p.rep_hash.size
+        slot_of_rep = np.full(u, -1, dtype=np.int64)
+        # Reuse frames from the dedup window, after an exact byte comparison.
+        cand_rep, cand_slot = [], []
+        recent = self._recent
+        for i, hv in enumerate(p.rep_hash.tolist()):
+            s = recent.get(hv)
+            if s is not None:
+                cand_rep.append(i)
+                cand_slot.append(s)
+        if cand_rep:
+            cr, cs = np.asarray(cand_rep), np.asarray(cand_slot)
+            ok = (self.pool[cs].reshape(cr.size, -1) == p.rep_frames[cr]).all(axis=1)
+            slot_of_rep[cr[ok]] = cs[ok]
+        new = np.flatnonzero(slot_of_rep < 0)
+        m = new.size
+        start = self.frames_written
+        new_slots = (start + np.arange(m, dtype=np.int64)) % fc
+        # Items referencing frames about to be overwritten leave first (they are the oldest items).
+        evict_before = int(self.frame_maxkey[new_slots].max()) + 1 if m else 0
+        # Frames whose positions leave the dedup window are no longer offered for reuse.
+        lo, hi = max(0, start - self.dedup_window), max(0, start + m - self.dedup_window)
+        if hi > lo:
+            leaving = np.arange(lo, hi, dtype=np.int64) % fc
+            for s, hv in zip(leaving.tolist(), self.frame_hash[leaving].tolist(), strict=True):
+                if recent.get(hv) == s:
+                    del recent[hv]
+        if m:
+            self.pool[new_slots] = p.rep_frames[new].reshape(m, *self.frame_shape)
+            self.frame_hash[new_slots] = p.rep_hash[new]
+            self.frame_maxkey[new_slots] = -1
+            for s, hv in zip(new_slots.tolist(), p.rep_hash[new].tolist(), strict=True):
+                recent[hv] = s
+            slot_of_rep[new] = new_slots
+        self.frames_written = start + m
+        frame_slots = slot_of_rep[p.frame_rep]  # [n, 2S]
+        keys = np.arange(first_key, first_key + n, dtype=np.int64)
+        np.maximum.at(self.frame_maxkey, frame_slots.reshape(-1), np.repeat(keys, 2 * self.stack))
+        for dst, rows in _ring_slices(first_key, n, self.capacity):
+            self.index[dst] = frame_slots[rows]
+        self._cols.write(p.others, first_key, n)
+        return max(evict_before, first_key + n - self.capacity)
+
+    # ------------------------------------------------------------------ sample
+    def gather(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        slots = (keys % np.uint64(self.capacity)).astype(np.intp)
+        idx = self.index[slots]
+        s = self.stack
+        # One gather per stacked field straight out of the pool: contiguous [b, S, H, W] results.
+        out = {
+            "obs": np.take(self.pool, idx[:, :s], axis=0),
+            "next_obs": np.take(self.pool, idx[:, s:], axis=0),
+        }
+        out.update(self._cols.gather(slots))
+        return {f.name: out[f.name] for f in self.schema.fields}
+
+    # ------------------------------------------------------------------ accounting / state
+    @property
+    def nbytes(self) -> int:
+        return int(
+            self.pool.nbytes
+            + self.frame_hash.nbytes
+            + self.frame_maxkey.nbytes
+            + self.index.nbytes
+            + self._cols.nbytes
+        )
+
+    @property
+    def dedup_entries(self) -> int:
+        """Entries in the (Python dict) dedup map; bounded by ``dedup_window``."""
+        return len(self._recent)
+
+    def frames_in_use(self) -> int:
+        return min(self.frames_written, self.frame_capacity)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "pool": self.pool,
+            "frame_hash": self.frame_hash,
+            "frame_maxkey": self.frame_maxkey,
+            "index": self.index,
+        }
+        arrays.update({f"field/{k}": v for k, v in self._cols.arrays.items()})
+        return arrays
+
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        meta = {
+            "frames_written": self.frames_written,
+            "frame_capacity": self.frame_capacity,
+            "dedup_window": self.dedup_window,
+        }
+        return meta, {k: v.copy() for k, v in self._arrays().items()}
+
+    def load_state_dict(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> None:
+        for key in ("frame_capacity", "dedup_window"):
+            if int(meta.get(key, -1)) != getattr(self, key):
+                raise ValueError(
+                    f"saved atari storage has {key}={meta.get(key)!r}; this table has {getattr(self, key)}"
+                )
+        written = int(meta["frames_written"])
+        if written < 0:
+            raise ValueError(f"saved frames_written {written}; expected >= 0")
+        _check_arrays(arrays, self._arrays(), "atari storage")
+        for k, v in self._arrays().items():
+            v[...] = arrays[k]
+        self.frames_written = written
+        # Rebuild the dedup map in write order so that later frames win, exactly as inserts left it.
+        self._recent = {}
+        lo = max(0, written - self.dedup_window)
+        slots = np.arange(lo, written, dtype=np.int64) % self.frame_capacity
+        for s, hv in zip(slots.tolist(), self.frame_hash[slots].tolist(), strict=True):
+            self._recent[hv] = s
+
+
+def make_storage(kind: str, *, schema: Schema, capacity: int) -> Any:
+    """Build the storage named ``kind`` (one of :data:`STORAGES`)."""
+    if kind == "ring":
+        return RingStorage(schema=schema, capacity=capacity)
+    if kind == "atari":
+        return AtariStorage(schema=schema, capacity=capacity)
+    raise ValueError(f"storage {kind!r}: expected one of {list(STORAGES)}")

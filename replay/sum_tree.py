@@ -1,0 +1,144 @@
+"""A vectorized sum tree over a fixed number of non-negative leaves.
+
+Batch updates touch each tree level once with numpy; a batch of prefix searches walks all values down the
+tree together (one numpy step per level), so sampling 256 items costs ~log2(capacity) small array ops.
+
+Example::
+
+    import numpy as np
+    from replay.sum_tree import SumTree
+
+    tree = SumTree(capacity=4)
+    tree.set(np.array([0, 1, 3]), np.array([1.0, 2.0, 3.0]))
+    assert tree.total == 6.0
+    # prefix sums are [1, 3, 3, 6]: 0.5 falls in leaf 0, 1.0 and 2.9 in leaf 1, 3.0 in leaf 3 (leaf 2 is empty)
+    assert tree.find(np.array([0.5, 1.0, 2.9, 3.0])).tolist() == [0, 1, 1, 3]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from replay.errors import InvalidArgument
+
+__all__ = ["SumTree"]
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """Unique values of an already sorted array (cheaper than np.unique, which sorts again)."""
+    if a.size <= 1:
+        return a
+    keep = np.empty(a.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
+
+
+class SumTree:
+    """Binary tree of float64 partial sums; leaf ``i`` lives at ``tree[leaves + i]``, the root at ``tree[1]``.
+
+    Parents are always recomputed as ``left + right`` (never adjusted by deltas) so the tree has no
+    drift: every internal node equals the float64 sum of its two children exactly.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if not isinstance(capacity, (int, np.integer)) or capacity < 1:
+            raise ValueError(f"sum tree capacity {capacity!r}: expected a positive int")
+        self.capacity = int(capacity)
+        self._leaves = 1 << max(0, (self.capacity - 1).bit_length())
+        self._depth = self._leaves.bit_length() - 1
+        self.tree = np.zeros(2 * self._leaves, dtype=np.float64)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def total(self) -> float:
+        return float(self.tree[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tree.nbytes)
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """Leaf values at ``indices`` (float64 copy)."""
+        return self.tree[self._leaves + self._check_indices(indices)]
+
+    def leaves(self) -> np.ndarray:
+        """All ``capacity`` leaf values (a view)."""
+        return self.tree[self._leaves : self._leaves + self.capacity]
+
+    # ------------------------------------------------------------------ updates
+    def set(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """Set leaves; with repeated indices the last value wins. Values must be finite and >= 0."""
+        idx = self._check_indices(indices)
+        vals = np.asarray(values, dtype=np.float64).reshape(-1)
+        if vals.shape != idx.shape:
+            raise InvalidArgument(
+                f"sum tree set: {idx.size} indices but {vals.size} values; expected equal counts"
+            )
+        bad = ~np.isfinite(vals) | (vals < 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidArgument(f"sum tree value at position {i} is {vals[i]!r}; expected finite and >= 0")
+        if idx.size == 0:
+            return
+        # Keep the last occurrence of each index: unique over the reversed arrays keeps first-in-reverse.
+        uniq, first = np.unique(idx[::-1], return_index=True)
+        self.tree[self._leaves + uniq] = vals[::-1][first]
+        self._refresh_parents(uniq)
+
+    def _refresh_parents(self, leaf_indices: np.ndarray) -> None:
+        nodes = _sorted_unique((leaf_indices + self._leaves) >> 1)
+        tree = self.tree
+        while nodes.size and nodes[-1] >= 1:
+            tree[nodes] = tree[2 * nodes] + tree[2 * nodes + 1]
+            if nodes[0] == 1:
+                break
+            nodes = _sorted_unique(nodes >> 1)
+
+    def clear(self) -> None:
+        self.tree[:] = 0.0
+
+    # ------------------------------------------------------------------ search
+    def find(self, values: np.ndarray) -> np.ndarray:
+        """For each ``u`` in ``[0, total)``, the leaf ``i`` with ``prefix(i) <= u < prefix(i + 1)``.
+
+        Values are clamped into ``[0, total)``; zero-valued leaves are never returned while total > 0
+        (a right child is only entered when it holds mass, and ``u`` is kept strictly below the mass of
+        the node it is in, which guards against float rounding at stratum edges).
+        """
+        total = self.tree[1]
+        if not total > 0:
+            raise InvalidArgument("sum tree search on an empty tree (total mass 0)")
+        u = np.clip(np.asarray(values, dtype=np.float64).reshape(-1), 0.0, np.nextafter(total, 0.0))
+        node = np.ones(u.shape, dtype=np.int64)
+        tree = self.tree
+        for _ in range(self._depth):
+            left_child = node << 1
+            left = tree[left_child]
+            go_right = u >= left
+            right = tree[left_child + 1]
+            u = np.where(go_right, np.minimum(u - left, np.nextafter(right, 0.0)), u)
+            node = left_child + go_right
+        return node - self._leaves
+
+    # ------------------------------------------------------------------ helpers
+    def _check_indices(self, indices: np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices).reshape(-1)
+        if idx.size and (idx.dtype.kind not in "iu"):
+            raise InvalidArgument(f"sum tree indices have dtype {idx.dtype}; expected integers")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.capacity):
+            i = int(np.argmax((idx < 0) | (idx >= self.capacity)))
+            raise InvalidArgument(f"sum tree index {int(idx[i])} out of range [0, {self.capacity})")
+        return idx
+
+    def load(self, tree: np.ndarray) -> None:
+        """Restore from a saved ``tree`` array (validated: shape, finite, non-negative, parents consistent)."""
+        arr = np.asarray(tree)
+        if arr.shape != self.tree.shape or arr.dtype != np.float64:
+            raise ValueError(
+                f"saved sum tree has shape {arr.shape} dtype {arr.dtype}; expected {self.tree.shape} float64"
+            )
+        if not np.isfinite(arr).all() or (arr < 0).any():
+            raise ValueError("saved sum tree has non-finite or negative values")
+        self.tree[:] = arr

@@ -1,0 +1,459 @@
+"""A replay table: storage + sampler + rate limiter under one lock.
+
+Example::
+
+    import numpy as np
+    from replay.schema import Schema
+    from replay.table import Table, TableConfig
+
+    table = Table(TableConfig(name="replay", schema=Schema.parse("obs:float32:4,reward:float32"), capacity=1000))
+    keys = table.insert({"obs": np.zeros((8, 4), np.float32), "reward": np.ones(8, np.float32)})
+    batch = table.sample(4)                 # SampleResult: keys, columns, probabilities, table_size, priority_mass
+    table.update_priorities(batch.keys, np.ones(4))
+    meta, arrays = table.state_dict()       # json-able metadata + named arrays; load_state_dict restores exactly
+
+    TableConfig.parse("name=replay,capacity=100000,sampler=prioritized,min_size=100,spi=8,"
+                      "schema=obs:float32:4;action:int64;reward:float32")
+
+Live items are always the contiguous key range ``[oldest, next_key)``: keys are insert indices (never
+reused) and items only ever leave oldest-first (ring overwrite, Atari frame-pool eviction, FIFO
+consumption). Inserts are all-or-nothing: the batch, its priorities and the storage's own checks are
+validated before the table is touched. Batch validation and the Atari frame hashing run outside the
+lock; limiter waits, writes and sample gathers run under it.
+
+A FIFO table blocks inserts while ``capacity`` unsampled items are waiting, so the ring never overwrites
+an unread item. (With the Atari storage the frame pool can still evict the oldest unread items if the
+stream needs more than ``frame_capacity`` distinct frames for ``capacity`` transitions, e.g. very short
+episodes; the pool has ``capacity // 16`` frames of slack for this.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from replay.errors import FailedPrecondition, InvalidArgument
+from replay.rate_limiter import RateLimiter
+from replay.samplers import SAMPLERS, make_sampler, validate_priorities
+from replay.schema import Schema
+from replay.storage import STORAGES, check_atari_schema, make_storage
+
+__all__ = ["SampleResult", "Table", "TableConfig", "TableInfo"]
+
+_STATE_VERSION = 1
+_TABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """Everything that defines a table."""
+
+    name: str
+    """Table name, unique within a shard (letters, digits, ``_ . -``)."""
+    schema: Schema
+    """Declared fields; every insert must match it exactly."""
+    capacity: int
+    """Maximum number of items held; the oldest are overwritten beyond it (FIFO: inserts block instead)."""
+    storage: str = "ring"
+    """``ring`` or ``atari`` (fields obs and next_obs of shape (stack, H, W) uint8 are frame-deduplicated)."""
+    sampler: str = "uniform"
+    """``uniform`` | ``prioritized`` | ``fifo``."""
+    priority_exponent: float = 0.6
+    """alpha: prioritized sampling probability is proportional to priority**alpha."""
+    min_size_to_sample: int = 1
+    """Samples block until the table holds at least this many items."""
+    samples_per_insert: float | None = None
+    """Target ratio of sampled rows to inserted rows; None disables ratio limiting."""
+    error_buffer: float = 100.0
+    """Allowed deviation, in sampled rows, from the target ratio on either side (Reverb SampleToInsertRatio)."""
+    seed: int = 0
+    """Seed of the table's sampling RNG (its state is checkpointed)."""
+
+    def validate(self) -> None:
+        """ValueError naming the first bad value; refuses configs that can deadlock or never sample."""
+        if not isinstance(self.name, str) or not _TABLE_NAME_RE.match(self.name):
+            raise ValueError(
+                f"table name {self.name!r}: expected a non-empty name of letters, digits, '_', '.', '-'"
+            )
+        if not isinstance(self.schema, Schema):
+            raise ValueError(f"table {self.name!r}: schema {self.schema!r} is not a replay.schema.Schema")
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"table {self.name!r}: capacity {self.capacity!r}; expected an int >= 1")
+        if self.storage not in STORAGES:
+            raise ValueError(
+                f"table {self.name!r}: storage {self.storage!r}; expected one of {list(STORAGES)}"
+            )
+        if self.storage == "atari":
+            check_atari_schema(self.schema)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(
+                f"table {self.name!r}: sampler {self.sampler!r}; expected one of {list(SAMPLERS)}"
+            )
+        a = self.priority_exponent
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"table {self.name!r}: priority_exponent {a!r}; expected a finite number >= 0")
+        RateLimiter.validate_config(
+            min_size_to_sample=self.min_size_to_sample,
+            samples_per_insert=self.samples_per_insert,
+            error_buffer=self.error_buffer,
+        )
+        if self.min_size_to_sample > self.capacity:
+            raise ValueError(
+                f"table {self.name!r}: min_size_to_sample {self.min_size_to_sample} > capacity {self.capacity}; "
+                "the table could never be sampled"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"table {self.name!r}: seed {self.seed!r}; expected an int >= 0")
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "schema": self.schema.to_json(),
+            "capacity": self.capacity,
+            "storage": self.storage,
+            "sampler": self.sampler,
+            "priority_exponent": self.priority_exponent,
+            "min_size_to_sample": self.min_size_to_sample,
+            "samples_per_insert": self.samples_per_insert,
+            "error_buffer": self.error_buffer,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TableConfig:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"table config json must be a dict, got {type(d).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"table config json has unknown keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        for required in ("name", "schema", "capacity"):
+            if required not in d:
+                raise ValueError(f"table config json is missing {required!r}")
+        kwargs = dict(d)
+        kwargs["schema"] = Schema.from_json(d["schema"])
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    _ALIASES = {
+        "min_size": "min_size_to_sample",
+        "spi": "samples_per_insert",
+        "alpha": "priority_exponent",
+    }
+
+    @classmethod
+    def parse(cls, spec: str) -> TableConfig:
+        """Parse ``"name=replay,capacity=100000,sampler=prioritized,storage=ring,min_size=100,spi=8,
+        schema=obs:float32:4;action:int64;reward:float32"`` (aliases: min_size, spi, alpha; spi=none)."""
+        if not isinstance(spec, str) or "=" not in spec:
+            raise ValueError(f"table spec {spec!r}: expected 'name=...,capacity=...,schema=...'")
+        raw: dict[str, str] = {}
+        last = None
+        for part in spec.split(","):
+            if "=" not in part:
+                # Schema fields may also be separated by ',' when schema= comes last.
+                if last == "schema" and part.strip():
+                    raw["schema"] += ";" + part.strip()
+                    continue
+                raise ValueError(f"table spec item {part!r}: expected key=value")
+            k, v = part.split("=", 1)
+            k = cls._ALIASES.get(k.strip(), k.strip())
+            if k not in cls.__dataclass_fields__:
+                raise ValueError(
+                    f"table spec key {k!r}: expected one of {sorted(cls.__dataclass_fields__)} "
+                    f"(aliases {sorted(cls._ALIASES)})"
+                )
+            if k in raw:
+                raise ValueError(f"table spec key {k!r} given twice")
+            raw[k], last = v.strip(), k
+        for required in ("name", "schema", "capacity"):
+            if required not in raw:
+                raise ValueError(f"table spec {spec!r} is missing {required}=")
+        kwargs: dict[str, Any] = {"name": raw["name"], "schema": Schema.parse(raw["schema"])}
+        try:
+            for k in ("capacity", "min_size_to_sample", "seed"):
+                if k in raw:
+                    kwargs[k] = int(raw[k])
+            for k in ("priority_exponent", "error_buffer"):
+                if k in raw:
+                    kwargs[k] = float(raw[k])
+            if "samples_per_insert" in raw:
+                v = raw["samples_per_insert"]
+                kwargs["samples_per_insert"] = None if v.lower() in ("none", "") else float(v)
+        except ValueError as err:
+            raise ValueError(f"table spec {spec!r}: {err}") from err
+        for k in ("storage", "sampler"):
+            if k in raw:
+                kwargs[k] = raw[k]
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class SampleResult:
+    keys: np.ndarray
+    """uint64 item keys (table-local insert indices, never reused)."""
+    columns: dict[str, np.ndarray]
+    """Each ``[batch, *field.shape]`` in the field's dtype, contiguous."""
+    probabilities: np.ndarray
+    """float64 probability of drawing each item under the table's sampler at sample time."""
+    table_size: int
+    priority_mass: float
+    """Sum of p**alpha over items (prioritized) or the table size (uniform/fifo)."""
+
+
+@dataclass
+class TableInfo:
+    name: str
+    size: int
+    capacity: int
+    inserts: int
+    samples: int
+    insert_blocked_s: float
+    sample_blocked_s: float
+    nbytes: int
+    """Bytes held by the table's arrays: storage (fields, Atari frame pool and indices) plus sampler (sum tree)."""
+    priority_mass: float
+    storage: str
+    sampler: str
+    extra: dict = field(default_factory=dict)
+    """Storage-specific numbers (Atari: frames_in_use, frame_capacity, dedup_entries)."""
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidArgument(f"timeout {timeout!r}: expected None (block forever) or seconds >= 0")
+
+
+class Table:
+    """Thread-safe replay table (see module docstring)."""
+
+    def __init__(self, config: TableConfig) -> None:
+        config.validate()
+        self.config = config
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._build()
+
+    def _build(self) -> None:
+        c = self.config
+        self._storage = make_storage(c.storage, schema=c.schema, capacity=c.capacity)
+        self._sampler = make_sampler(c.sampler, capacity=c.capacity, priority_exponent=c.priority_exponent)
+        self._limiter = RateLimiter(
+            min_size_to_sample=c.min_size_to_sample,
+            samples_per_insert=c.samples_per_insert,
+            error_buffer=c.error_buffer,
+        )
+        self._rng = np.random.default_rng(c.seed)
+        self._next_key = 0
+        self._oldest = 0
+
+    @property
+    def _size(self) -> int:
+        return self._next_key - self._oldest
+
+    # ------------------------------------------------------------------ insert
+    def insert(
+        self,
+        columns: Mapping[str, np.ndarray],
+        *,
+        priorities: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Insert a batch (all-or-nothing) and return its uint64 keys; blocks per the rate limiter."""
+        n = self.config.schema.validate_batch(columns)
+        pr = None if priorities is None else validate_priorities(priorities, n=n)
+        _check_timeout(timeout)
+        # prepare() reads only config-derived attributes, so its result stays valid even if
+        # load_state_dict rebuilds the storage while this call waits for the lock.
+        prepared = self._storage.prepare(columns, n=n)
+        consuming = self._sampler.consumes
+        cap = self.config.capacity
+        with self._cond:
+            lim = self._limiter
+            self._limiter.wait(
+                self._cond,
+                side="insert",
+                rows=n,
+                ready=lambda: lim.can_insert(n, size=self._size) and (not consuming or self._size + n <= cap),
+                never=lambda: lim.insert_never_possible(n, size=self._size, consuming=consuming),
+                closed=lambda: self._closed,
+                describe=lambda: (
+                    lim.describe(size=self._size)
+                    + (f", capacity={cap} (FIFO: waits for unread items to be sampled)" if consuming else "")
+                ),
+                timeout=timeout,
+            )
+            first = self._next_key
+            evict_before = self._storage.commit(prepared, first_key=first)
+            new_oldest = max(self._oldest, min(evict_before, first))
+            if new_oldest > self._oldest:
+                self._sampler.on_remove(first_key=self._oldest, end_key=new_oldest)
+                self._oldest = new_oldest
+            self._sampler.on_insert(first_key=first, n=n, priorities=pr)
+            self._next_key = first + n
+            lim.record_insert(n)
+            self._cond.notify_all()
+        return np.arange(first, first + n, dtype=np.uint64)
+
+    # ------------------------------------------------------------------ sample
+    def sample(self, batch_size: int, *, timeout: float | None = None) -> SampleResult:
+        """Sample ``batch_size`` items (with replacement; FIFO: the oldest unread, each once)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidArgument(f"batch_size {batch_size!r}: expected an int >= 1")
+        b = int(batch_size)
+        if b > self.config.capacity:
+            raise InvalidArgument(
+                f"batch_size {b} exceeds table {self.config.name!r} capacity {self.config.capacity}"
+            )
+        _check_timeout(timeout)
+        consuming = self._sampler.consumes
+        with self._cond:
+            lim = self._limiter
+            lim.wait(
+                self._cond,
+                side="sample",
+                rows=b,
+                ready=lambda: lim.can_sample(b, size=self._size) and (not consuming or self._size >= b),
+                never=lambda: lim.sample_never_possible(b, size=self._size, consuming=consuming),
+                closed=lambda: self._closed,
+                describe=lambda: (
+                    lim.describe(size=self._size)
+                    + (f", batch_size={b} (FIFO: waits for {b} unread items)" if consuming else "")
+                ),
+                timeout=timeout,
+            )
+            size = self._size
+            keys, probs = self._sampler.sample(batch_size=b, oldest=self._oldest, size=size, rng=self._rng)
+            cols = self._storage.gather(keys)
+            mass = self._sampler.mass(size=size)
+            lim.record_sample(b)
+            if consuming:
+                self._sampler.on_remove(first_key=self._oldest, end_key=self._oldest + b)
+                self._oldest += b
+            self._cond.notify_all()
+        return SampleResult(keys=keys, columns=cols, probabilities=probs, table_size=size, priority_mass=mass)
+
+    # ------------------------------------------------------------------ priorities
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        """Set priorities of live items; returns how many keys were still present (stale keys skipped)."""
+        k = np.asarray(keys)
+        if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
+            raise InvalidArgument(f"keys have shape {k.shape} dtype {k.dtype}; expected a 1-D uint64 array")
+        if k.dtype.kind == "i" and k.size and k.min() < 0:
+            raise InvalidArgument(f"key {int(k.min())} is negative; expected uint64 item keys")
+        pr = validate_priorities(priorities, n=k.shape[0])
+        with self._cond:
+            return self._sampler.update(keys=k, priorities=pr, oldest=self._oldest, end=self._next_key)
+
+    # ------------------------------------------------------------------ info
+    def info(self) -> TableInfo:
+        with self._cond:
+            st = self._storage
+            extra: dict[str, Any] = {"oldest_key": self._oldest, "next_key": self._next_key}
+            if st.kind == "atari":
+                extra.update(
+                    frames_in_use=st.frames_in_use(),
+                    frame_capacity=st.frame_capacity,
+                    dedup_entries=st.dedup_entries,
+                )
+            return TableInfo(
+                name=self.config.name,
+                size=self._size,
+                capacity=self.config.capacity,
+                inserts=self._limiter.inserts,
+                samples=self._limiter.samples,
+                insert_blocked_s=self._limiter.insert_blocked_s,
+                sample_blocked_s=self._limiter.sample_blocked_s,
+                nbytes=int(st.nbytes + self._sampler.nbytes),
+                priority_mass=float(self._sampler.mass(size=self._size)),
+                storage=self.config.storage,
+                sampler=self.config.sampler,
+                extra=extra,
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(json-able metadata, named arrays) capturing the table exactly, RNG state included."""
+        with self._cond:
+            st_meta, st_arrays = self._storage.state_dict()
+            sa_meta, sa_arrays = self._sampler.state_dict()
+            meta = {
+                "version": _STATE_VERSION,
+                "config": self.config.to_json(),
+                "next_key": self._next_key,
+                "oldest_key": self._oldest,
+                "limiter": self._limiter.state_dict(),
+                "sampler": sa_meta,
+                "storage": st_meta,
+                # As a JSON string: PCG64 state words are 128-bit ints that generic JSON carriers round.
+                "rng": json.dumps(self._rng.bit_generator.state),
+            }
+            arrays = {f"storage/{k}": v for k, v in st_arrays.items()}
+            arrays.update({f"sampler/{k}": v for k, v in sa_arrays.items()})
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Restore from :meth:`state_dict`; FailedPrecondition if schema/storage/sampler/capacity differ."""
+        if not isinstance(meta, Mapping) or "config" not in meta:
+            raise FailedPrecondition(
+                "table state has no 'config'; expected the metadata from Table.state_dict()"
+            )
+        if meta.get("version") != _STATE_VERSION:
+            raise FailedPrecondition(
+                f"table state version {meta.get('version')!r}; expected {_STATE_VERSION}"
+            )
+        saved = meta["config"]
+        mine = self.config.to_json()
+        for key in ("schema", "storage", "sampler", "capacity", "priority_exponent"):
+            if saved.get(key) != mine[key]:
+                raise FailedPrecondition(
+                    f"table {self.config.name!r}: saved state has {key}={saved.get(key)!r} but this table has "
+                    f"{key}={mine[key]!r}; restore into a table with the same {key}"
+                )
+        old = (self._storage, self._sampler, self._limiter, self._rng, self._next_key, self._oldest)
+        try:
+            with self._cond:
+                self._build()
+                next_key, oldest = int(meta["next_key"]), int(meta["oldest_key"])
+                if not 0 <= oldest <= next_key or next_key - oldest > self.config.capacity:
+                    raise ValueError(f"saved keys oldest={oldest}, next={next_key} are inconsistent")
+                self._storage.load_state_dict(
+                    meta["storage"], {k[8:]: v for k, v in arrays.items() if k.startswith("storage/")}
+                )
+                self._sampler.load_state_dict(
+                    meta["sampler"], {k[8:]: v for k, v in arrays.items() if k.startswith("sampler/")}
+                )
+                self._limiter.load_state_dict(meta["limiter"])
+                self._rng.bit_generator.state = json.loads(meta["rng"])
+                self._next_key, self._oldest = next_key, oldest
+                self._cond.notify_all()
+        except (KeyError, ValueError, TypeError) as err:
+            with self._cond:
+                (self._storage, self._sampler, self._limiter, self._rng, self._next_key, self._oldest) = old
+            raise FailedPrecondition(
+                f"table {self.config.name!r}: saved state is inconsistent: {err}"
+            ) from err
+
+    def close(self) -> None:
+        """Wake every blocked caller with Cancelled; later inserts and samples are refused the same way."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
