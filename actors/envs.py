@@ -209,12 +209,12 @@ class VectorEnv:
         live = ~autoreset
         self._episode_return[live] += raw[live]
         self._episode_length[live] += 1
-        self._episode_return[autoreset] = 0.0
-        self._episode_length[autoreset] = 0
         done = (terminated | truncated) & live
         if done.any():
             self._done_returns.append(self._episode_return[done].copy())
             self._done_lengths.append(self._episode_length[done].copy())
+            self._episode_return[done] = 0.0
+            self._episode_length[done] = 0
         self._autoreset = done
 
         info = dict(info) if info else {}
@@ -222,6 +222,11 @@ class VectorEnv:
         info["autoreset"] = autoreset
         train_reward = np.sign(raw).astype(np.float32) if self._clip else raw
         return np.ascontiguousarray(obs), train_reward, terminated, truncated, info
+
+    @property
+    def current_episode_lengths(self) -> np.ndarray:
+        """Agent steps so far in each env's unfinished episode, int64 ``[N]`` (a copy)."""
+        return self._episode_length.copy()
 
     def pop_episode_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Returns (float64) and lengths in agent steps (int64) of episodes finished since last call."""

@@ -1,0 +1,231 @@
+"""Actor loop on real envs: columns, counts, batching, weight pulls by version, statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from actors.actor import Actor, ActorStats
+from actors.adder import TRANSITION_FIELDS, schema
+from actors.envs import EnvConfig
+from actors.policy import ConstantEpsilon
+
+
+def mlp_factory() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+class RecordingInserter:
+    def __init__(self):
+        self.batches: list[dict[str, np.ndarray]] = []
+
+    def __call__(self, columns):
+        self.batches.append(columns)
+
+    def column(self, name, start=0):
+        return np.concatenate([b[name] for b in self.batches[start:]])
+
+
+class VersionedWeights:
+    """Publishes state dicts by version, like the learner's weight publisher."""
+
+    def __init__(self):
+        self.versions: dict[int, dict[str, torch.Tensor]] = {}
+        self.gets: list[int] = []
+
+    def publish(self, version, state):
+        self.versions[version] = {k: v.clone() for k, v in state.items()}
+
+    def latest_version(self):
+        return max(self.versions, default=-1)
+
+    def get(self, version):
+        self.gets.append(version)
+        return self.versions[version]
+
+
+def prefer_action(action: int) -> dict[str, torch.Tensor]:
+    """Weights under which the greedy action is always ``action``."""
+    state = {k: torch.zeros_like(v) for k, v in mlp_factory().state_dict().items()}
+    state["2.bias"][action] = 1.0
+    return state
+
+
+def test_actor_runs_cartpole_inserts_batches_and_follows_weight_versions():
+    inserter = RecordingInserter()
+    weights = VersionedWeights()
+    weights.publish(0, prefer_action(0))
+    actor = Actor(
+        env_config=EnvConfig(id="CartPole-v1", num_envs=4, seed=3),
+        network_factory=mlp_factory,
+        insert=inserter,
+        weights_source=weights,
+        n_step=3,
+        gamma=0.9,
+        epsilon=ConstantEpsilon(0.0),
+        insert_batch_size=32,
+        weights_poll_interval=50,
+    )
+    try:
+        stats = actor.run(200)
+        assert isinstance(stats, ActorStats)
+        assert stats.env_steps == 800 and actor.total_env_steps == 800
+        assert stats.weight_updates == 1 and stats.policy_version == 0 and weights.gets == [0]
+
+        rows = sum(b["action"].shape[0] for b in inserter.batches)
+        assert stats.transitions == rows and stats.insert_calls == len(inserter.batches)
+        # Every batch but the last (flushed at the end of run) is exactly insert_batch_size rows.
+        assert all(b["action"].shape[0] == 32 for b in inserter.batches[:-1])
+        assert 0 < inserter.batches[-1]["action"].shape[0] <= 32
+        # Each non-autoreset step becomes one transition unless still pending in the adder.
+        lengths = stats.episode_lengths["CartPole-v1"]
+        pending = int(actor._adder.pending.sum())
+        assert rows + pending == int(lengths.sum() + actor.env.current_episode_lengths.sum())
+        # CartPole pays +1 per step: the undiscounted return equals the length.
+        np.testing.assert_array_equal(stats.episode_returns["CartPole-v1"], lengths.astype(np.float64))
+        assert stats.num_episodes == lengths.size > 0
+
+        specs = schema((4,), np.float32)
+        for batch in inserter.batches:
+            assert list(batch) == list(TRANSITION_FIELDS)
+            n = batch["action"].shape[0]
+            for name, dtype, shape in specs:
+                assert batch[name].dtype == dtype and batch[name].shape == (n, *shape), name
+                assert batch[name].flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(inserter.column("action"), 0)  # greedy under version-0 weights
+        np.testing.assert_array_equal(inserter.column("policy_version"), 0)
+        discounts = inserter.column("discount")
+        # Always pushing left, CartPole only terminates: each episode of length L flushes min(L, 3) rows
+        # with discount 0; every other row has a full window, discount 0.9^3.
+        assert np.count_nonzero(discounts == 0) == int(np.minimum(lengths, 3).sum())
+        np.testing.assert_array_equal(discounts[discounts != 0], np.float32(0.9**3))
+
+        # Publish version 1; the next run polls before its first step and tags with it.
+        weights.publish(1, prefer_action(1))
+        before = len(inserter.batches)
+        stats2 = actor.run(200)
+        assert stats2.weight_updates == 1 and stats2.policy_version == 1 and weights.gets == [0, 1]
+        for name, value in actor.network.state_dict().items():
+            torch.testing.assert_close(value, weights.versions[1][name])
+        versions = inserter.column("policy_version", before)
+        actions = inserter.column("action", before)
+        # Transitions pending at the end of run 1 were acted by version 0; all later ones by version 1.
+        assert np.count_nonzero(versions == 0) == pending
+        np.testing.assert_array_equal(actions[versions == 1], 1)
+        np.testing.assert_array_equal(actions[versions == 0], 0)
+
+        # A run with no new version loads nothing.
+        assert actor.run(60).weight_updates == 0 and weights.gets == [0, 1]
+
+        recent = actor.stats()
+        assert recent.env_steps == 4 * 460 and recent.weight_updates == 2 and recent.policy_version == 1
+        assert recent.transitions == sum(b["action"].shape[0] for b in inserter.batches)
+        assert recent.wall_s > 0 and recent.steps_per_second > 0
+        empty = actor.stats()
+        assert empty.env_steps == 0 and empty.num_episodes == 0 and empty.transitions == 0
+    finally:
+        actor.close()
+    with pytest.raises(RuntimeError, match="close"):
+        actor.run(1)
+
+
+def test_actor_without_weights_source_uses_apex_epsilon_and_version_minus_one():
+    inserter = RecordingInserter()
+    actor = Actor(
+        env_config=EnvConfig(id="CartPole-v1", num_envs=2),
+        network_factory=mlp_factory,
+        insert=inserter,
+        n_step=1,
+        gamma=0.99,
+        actor_index=1,
+        num_actors=3,
+        insert_batch_size=7,
+        seed=9,
+    )
+    try:
+        stats = actor.run(30)
+        assert actor.seed == 9 and actor.env_config.seed == 9
+        assert stats.epsilon == pytest.approx(0.4**4.5, rel=1e-12)
+        np.testing.assert_array_equal(inserter.column("policy_version"), -1)
+        assert stats.transitions == inserter.column("action").shape[0] > 0
+    finally:
+        actor.close()
+
+
+def test_actor_time_bounded_run():
+    actor = Actor(
+        env_config=EnvConfig(id="CartPole-v1", num_envs=2),
+        network_factory=mlp_factory,
+        insert=lambda columns: None,
+    )
+    try:
+        stats = actor.run(max_seconds=0.2)
+        assert stats.env_steps > 0 and stats.env_steps % 2 == 0
+        assert actor.run(0).env_steps == 0
+    finally:
+        actor.close()
+
+
+class TinyConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, kernel_size=8, stride=8)
+        self.head = nn.Linear(4 * 10 * 10, 6)
+
+    def forward(self, x):
+        # The network scales uint8 frames itself (the learner applies the same module to replayed frames).
+        x = x.float() / 255.0
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_actor_on_pong_keeps_uint8_frames():
+    inserter = RecordingInserter()
+    actor = Actor(
+        env_config=EnvConfig(id="pong", num_envs=2),
+        network_factory=TinyConv,
+        insert=inserter,
+        n_step=3,
+        gamma=0.99,
+        insert_batch_size=16,
+    )
+    try:
+        stats = actor.run(20)
+        assert stats.env_steps == 40
+        assert stats.transitions == 2 * (20 - 2)  # no episode ends in 20 Pong steps; 2 pending per env
+        obs = inserter.column("obs")
+        assert obs.dtype == np.uint8 and obs.shape == (36, 4, 84, 84)
+        assert inserter.column("next_obs").dtype == np.uint8
+    finally:
+        actor.close()
+
+
+def test_actor_bad_arguments():
+    cfg = EnvConfig(id="CartPole-v1", num_envs=1)
+    base = dict(env_config=cfg, network_factory=mlp_factory, insert=lambda c: None)
+    cases = [
+        ({"actor_index": 2, "num_actors": 2}, "actor_index"),
+        ({"num_actors": 0}, "num_actors"),
+        ({"insert_batch_size": 0}, "insert_batch_size"),
+        ({"weights_poll_interval": 0}, "weights_poll_interval"),
+        ({"n_step": 0}, "n must"),
+        ({"gamma": 2.0}, "gamma"),
+        ({"weights_source": object()}, "weights_source"),
+        ({"env_config": "CartPole-v1"}, "EnvConfig"),
+        ({"network_factory": lambda: "not a module"}, "nn.Module"),
+    ]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            Actor(**{**base, **change})
+    wrong_head = Actor(**{**base, "network_factory": lambda: nn.Linear(4, 3)})
+    try:
+        with pytest.raises(ValueError, match=r"expected \(1, 2\)"):
+            wrong_head.run(1)
+        with pytest.raises(ValueError, match="num_steps or max_seconds"):
+            wrong_head.run()
+        with pytest.raises(ValueError, match="num_steps"):
+            wrong_head.run(-1)
+    finally:
+        wrong_head.close()
