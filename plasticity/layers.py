@@ -144,3 +144,20 @@ class ActivationRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def unit_activity(layer: HiddenLayer, output: torch.Tensor) -> torch.Tensor:
+    """Per-unit mean absolute activation ``E|h_i|`` of ``layer`` from its activation ``output``.
+
+    ``output`` is ``[batch, multiplier * units(, H, W)]`` (as recorded by :class:`ActivationRecorder`);
+    the mean runs over the batch, the multiplier blocks (both halves of a CReLU unit) and spatial
+    positions (ReDo's convention for conv layers). Returns a float tensor ``[units]``.
+    """
+    expected = layer.multiplier * layer.num_units
+    if output.dim() < 2 or output.shape[1] != expected:
+        raise ValueError(
+            f"layer {layer.name!r}: activation output of shape {tuple(output.shape)} does not have "
+            f"{expected} (= multiplier {layer.multiplier} x units {layer.num_units}) values on dim 1"
+        )
+    values = output.detach().abs().reshape(output.shape[0], layer.multiplier, layer.num_units, -1)
+    return values.float().mean(dim=(0, 1, 3))
