@@ -1,0 +1,486 @@
+"""Client of a sharded replay table: routes inserts by writer key, samples across shards.
+
+    from replay.client import ReplayClient
+
+    client = ReplayClient(["10.0.0.5:7000", "10.0.0.6:7000"], table="replay", timeout=30.0)
+    keys = client.insert({"obs": obs, "action": act, ...}, writer_key="actor-3", priorities=p)
+    batch = client.sample(256, beta=0.4)        # SampleBatch(keys, columns, probabilities, weights)
+    client.update_priorities(batch.keys, new_priorities)
+    client.info()                                # [TableInfo of shard 0, TableInfo of shard 1]
+
+Routing and keys. An insert goes to shard ``crc32(writer_key) % n`` (stable for a given shard count, so one
+writer's transitions stay together). Keys returned to callers are global: the owning shard's index in the
+top 16 bits of the uint64, the shard's table-local key below, so ``update_priorities`` sends each key back
+to its owner.
+
+Sampling. A batch is split across shards in proportion to their sizes (uniform, fifo) or priority masses
+(prioritized), taken from the latest responses (every response carries the shard's size and mass; shards
+not heard from for ``refresh_interval_s`` are asked with Info). The split is stratified: each shard gets
+``floor(B * share)`` rows plus one more with probability equal to the fractional part (systematic
+sampling), so the expected count is exactly ``B * share``. Per-shard probabilities become global ones as
+``P = share_s * p_s`` and importance weights are ``replay.samplers.importance_weights(P, N, beta)`` with
+``N`` the total size. Shard requests run concurrently.
+
+Failures. Table errors come back as the ``replay.errors`` class named by the gRPC status, with the shard's
+message. A shard that is UNAVAILABLE (restarting) is retried with exponential backoff until the call's
+timeout, then ``ShardUnavailable`` names the shard. Requests over the message limit are refused here,
+naming the size and the limit, before anything is sent.
+
+The client is thread-safe and picklable by address (channels are re-created lazily after unpickling), so
+it can be handed to Ray actors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from replay import errors
+from replay.codec import decode_array, encode_array, encode_columns, payload_nbytes
+from replay.proto import replay_pb2, replay_pb2_grpc
+from replay.samplers import importance_weights
+from replay.table import TableConfig, TableInfo
+
+SHARD_BITS = 16
+LOCAL_BITS = 64 - SHARD_BITS
+LOCAL_MASK = np.uint64((1 << LOCAL_BITS) - 1)
+MAX_SHARDS = 1 << SHARD_BITS
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# Bytes of a request besides the array payload (field tags, names, dtype strings, shapes).
+_REQUEST_OVERHEAD = 64 * 1024
+_RESPONSE_OVERHEAD_PER_ROW = 8 + 8 + 16
+
+
+class ShardUnavailable(errors.ReplayError):
+    """A shard stayed unreachable for the whole call timeout."""
+
+    code = "UNAVAILABLE"
+
+
+_ERRORS_BY_CODE = {
+    cls.code: cls
+    for cls in (errors.InvalidArgument, errors.FailedPrecondition, errors.ResourceExhausted,
+                errors.DeadlineExceeded, errors.NotFound, errors.Cancelled, ShardUnavailable)
+}
+
+
+@dataclass
+class SampleBatch:
+    keys: np.ndarray                  # uint64 [B], global keys (shard index in the top 16 bits)
+    columns: dict[str, np.ndarray]    # each [B, *field.shape], writable, contiguous
+    probabilities: np.ndarray         # float64 [B], probability of each draw across all shards
+    weights: np.ndarray               # float32 [B], importance weights (max 1)
+
+
+def shard_of_writer(writer_key: str, num_shards: int) -> int:
+    """The shard that ``writer_key``'s inserts go to: ``crc32(utf-8 key) % num_shards``."""
+    return zlib.crc32(writer_key.encode("utf-8")) % num_shards
+
+
+def global_keys(local_keys: np.ndarray, shard: int) -> np.ndarray:
+    """Table-local uint64 keys of ``shard`` as global keys (shard index in the top 16 bits)."""
+    local = np.asarray(local_keys, dtype=np.uint64)
+    if local.size and int(local.max()) >> LOCAL_BITS:
+        raise ValueError(f"shard {shard} returned key {int(local.max())} >= 2**{LOCAL_BITS}; it cannot be tagged")
+    return local | np.uint64(shard << LOCAL_BITS)
+
+
+def split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard index, local key) arrays of global keys."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    return (keys >> np.uint64(LOCAL_BITS)).astype(np.int64), keys & LOCAL_MASK
+
+
+def allocate(batch_size: int, weights: Sequence[float], *, u: float) -> np.ndarray:
+    """Rows per shard: ``floor(B*share)`` plus one for a systematic draw over the fractional parts.
+
+    ``u`` in [0, 1) is the systematic offset; shard s gets an extra row when a point ``u + k`` falls in its
+    interval of the cumulative fractional parts, so ``E[count_s] = B * share_s`` exactly.
+
+    >>> allocate(8, [30, 10], u=0.5).tolist()
+    [6, 2]
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    total = w.sum()
+    if not total > 0:
+        raise ValueError(f"weights {w.tolist()} have no positive mass")
+    ideal = batch_size * (w / total)
+    base = np.floor(ideal)
+    frac = ideal - base
+    cumulative = np.concatenate([[0.0], np.cumsum(frac)])
+    extra = np.ceil(cumulative[1:] - u - 1e-12) - np.ceil(cumulative[:-1] - u - 1e-12)
+    counts = (base + extra).astype(np.int64)
+    # Floating-point slack can leave the total one off; fix it on the shard with the largest remainder.
+    diff = batch_size - int(counts.sum())
+    if diff:
+        counts[int(np.argmax(frac if diff > 0 else counts))] += diff
+    return counts
+
+
+class _Shard:
+    __slots__ = ("index", "address", "channel", "stub", "size", "mass", "seen")
+
+    def __init__(self, index: int, address: str, options):
+        self.index = index
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = replay_pb2_grpc.ReplayServiceStub(self.channel)
+        self.size = 0
+        self.mass = 0.0
+        self.seen = -math.inf   # time.monotonic() of the latest size/mass
+
+
+class ReplayClient:
+    """Sharded client of one replay table (see the module docstring)."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        table: str = "replay",
+        timeout: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        refresh_interval_s: float = 1.0,
+        seed: int | None = None,
+    ):
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        addresses = [str(a) for a in addresses]
+        if not addresses:
+            raise ValueError("addresses is empty; expected at least one 'host:port'")
+        if len(addresses) > MAX_SHARDS:
+            raise ValueError(f"{len(addresses)} shards exceed the {MAX_SHARDS} that 16-bit key tags can address")
+        for a in addresses:
+            if ":" not in a:
+                raise ValueError(f"address {a!r} is not 'host:port'")
+        if not timeout > 0:
+            raise ValueError(f"timeout={timeout} must be > 0 seconds")
+        self.addresses = tuple(addresses)
+        self.table = table
+        self.timeout = float(timeout)
+        self.max_message_bytes = int(max_message_bytes)
+        self.refresh_interval_s = float(refresh_interval_s)
+        self.seed = seed
+        self._init_runtime()
+
+    # -- pickling by address ---------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        return {"addresses": self.addresses, "table": self.table, "timeout": self.timeout,
+                "max_message_bytes": self.max_message_bytes, "refresh_interval_s": self.refresh_interval_s,
+                "seed": self.seed}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self._shards: list[_Shard] | None = None
+        self._config: TableConfig | None = None
+        self._rng = random.Random(self.seed)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.addresses)
+
+    def _channel_options(self):
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # A restarted shard should be found within ~a second, not after grpc's default 1-120 s backoff.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+
+    def _get_shards(self) -> list[_Shard]:
+        shards = self._shards
+        if shards is None:
+            with self._lock:
+                if self._shards is None:
+                    options = self._channel_options()
+                    self._shards = [_Shard(i, a, options) for i, a in enumerate(self.addresses)]
+                shards = self._shards
+        return shards
+
+    def close(self) -> None:
+        """Close the channels (a later call reopens them)."""
+        with self._lock:
+            shards, self._shards = self._shards, None
+        for shard in shards or ():
+            shard.channel.close()
+
+    def __enter__(self) -> ReplayClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- calls with retry ----------------------------------------------------------------------------
+    def _deadline(self, timeout: float | None) -> float:
+        t = self.timeout if timeout is None else float(timeout)
+        if not t >= 0:
+            raise ValueError(f"timeout={timeout} must be >= 0 seconds")
+        return time.monotonic() + t
+
+    def _error(self, shard: _Shard, e: grpc.RpcError, method: str) -> errors.ReplayError:
+        code = e.code()
+        details = e.details() or ""
+        name = code.name if code is not None else "UNKNOWN"
+        prefix = f"replay shard {shard.index} ({shard.address}) {method}"
+        if name == "DEADLINE_EXCEEDED" and not details.strip():
+            details = "no response before the call's deadline"
+        if name == "RESOURCE_EXHAUSTED" and "message larger than max" in details:
+            details += (f" (client max_message_bytes={self.max_message_bytes}; split the batch or raise the "
+                        "limit on both client and server)")
+        cls = _ERRORS_BY_CODE.get(name, errors.ReplayError)
+        err = cls(f"{prefix}: {name}: {details}")
+        if cls is errors.ReplayError:
+            err.code = name
+        return err
+
+    def _call(self, shard: _Shard, method: str, make_request, deadline: float, *, rpc_margin_s: float = 5.0):
+        """Call ``method`` on ``shard``; retry UNAVAILABLE with backoff until ``deadline``.
+
+        ``make_request(remaining_s)`` builds the request (so that server-side waits use the time left);
+        the gRPC deadline is ``remaining + rpc_margin_s`` so that the server's own, clearer
+        DEADLINE_EXCEEDED arrives first.
+        """
+        delay = 0.05
+        attempts = 0
+        start = time.monotonic()
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            attempts += 1
+            try:
+                return getattr(shard.stub, method)(make_request(remaining), timeout=remaining + rpc_margin_s)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._error(shard, e, method) from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ShardUnavailable(
+                        f"replay shard {shard.index} ({shard.address}) {method}: unavailable for "
+                        f"{time.monotonic() - start:.1f} s over {attempts} attempts; last error: {e.details()}"
+                    ) from None
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
+
+    def _note(self, shard: _Shard, size: int, mass: float) -> None:
+        shard.size, shard.mass, shard.seen = int(size), float(mass), time.monotonic()
+
+    # -- table metadata ------------------------------------------------------------------------------
+    def _info_one(self, shard: _Shard, deadline: float) -> TableInfo:
+        response = self._call(shard, "Info", lambda _r: replay_pb2.InfoRequest(), deadline)
+        for t in response.tables:
+            if t.name == self.table:
+                if self._config is None:
+                    self._config = TableConfig.from_json(json.loads(t.config_json))
+                self._note(shard, t.size, t.priority_mass)
+                return TableInfo(name=t.name, size=t.size, capacity=t.capacity, inserts=t.inserts,
+                                 samples=t.samples, insert_blocked_s=t.insert_blocked_s,
+                                 sample_blocked_s=t.sample_blocked_s, nbytes=t.nbytes,
+                                 priority_mass=t.priority_mass, storage=t.storage, sampler=t.sampler)
+        raise errors.NotFound(f"replay shard {shard.index} ({shard.address}) has no table {self.table!r}; "
+                              f"it serves {sorted(t.name for t in response.tables)}")
+
+    def info(self, *, timeout: float | None = None) -> list[TableInfo]:
+        """This table's ``TableInfo`` on every shard, in shard order."""
+        deadline = self._deadline(timeout)
+        return self._each_shard(lambda shard: self._info_one(shard, deadline), self._get_shards())
+
+    def _each_shard(self, fn, shards):
+        if len(shards) == 1:
+            return [fn(shards[0])]
+        results: list = [None] * len(shards)
+        failures: list = [None] * len(shards)
+
+        def run(i, shard):
+            try:
+                results[i] = fn(shard)
+            except BaseException as e:  # re-raised in the caller's thread below
+                failures[i] = e
+
+        threads = [threading.Thread(target=run, args=(i, s), daemon=True) for i, s in enumerate(shards)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for failure in failures:
+            if failure is not None:
+                raise failure
+        return results
+
+    def config(self, *, timeout: float | None = None) -> TableConfig:
+        """The table's configuration as the shards report it (fetched once)."""
+        if self._config is None:
+            self._info_one(self._get_shards()[0], self._deadline(timeout))
+        return self._config
+
+    # -- insert --------------------------------------------------------------------------------------
+    def insert(self, columns: Mapping[str, np.ndarray], *, writer_key: str, priorities: np.ndarray | None = None,
+               timeout: float | None = None) -> np.ndarray:
+        """Insert a batch of rows (all-or-nothing) on ``writer_key``'s shard; return their global keys."""
+        if not isinstance(writer_key, str):
+            raise TypeError(f"writer_key={writer_key!r} must be a str")
+        nbytes = payload_nbytes(columns) + (0 if priorities is None else np.asarray(priorities).nbytes)
+        if nbytes + _REQUEST_OVERHEAD > self.max_message_bytes:
+            raise errors.ResourceExhausted(
+                f"insert of {nbytes} bytes (+{_REQUEST_OVERHEAD} framing) exceeds the {self.max_message_bytes}-byte "
+                f"message limit; insert in smaller batches"
+            )
+        request = replay_pb2.InsertRequest(table=self.table, writer_key=writer_key)
+        encode_columns(columns, request.columns)
+        if priorities is not None:
+            encode_array(np.asarray(priorities), name="priorities", out=request.priorities)
+        shard = self._get_shards()[shard_of_writer(writer_key, self.num_shards)]
+
+        def make_request(remaining):
+            request.timeout_s = remaining
+            return request
+
+        response = self._call(shard, "Insert", make_request, self._deadline(timeout))
+        self._note(shard, response.table_size, response.priority_mass)
+        return global_keys(decode_array(response.keys, name="keys"), shard.index)
+
+    # -- sample --------------------------------------------------------------------------------------
+    def _weights(self, shards: list[_Shard], config: TableConfig, deadline: float) -> np.ndarray:
+        now = time.monotonic()
+        stale = [s for s in shards if now - s.seen > self.refresh_interval_s]
+        if stale:
+            self._each_shard(lambda s: self._info_one(s, deadline), stale)
+        prioritized = config.sampler == "prioritized"
+        return np.array([
+            (s.mass if prioritized else s.size) if s.size >= max(1, config.min_size_to_sample) else 0.0
+            for s in shards
+        ])
+
+    def sample(self, batch_size: int, *, beta: float = 0.4, timeout: float | None = None) -> SampleBatch:
+        """Sample ``batch_size`` rows across shards (see the module docstring for the split and weights).
+
+        While no shard holds enough items to sample, waits (polling Info with backoff) until the timeout,
+        then raises ``DeadlineExceeded``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"batch_size={batch_size!r} must be an int")
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise errors.InvalidArgument(f"batch_size={batch_size} must be >= 1")
+        deadline = self._deadline(timeout)
+        shards = self._get_shards()
+        config = self.config(timeout=max(0.0, deadline - time.monotonic()))
+        weights = self._weights(shards, config, deadline)
+        delay = 0.05
+        while not weights.sum() > 0:
+            if time.monotonic() >= deadline:
+                raise errors.DeadlineExceeded(
+                    f"table {self.table!r}: no shard has min_size_to_sample={config.min_size_to_sample} items "
+                    f"(sizes {[s.size for s in shards]}) after waiting for the call's timeout"
+                )
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
+            for s in shards:
+                s.seen = -math.inf
+            weights = self._weights(shards, config, deadline)
+        shares = weights / weights.sum()
+        with self._lock:
+            u = self._rng.random()
+        counts = allocate(batch_size, weights, u=u)
+        row_nbytes = config.schema.row_nbytes() + _RESPONSE_OVERHEAD_PER_ROW
+        for s, n in zip(shards, counts, strict=True):
+            if n * row_nbytes + _REQUEST_OVERHEAD > self.max_message_bytes:
+                raise errors.ResourceExhausted(
+                    f"sample of {n} rows x {row_nbytes} bytes = {n * row_nbytes} bytes from shard {s.index} "
+                    f"exceeds the {self.max_message_bytes}-byte message limit; sample smaller batches"
+                )
+        chosen = [(s, int(n)) for s, n in zip(shards, counts, strict=True) if n > 0]
+
+        def make(n):
+            return lambda remaining: replay_pb2.SampleRequest(table=self.table, batch_size=n, timeout_s=remaining)
+
+        # Issue every shard's request before waiting on any, so the shards work in parallel.
+        pending = []
+        for s, n in chosen:
+            remaining = max(0.0, deadline - time.monotonic())
+            pending.append(s.stub.Sample.future(make(n)(remaining), timeout=remaining + 5.0))
+        responses = []
+        for (s, n), fut in zip(chosen, pending, strict=True):
+            try:
+                responses.append(fut.result())
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    for other in pending:
+                        other.cancel()
+                    raise self._error(s, e, "Sample") from None
+                responses.append(self._call(s, "Sample", make(n), deadline))
+        return self._assemble(chosen, responses, shares, config, beta)
+
+    def _assemble(self, chosen, responses, shares, config: TableConfig, beta: float) -> SampleBatch:
+        total = sum(n for _, n in chosen)
+        columns = {f.name: np.empty((total, *f.shape), dtype=np.dtype(f.dtype)) for f in config.schema.fields}
+        keys = np.empty(total, dtype=np.uint64)
+        probabilities = np.empty(total, dtype=np.float64)
+        row = 0
+        for (s, n), response in zip(chosen, responses, strict=True):
+            self._note(s, response.table_size, response.priority_mass)
+            end = row + n
+            for name, message in response.columns.items():
+                if name not in columns:
+                    raise errors.ReplayError(f"replay shard {s.index} ({s.address}) returned unknown column {name!r}")
+                columns[name][row:end] = decode_array(message, name=f"column {name!r}")
+            keys[row:end] = global_keys(decode_array(response.keys, name="keys"), s.index)
+            probabilities[row:end] = shares[s.index] * decode_array(response.probabilities, name="probabilities")
+            row = end
+        size = sum(s.size for s in self._get_shards())
+        weights = importance_weights(probabilities=probabilities, size=max(size, 1), beta=beta)
+        return SampleBatch(keys=keys, columns=columns, probabilities=probabilities, weights=weights)
+
+    # -- priorities and checkpoints ------------------------------------------------------------------
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray, *, timeout: float | None = None) -> int:
+        """Send each (global key, priority) to its owning shard; return how many items were updated."""
+        keys = np.asarray(keys)
+        priorities = np.asarray(priorities)
+        if keys.ndim != 1 or priorities.shape != keys.shape:
+            raise errors.InvalidArgument(
+                f"keys shape {keys.shape} and priorities shape {priorities.shape} must be equal and 1-D")
+        if keys.dtype != np.uint64:
+            raise errors.InvalidArgument(f"keys dtype {keys.dtype} must be uint64 (the keys sample() returned)")
+        shard_index, local = split_keys(keys)
+        shards = self._get_shards()
+        if shard_index.size and int(shard_index.max()) >= len(shards):
+            raise errors.InvalidArgument(
+                f"key {int(keys[int(np.argmax(shard_index))])} names shard {int(shard_index.max())} but this client "
+                f"has {len(shards)} shards")
+        deadline = self._deadline(timeout)
+        targets = [s for s in shards if np.any(shard_index == s.index)]
+
+        def send(shard: _Shard) -> int:
+            mask = shard_index == shard.index
+            request = replay_pb2.UpdatePrioritiesRequest(table=self.table)
+            encode_array(local[mask], name="keys", out=request.keys)
+            encode_array(priorities[mask], name="priorities", out=request.priorities)
+            response = self._call(shard, "UpdatePriorities", lambda _r: request, deadline)
+            self._note(shard, response.table_size, response.priority_mass)
+            return int(response.updated)
+
+        return int(sum(self._each_shard(send, targets))) if targets else 0
+
+    def checkpoint(self, *, timeout: float | None = None) -> list[str]:
+        """Ask every shard to checkpoint; return the directories written, in shard order."""
+        deadline = self._deadline(timeout)
+        return self._each_shard(
+            lambda s: self._call(s, "Checkpoint", lambda _r: replay_pb2.CheckpointRequest(), deadline).path,
+            self._get_shards())
+
+    def wait_until_ready(self, *, timeout: float | None = None) -> None:
+        """Block until every shard answers Info (``ShardUnavailable`` naming the shard after the timeout)."""
+        self.info(timeout=timeout)

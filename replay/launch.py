@@ -1,0 +1,193 @@
+"""Start replay shards as subprocesses (``python -m replay.server``) and manage their lifetime.
+
+    from replay.launch import ShardProcess
+    from replay.client import ReplayClient
+
+    shards = [ShardProcess([config], checkpoint_dir=f"ckpt/{i}", metrics_port=0, shard_index=i) for i in range(2)]
+    client = ReplayClient([s.address for s in shards])
+    ...
+    shards[0].kill()          # SIGKILL, as a crash would
+    shards[0].restart()       # same port (so the client's address stays valid), restores its checkpoint
+    for s in shards:
+        s.stop()              # SIGTERM: the shard checkpoints (if it has a directory) and exits
+
+The constructor returns once the shard printed its ``REPLAY_SERVER_READY`` line; if the process exits
+or stays silent past ``ready_timeout_s``, it raises ``RuntimeError`` with the exit status and the tail of
+the shard's stderr (e.g. the schema mismatch that made it refuse a checkpoint).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from replay.server import READY_PREFIX
+from replay.table import TableConfig
+
+_TAIL_LINES = 200
+
+
+class ShardProcess:
+    """One replay shard in its own process (see the module docstring)."""
+
+    def __init__(
+        self,
+        tables: Sequence[TableConfig],
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        metrics_port: int | None = None,
+        shard_index: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ready_timeout_s: float = 60.0,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ):
+        self.tables = list(tables)
+        if not self.tables:
+            raise ValueError("tables is empty; a shard needs at least one TableConfig")
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.shard_index = int(shard_index)
+        self.host = host
+        self.ready_timeout_s = float(ready_timeout_s)
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.port: int = int(port)
+        self._requested_metrics_port = metrics_port
+        self.metrics_port: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stderr: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._start(port=self.port, metrics_port=metrics_port)
+
+    # -- properties ----------------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    def stderr_tail(self) -> str:
+        """The last lines the shard wrote to stderr."""
+        return "".join(self._stderr)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def command(self, *, port: int, metrics_port: int | None) -> list[str]:
+        cmd = [sys.executable, "-m", "replay.server", "--host", self.host, "--port", str(port),
+               "--shard-index", str(self.shard_index)]
+        for config in self.tables:
+            cmd += ["--table-json", json.dumps(config.to_json(), sort_keys=True)]
+        if self.checkpoint_dir is not None:
+            cmd += ["--checkpoint-dir", str(self.checkpoint_dir)]
+        if metrics_port is not None:
+            cmd += ["--metrics-port", str(metrics_port)]
+        return cmd + self.extra_args
+
+    def _start(self, *, port: int, metrics_port: int | None) -> None:
+        self._stderr.clear()
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = subprocess.Popen(
+            self.command(port=port, metrics_port=metrics_port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, text=True, env=env,
+        )
+        self._proc = proc
+        ready: dict[str, str] = {}
+        got_ready = threading.Event()
+
+        def read_stdout():
+            for line in proc.stdout:
+                if line.startswith(READY_PREFIX) and not got_ready.is_set():
+                    ready.update(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+                    got_ready.set()
+            got_ready.set()   # EOF: the process exited (ready stays empty)
+
+        def read_stderr():
+            # Drained continuously so that a chatty shard never blocks on a full pipe.
+            for line in proc.stderr:
+                self._stderr.append(line)
+
+        threading.Thread(target=read_stdout, daemon=True, name=f"shard{self.shard_index}-stdout").start()
+        self._stderr_thread = threading.Thread(target=read_stderr, daemon=True, name=f"shard{self.shard_index}-stderr")
+        self._stderr_thread.start()
+        if not got_ready.wait(self.ready_timeout_s) or not ready:
+            if proc.poll() is None:
+                proc.kill()
+            code = proc.wait()
+            self._stderr_thread.join(timeout=2)
+            reason = "exited" if got_ready.is_set() else f"was not ready within {self.ready_timeout_s:.0f} s"
+            raise RuntimeError(
+                f"replay shard {self.shard_index} ({self.host}:{port}) {reason} (exit status {code}); stderr:\n"
+                f"{self.stderr_tail().rstrip() or '(empty)'}"
+            )
+        self.port = int(ready["port"])
+        self.metrics_port = None if ready.get("metrics_port", "none") == "none" else int(ready["metrics_port"])
+
+    def stop(self, *, timeout: float = 30.0) -> int | None:
+        """SIGTERM (the shard checkpoints if it has a directory), wait; SIGKILL after ``timeout``."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (no final checkpoint)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self, *, attempts: int = 20) -> None:
+        """Stop if running, then start again on the same port (and metrics port, if it had one).
+
+        The port can be briefly unavailable after a kill; binding is retried ``attempts`` times.
+        """
+        self.stop()
+        metrics_port = self.metrics_port if self._requested_metrics_port is not None else None
+        last: RuntimeError | None = None
+        for _ in range(attempts):
+            try:
+                self._start(port=self.port, metrics_port=metrics_port)
+                return
+            except RuntimeError as e:
+                last = e
+                if "bind" not in str(e) and "in use" not in str(e) and "Address" not in str(e):
+                    raise
+                time.sleep(0.25)
+        raise RuntimeError(f"replay shard {self.shard_index} could not restart on port {self.port}: {last}")
+
+    def __enter__(self) -> ShardProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self):
+        # A forgotten shard must not outlive the test or run that started it.
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
