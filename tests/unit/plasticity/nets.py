@@ -162,3 +162,34 @@ class QRNet(nn.Module):
 
     def output_layers(self):
         return [self.head.out]
+
+
+def make_ctx(net, *, lr=0.01, seed=123, optimizer="adam", target=None, all_reduce_mean=None):
+    """An InterventionContext around ``net`` with Adam (or SGD with momentum)."""
+    from plasticity.base import InterventionContext
+
+    if optimizer == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    kwargs = {"all_reduce_mean": all_reduce_mean} if all_reduce_mean is not None else {}
+    return InterventionContext(network=net, optimizer=opt, target_network=target,
+                               generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def regression_step(ctx, obs, interventions=(), probe_obs=None):
+    """One optimizer step of a fixed regression toward 1.0, with every intervention hook run."""
+    features = ctx.network.features(obs)
+    loss = (ctx.network.head(features) - 1.0).pow(2).mean()
+    for iv in interventions:
+        extra = iv.loss(ctx, obs=obs, features=features)
+        if extra is not None:
+            loss = loss + extra
+    ctx.optimizer.zero_grad()
+    loss.backward()
+    ctx.optimizer.step()
+    ctx.step += 1
+    metrics = {}
+    for iv in interventions:
+        metrics.update(iv.after_step(ctx, probe_obs=probe_obs))
+    return metrics
