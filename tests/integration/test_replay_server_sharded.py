@@ -1,0 +1,160 @@
+"""ReplayClient against two real in-process shards: routing, proportional sampling, global keys,
+priority updates reaching their owner, errors surfacing as replay.errors, pickling."""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+
+import numpy as np
+import pytest
+
+from replay import errors
+from replay.client import ReplayClient, ShardUnavailable
+from replay.schema import Schema
+from replay.server import ReplayServer
+from replay.table import TableConfig
+
+SCHEMA = Schema.parse("obs:float32:2,action:int64")
+
+
+def _writer_for(shard: int, n: int = 2) -> str:
+    """A writer key that crc32 routes to ``shard`` of ``n``."""
+    return next(f"writer-{i}" for i in range(1000) if zlib.crc32(f"writer-{i}".encode()) % n == shard)
+
+
+def _rows(first: int, n: int) -> dict[str, np.ndarray]:
+    keys = np.arange(first, first + n)
+    return {"obs": np.stack([keys, -keys], axis=1).astype(np.float32), "action": keys.astype(np.int64)}
+
+
+@pytest.fixture(params=["uniform", "prioritized"])
+def shards(request):
+    config = TableConfig(name="replay", schema=SCHEMA, capacity=64, sampler=request.param, priority_exponent=1.0)
+    servers = [ReplayServer(tables=[config], port=0, shard_index=i) for i in range(2)]
+    for s in servers:
+        s.start()
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def client(shards):
+    c = ReplayClient([s.address for s in shards], table="replay", timeout=10.0, seed=0)
+    yield c
+    c.close()
+
+
+def test_inserts_route_by_writer_key_and_return_global_keys(client, shards):
+    w0, w1 = _writer_for(0), _writer_for(1)
+    keys0 = client.insert(_rows(0, 3), writer_key=w0)
+    keys1 = client.insert(_rows(100, 2), writer_key=w1)
+    keys0b = client.insert(_rows(3, 1), writer_key=w0)
+    assert keys0.tolist() == [0, 1, 2]
+    assert keys1.tolist() == [(1 << 48) + 0, (1 << 48) + 1]
+    assert keys0b.tolist() == [3]
+    assert [i.size for i in client.info()] == [4, 2]
+    assert [s.tables["replay"].info().inserts for s in shards] == [4, 2]
+
+
+@pytest.mark.parametrize("shards", ["uniform"], indirect=True)
+def test_uniform_sampling_splits_by_size(shards):
+    client = ReplayClient([s.address for s in shards], table="replay", timeout=10.0, seed=0)
+    client.insert(_rows(0, 6), writer_key=_writer_for(0))
+    client.insert(_rows(100, 2), writer_key=_writer_for(1))
+    batch = client.sample(8, beta=1.0)
+    shard_of = (batch.keys >> np.uint64(48)).astype(np.int64)
+    assert np.bincount(shard_of, minlength=2).tolist() == [6, 2]     # shares 6/8 and 2/8, exactly
+    # Global P = share * p_shard: 0.75 * 1/6 = 0.25 * 1/2 = 1/8 for every item.
+    np.testing.assert_allclose(batch.probabilities, np.full(8, 0.125))
+    np.testing.assert_array_equal(batch.weights, np.ones(8, np.float32))
+    assert batch.weights.dtype == np.float32
+    # Rows match their keys: local key k of shard 0 is action k, of shard 1 is action 100 + k.
+    local = (batch.keys & np.uint64((1 << 48) - 1)).astype(np.int64)
+    np.testing.assert_array_equal(batch.columns["action"], local + 100 * shard_of)
+    np.testing.assert_array_equal(batch.columns["obs"][:, 0], batch.columns["action"].astype(np.float32))
+    assert batch.columns["obs"].flags.writeable and batch.columns["obs"].flags.c_contiguous
+    client.close()
+
+
+@pytest.mark.parametrize("shards", ["prioritized"], indirect=True)
+def test_prioritized_sampling_splits_by_mass_and_updates_reach_the_owner(shards):
+    client = ReplayClient([s.address for s in shards], table="replay", timeout=10.0, seed=0)
+    client.insert(_rows(0, 2), writer_key=_writer_for(0), priorities=np.array([1.0, 3.0]))
+    client.insert(_rows(100, 1), writer_key=_writer_for(1), priorities=np.array([4.0]))
+    batch = client.sample(4, beta=1.0)
+    shard_of = (batch.keys >> np.uint64(48)).astype(np.int64)
+    assert np.bincount(shard_of, minlength=2).tolist() == [2, 2]     # masses 4 and 4
+    by_action = {1.0: 0.5 * 0.25, 3.0: 0.5 * 0.75, 4.0: 0.5 * 1.0}
+    priority = {0: 1.0, 1: 3.0, 100: 4.0}
+    expected_p = np.array([by_action[priority[int(a)]] for a in batch.columns["action"]])
+    np.testing.assert_allclose(batch.probabilities, expected_p)
+    # beta=1: w = (N P)^-1 / max = P_min_in_batch / P
+    np.testing.assert_allclose(batch.weights, (expected_p.min() / expected_p).astype(np.float32), rtol=1e-6)
+
+    shard1_key = np.uint64(1 << 48)
+    assert client.update_priorities(np.array([shard1_key, np.uint64(0)]), np.array([12.0, 2.0])) == 2
+    assert [s.tables["replay"].info().priority_mass for s in shards] == [5.0, 12.0]
+    batch = client.sample(17, beta=0.4)   # masses 5 and 12 -> 5 and 12 rows
+    assert np.bincount((batch.keys >> np.uint64(48)).astype(np.int64), minlength=2).tolist() == [5, 12]
+    client.close()
+
+
+def test_stale_keys_are_skipped(client):
+    keys = client.insert(_rows(0, 2), writer_key=_writer_for(1))
+    assert client.update_priorities(np.concatenate([keys, keys + np.uint64(50)]), np.ones(4)) == 2
+
+
+def test_empty_shard_gets_no_rows(client):
+    client.insert(_rows(0, 3), writer_key=_writer_for(1))
+    batch = client.sample(5)
+    assert (batch.keys >> np.uint64(48)).tolist() == [1] * 5
+
+
+def test_server_errors_surface_as_replay_errors(client, shards):
+    with pytest.raises(errors.InvalidArgument, match=r"replay shard \d \(127.0.0.1:\d+\) Insert: INVALID_ARGUMENT: "
+                                                     r"field 'obs': expected dtype float32, got float64"):
+        client.insert({"obs": np.zeros((1, 2)), "action": np.zeros(1, np.int64)}, writer_key="w")
+    with pytest.raises(errors.InvalidArgument, match=r"priority\[0\]"):
+        client.insert(_rows(0, 1), writer_key="w", priorities=np.array([np.nan]))
+    assert sum(i.size for i in client.info()) == 0
+    with pytest.raises(errors.NotFound, match="has no table 'nope'"):
+        ReplayClient([shards[0].address], table="nope").info()
+    with pytest.raises(errors.NotFound, match="unknown table 'nope'"):
+        ReplayClient([shards[0].address], table="nope").insert(_rows(0, 1), writer_key="w")
+    with pytest.raises(errors.InvalidArgument, match="batch_size=0 must be >= 1"):
+        client.sample(0)
+    with pytest.raises(errors.DeadlineExceeded, match=r"no shard has min_size_to_sample=1 items \(sizes \[0, 0\]\)"):
+        client.sample(4, timeout=0.2)
+
+
+def test_oversized_batches_fail_on_the_client_naming_size_and_limit(shards):
+    client = ReplayClient([s.address for s in shards], table="replay", max_message_bytes=1 << 20)
+    rows = 100_000
+    with pytest.raises(errors.ResourceExhausted, match=r"insert of 1600000 bytes \(\+65536 framing\) exceeds the "
+                                                       r"1048576-byte message limit"):
+        client.insert({"obs": np.zeros((rows, 2), np.float32), "action": np.zeros(rows, np.int64)}, writer_key="w")
+    assert sum(i.size for i in client.info()) == 0
+    client.insert(_rows(0, 1), writer_key=_writer_for(0))
+    # 16 column bytes + 32 bytes of keys/probabilities/framing per row.
+    with pytest.raises(errors.ResourceExhausted, match=r"sample of 30000 rows x 48 bytes = 1440000 bytes from "
+                                                       r"shard 0 exceeds the 1048576-byte message limit"):
+        client.sample(30_000)
+    client.close()
+
+
+def test_unreachable_shard_raises_after_the_timeout():
+    client = ReplayClient(["127.0.0.1:1"], timeout=0.5)
+    with pytest.raises(ShardUnavailable, match=r"replay shard 0 \(127.0.0.1:1\) Info: unavailable for"):
+        client.info()
+
+
+def test_client_pickles_by_address_and_works_after_unpickling(client):
+    client.insert(_rows(0, 4), writer_key=_writer_for(0))
+    clone = pickle.loads(pickle.dumps(client))
+    assert clone.addresses == client.addresses
+    batch = clone.sample(3)
+    assert batch.keys.shape == (3,)
+    assert set(batch.columns["action"].tolist()) <= {0, 1, 2, 3}
+    clone.close()
