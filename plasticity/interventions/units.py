@@ -58,6 +58,8 @@ class ReDo(Intervention):
     ``max_probe`` rows; conv: the mean runs over batch and space; CReLU-like: over both halves),
     all-reduced before thresholding. ``tau = 0`` selects only dead units (score exactly 0). Dormant
     units get fresh incoming weights, zero bias, zero outgoing weights and zeroed optimizer state.
+    Layers are scored first, then reset in ``hidden_layers()`` order, so a dormant unit of a consumer
+    layer gets a whole fresh incoming row, including the columns that read units just recycled below.
     Metrics (on reset steps): ``redo/units_reset``, ``redo/dormant_fraction`` (over all hidden units,
     measured before resetting).
     """
