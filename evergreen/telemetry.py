@@ -593,14 +593,20 @@ def _fmt(bound: float) -> str:
 
 
 def write_targets(run_dir: str | os.PathLike, ports: Mapping[str, int | Sequence[int] | None], *,
-                  host: str = "127.0.0.1", run: str | None = None) -> Path:
+                  host: str = "127.0.0.1", run: str | None = None, sd_dir: str | os.PathLike | None = None) -> Path:
     """Write ``run_dir/prometheus_targets.json`` (Prometheus ``file_sd``) and ``run_dir/ports.json``.
 
-        write_targets("runs/cartpole-1", {"learner": 9400, "replay": [9401, 9402]})
+        write_targets("runs/cartpole-1", {"learner": 9400, "replay": [9401, 9402]},
+                      sd_dir="runs/prometheus_targets")
+        ...
+        clear_targets("runs/cartpole-1", sd_dir="runs/prometheus_targets")   # at the end of the run
 
     Each component becomes target groups labelled ``job="evergreen-<component>"`` and ``run`` (the run
     directory's name unless given); replay ports are listed in shard order and labelled ``shard``.
-    Both files are replaced atomically, so Prometheus never reads half of one. Returns the targets path.
+    ``file_sd`` globs only the last path element, so ``deploy/prometheus/prometheus.yml`` cannot read
+    ``runs/*/prometheus_targets.json``: with ``sd_dir`` the same targets are also written to
+    ``sd_dir/<run>.json``, the directory that config watches (``runs/prometheus_targets``).
+    Files are replaced atomically, so Prometheus never reads half of one. Returns the run-dir targets path.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -628,9 +634,24 @@ def write_targets(run_dir: str | os.PathLike, ports: Mapping[str, int | Sequence
             groups.extend({"targets": [f"{host}:{p}"], "labels": {**labels, "shard": str(i)}}
                           for i, p in enumerate(listed))
     targets = run_dir / "prometheus_targets.json"
+    text = json.dumps(groups, indent=2) + "\n"
+    if sd_dir is not None:
+        Path(sd_dir).mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "ports.json", json.dumps(plain, indent=2, sort_keys=True) + "\n")
-    _atomic_write(targets, json.dumps(groups, indent=2) + "\n")
+    _atomic_write(targets, text)
+    if sd_dir is not None:
+        _atomic_write(Path(sd_dir) / f"{run}.json", text)
     return targets
+
+
+def clear_targets(run_dir: str | os.PathLike, *, sd_dir: str | os.PathLike, run: str | None = None) -> bool:
+    """Remove ``sd_dir/<run>.json`` so that Prometheus stops scraping a finished run (no false "down"
+    alerts); the run directory's own copy stays as a record. Returns whether a file was removed."""
+    name = run or Path(run_dir).resolve().name
+    path = Path(sd_dir) / f"{name}.json"
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from evergreen.telemetry import TelemetryExporter, sanitize, write_targets
+from evergreen.telemetry import TelemetryExporter, clear_targets, sanitize, write_targets
 
 
 def record(**overrides):
@@ -319,3 +319,19 @@ def test_write_targets(tmp_path):
         write_targets(run_dir, {"Learner!": 1})
     # The refused calls left the earlier files as they were.
     assert json.loads((run_dir / "ports.json").read_text()) == {"learner": 9400, "replay": [9401, 9402]}
+
+
+def test_write_targets_sd_dir_and_clear(tmp_path):
+    run_dir, sd_dir = tmp_path / "pong-7", tmp_path / "prometheus_targets"
+    run_dir.mkdir()
+    write_targets(run_dir, {"learner": 9000, "replay": [9001]}, host="learner.local", sd_dir=sd_dir)
+    expected = [
+        {"targets": ["learner.local:9000"], "labels": {"job": "evergreen-learner", "run": "pong-7"}},
+        {"targets": ["learner.local:9001"], "labels": {"job": "evergreen-replay", "run": "pong-7", "shard": "0"}},
+    ]
+    assert json.loads((sd_dir / "pong-7.json").read_text()) == expected
+    assert json.loads((run_dir / "prometheus_targets.json").read_text()) == expected
+    assert clear_targets(run_dir, sd_dir=sd_dir) is True
+    assert not (sd_dir / "pong-7.json").exists()
+    assert (run_dir / "prometheus_targets.json").exists()
+    assert clear_targets(run_dir, sd_dir=sd_dir) is False
