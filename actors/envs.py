@@ -66,7 +66,8 @@ class EnvConfig:
     noop_max: int = 30
     """Atari: up to this many no-op actions at reset, to randomise starts."""
     episodic_life: bool = False
-    """Atari: end the episode (terminated) on every life loss."""
+    """Atari: end the episode (terminated) on every life loss. ale-py 0.12 then resets the whole game,
+    so an episode (and its reported return and length) is one life, not one game."""
 
     @property
     def is_atari(self) -> bool:
