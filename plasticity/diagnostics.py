@@ -448,11 +448,11 @@ def _fit_regression(network: nn.Module, obs: torch.Tensor, targets: torch.Tensor
                     head_seed: int) -> float:
     with torch.no_grad():
         dim = _forward_features(network, obs[:1]).shape[1]
-    head = nn.Linear(dim, targets.shape[1])
+    head = nn.Linear(dim, targets.shape[1]).to(obs.device)
     with torch.no_grad():  # identical head init for the trained and the fresh copy
         g = torch.Generator().manual_seed(head_seed)
         bound = 1 / math.sqrt(dim)
-        head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=g))
+        head.weight.copy_(torch.empty(head.weight.shape).uniform_(-bound, bound, generator=g))
         head.bias.zero_()
     params = _trainable(network) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=lr)
@@ -482,7 +482,7 @@ def plasticity_probe(
     if steps < 1 or out_dim < 1 or not lr > 0:
         raise ValueError(f"plasticity_probe needs steps >= 1, out_dim >= 1, lr > 0; got {steps}, {out_dim}, {lr}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    targets = torch.randn(obs.shape[0], out_dim, generator=gen)
+    targets = torch.randn(obs.shape[0], out_dim, generator=gen).to(obs.device)
     head_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     init_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     trained = copy.deepcopy(network).train()
