@@ -45,8 +45,8 @@ import grpc
 import numpy as np
 
 from replay import errors
-from replay.codec import decode_array, encode_array, encode_columns, payload_nbytes
-from replay.proto import replay_pb2, replay_pb2_grpc
+from replay.codec import InsertRequestParts, decode_array, encode_array, payload_nbytes
+from replay.proto import replay_pb2
 from replay.samplers import importance_weights
 from replay.table import TableConfig, TableInfo
 
@@ -126,6 +126,30 @@ def allocate(batch_size: int, weights: Sequence[float], *, u: float) -> np.ndarr
     return counts
 
 
+SERVICE_NAME = replay_pb2.DESCRIPTOR.services_by_name["ReplayService"].full_name
+_RESPONSES = {
+    "Insert": replay_pb2.InsertResponse,
+    "Sample": replay_pb2.SampleResponse,
+    "UpdatePriorities": replay_pb2.UpdatePrioritiesResponse,
+    "Info": replay_pb2.InfoResponse,
+    "Checkpoint": replay_pb2.CheckpointResponse,
+}
+
+
+def _serialize(request) -> bytes:
+    # Insert requests arrive pre-serialized (replay.codec.InsertRequestParts); the rest are messages.
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+class _Stub:
+    """ReplayService callables (like replay_pb2_grpc.ReplayServiceStub) that also send pre-serialized bytes."""
+
+    def __init__(self, channel: grpc.Channel):
+        for method, response in _RESPONSES.items():
+            setattr(self, method, channel.unary_unary(f"/{SERVICE_NAME}/{method}", request_serializer=_serialize,
+                                                      response_deserializer=response.FromString))
+
+
 class _Shard:
     __slots__ = ("index", "address", "channel", "stub", "size", "mass", "seen")
 
@@ -133,7 +157,7 @@ class _Shard:
         self.index = index
         self.address = address
         self.channel = grpc.insecure_channel(address, options=options)
-        self.stub = replay_pb2_grpc.ReplayServiceStub(self.channel)
+        self.stub = _Stub(self.channel)
         self.size = 0
         self.mass = 0.0
         self.seen = -math.inf   # time.monotonic() of the latest size/mass
@@ -338,17 +362,10 @@ class ReplayClient:
                 f"insert of {nbytes} bytes (+{_REQUEST_OVERHEAD} framing) exceeds the {self.max_message_bytes}-byte "
                 f"message limit; insert in smaller batches"
             )
-        request = replay_pb2.InsertRequest(table=self.table, writer_key=writer_key)
-        encode_columns(columns, request.columns)
-        if priorities is not None:
-            encode_array(np.asarray(priorities), name="priorities", out=request.priorities)
+        request = InsertRequestParts(table=self.table, writer_key=writer_key, columns=columns,
+                                     priorities=None if priorities is None else np.asarray(priorities))
         shard = self._get_shards()[shard_of_writer(writer_key, self.num_shards)]
-
-        def make_request(remaining):
-            request.timeout_s = remaining
-            return request
-
-        response = self._call(shard, "Insert", make_request, self._deadline(timeout))
+        response = self._call(shard, "Insert", request.to_bytes, self._deadline(timeout))
         self._note(shard, response.table_size, response.priority_mass)
         return global_keys(decode_array(response.keys, name="keys"), shard.index)
 

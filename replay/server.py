@@ -45,7 +45,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from replay import checkpoint as ckpt
-from replay.codec import decode_array, decode_columns, encode_array
+from replay.codec import decode_array, decode_columns, encode_array, encode_sample_response
 from replay.errors import FailedPrecondition, NotFound, ReplayError, ResourceExhausted
 from replay.metrics import ShardMetrics
 from replay.proto import replay_pb2, replay_pb2_grpc
@@ -126,13 +126,9 @@ class _Servicer(replay_pb2_grpc.ReplayServiceServicer):
             )
         timeout = request.timeout_s if request.HasField("timeout_s") else None
         result = table.sample(batch_size, timeout=timeout)
-        response = replay_pb2.SampleResponse(table_size=result.table_size, priority_mass=result.priority_mass)
-        for name, array in result.columns.items():
-            encode_array(array, name=f"column {name!r}", out=response.columns[name])
-        encode_array(np.asarray(result.keys, dtype=np.uint64), name="keys", out=response.keys)
-        encode_array(np.asarray(result.probabilities, dtype=np.float64), name="probabilities",
-                     out=response.probabilities)
-        return response
+        # Already serialized (see replay.codec): the generic handler's serializer passes bytes through.
+        return encode_sample_response(columns=result.columns, keys=result.keys, probabilities=result.probabilities,
+                                      table_size=result.table_size, priority_mass=result.priority_mass)
 
     @_rpc("UpdatePriorities")
     def UpdatePriorities(self, request, context):
@@ -161,6 +157,28 @@ class _Servicer(replay_pb2_grpc.ReplayServiceServicer):
     @_rpc("Checkpoint")
     def Checkpoint(self, request, context):
         return replay_pb2.CheckpointResponse(path=str(self._server.checkpoint()))
+
+
+def _serialize(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+_REQUESTS = {
+    "Insert": replay_pb2.InsertRequest,
+    "Sample": replay_pb2.SampleRequest,
+    "UpdatePriorities": replay_pb2.UpdatePrioritiesRequest,
+    "Info": replay_pb2.InfoRequest,
+    "Checkpoint": replay_pb2.CheckpointRequest,
+}
+
+
+def _service_handler(servicer: _Servicer) -> grpc.GenericRpcHandler:
+    """The ReplayService handlers, wire-compatible with replay_pb2_grpc but accepting pre-serialized responses."""
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        method: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method), request_deserializer=request.FromString, response_serializer=_serialize)
+        for method, request in _REQUESTS.items()
+    })
 
 
 class ReplayServer:
@@ -282,7 +300,7 @@ class ReplayServer:
             # so_reuseport=0: a restarted shard must fail to bind rather than share its port with a stale one.
             options=[*grpc_options(self.max_message_bytes), ("grpc.so_reuseport", 0)],
         )
-        replay_pb2_grpc.add_ReplayServiceServicer_to_server(_Servicer(self), server)
+        server.add_generic_rpc_handlers((_service_handler(_Servicer(self)),))
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:

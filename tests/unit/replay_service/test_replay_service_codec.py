@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replay.codec import decode_array, decode_columns, encode_array, encode_columns, payload_nbytes
+from replay.codec import (
+    InsertRequestParts,
+    decode_array,
+    decode_columns,
+    encode_array,
+    encode_columns,
+    encode_sample_response,
+    payload_nbytes,
+)
 from replay.errors import InvalidArgument
 from replay.proto import replay_pb2
 
@@ -79,3 +87,45 @@ def test_columns_round_trip_through_a_map_field():
     assert sorted(decoded) == ["action", "obs"]
     np.testing.assert_array_equal(decoded["obs"], columns["obs"])
     np.testing.assert_array_equal(decoded["action"], columns["action"])
+
+
+def _reference_sample_response(columns, keys, probabilities, table_size, priority_mass):
+    message = replay_pb2.SampleResponse(table_size=table_size, priority_mass=priority_mass)
+    encode_columns(columns, message.columns)
+    encode_array(keys, out=message.keys)
+    encode_array(probabilities, out=message.probabilities)
+    return message
+
+
+@pytest.mark.parametrize(("table_size", "priority_mass"), [(300, 2.5), (0, 0.0), (1 << 40, -1.0)])
+def test_hand_written_sample_response_parses_to_the_same_message(table_size, priority_mass):
+    columns = {"obs": np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5), "action": np.array([7, -1]),
+               "flag": np.array([True, False]), "empty": np.zeros((2, 0), np.float32)}
+    keys = np.array([3, 1 << 50], np.uint64)
+    probabilities = np.array([0.25, 0.75])
+    wire = encode_sample_response(columns=columns, keys=keys, probabilities=probabilities, table_size=table_size,
+                                  priority_mass=priority_mass)
+    parsed = replay_pb2.SampleResponse.FromString(wire)
+    assert parsed == _reference_sample_response(columns, keys, probabilities, table_size, priority_mass)
+    np.testing.assert_array_equal(decode_array(parsed.columns["obs"]), columns["obs"])
+    assert decode_array(parsed.keys).tolist() == [3, 1 << 50]
+
+
+@pytest.mark.parametrize("timeout_s", [None, 0.0, 2.5])
+def test_hand_written_insert_request_parses_to_the_same_message(timeout_s):
+    columns = {"obs": np.ones((2, 4), np.float32), "action": np.array([1, 2], np.int64)}
+    parts = InsertRequestParts(table="replay", writer_key="actor-é", columns=columns, priorities=np.array([1.0, 0.5]))
+    parsed = replay_pb2.InsertRequest.FromString(parts.to_bytes(timeout_s))
+    reference = replay_pb2.InsertRequest(table="replay", writer_key="actor-é")
+    encode_columns(columns, reference.columns)
+    encode_array(np.array([1.0, 0.5]), out=reference.priorities)
+    if timeout_s is not None:
+        reference.timeout_s = timeout_s
+    assert parsed == reference
+    assert parsed.HasField("timeout_s") == (timeout_s is not None)
+    assert parts.nbytes == len(parts.to_bytes(None))
+
+
+def test_hand_written_encoders_refuse_non_numeric_columns():
+    with pytest.raises(InvalidArgument, match="column 'obs': dtype 'object' cannot be sent"):
+        InsertRequestParts(table="t", writer_key="w", columns={"obs": np.array([object()])})
