@@ -1,7 +1,8 @@
 """Shared pieces of the interventions: fresh initial values, unit re-initialization, option checks.
 
-Fresh values. :func:`fresh_parameters` draws a module's initial values from ``generator`` (on the
-CPU, then moved, so every device and DDP rank gets the same numbers). Linear/Conv2d use PyTorch's
+Fresh values. :func:`fresh_parameters` draws a module's initial values from ``generator`` on the
+generator's device (a learner may hold a CUDA generator), in float64, then casts them to the
+parameter's dtype and device; every DDP rank, seeded alike, draws the same numbers. Linear/Conv2d use PyTorch's
 default initialization (``kaiming_uniform_(a=sqrt(5))``, i.e. weight and bias ~ U(-1/sqrt(fan_in),
 1/sqrt(fan_in))); LayerNorm gets ones/zeros; other modules with ``reset_parameters`` are reset in a
 copy under a forked RNG seeded from ``generator``. A network that initializes differently can
@@ -36,7 +37,7 @@ def default_bound(module: WeightLayer) -> float:
 
 
 def _uniform(shape, bound: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    values = torch.rand(shape, generator=generator, dtype=torch.float64) * (2 * bound) - bound
+    values = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64) * (2 * bound) - bound
     return values.to(device=like.device, dtype=like.dtype)
 
 
@@ -63,7 +64,7 @@ def fresh_parameters(module: nn.Module, generator: torch.Generator, network: nn.
         return {}
     if not callable(getattr(module, "reset_parameters", None)):
         raise ValueError(f"cannot re-initialize {type(module).__name__}: it has no reset_parameters()")
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         twin = copy.deepcopy(module).cpu()
@@ -148,6 +149,11 @@ def check_number(owner: str, option: str, value, *, low=None, high=None, low_ope
     if high is not None and value > high:
         raise ValueError(f"{owner}: option {option!r} must be <= {high}, got {value!r}")
     return value
+
+
+def randn_like_param(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``param``, drawn on the generator's device, cast to ``param``."""
+    return torch.randn(param.shape, generator=generator, device=generator.device, dtype=torch.float64).to(param)
 
 
 def trainable(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:

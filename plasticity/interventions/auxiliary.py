@@ -28,7 +28,8 @@ class InFeR(Intervention):
     a frozen copy of the network at ``setup``. Defaults follow the reference table: ``k=10``,
     ``beta=175`` (from public code), ``alpha=0.05``. The heads are created at the first ``loss`` call
     (when the feature width is known), initialized from ``ctx.generator`` and added to the optimizer
-    as a new param group; their gradients pass through ``ctx.all_reduce_mean`` (a tensor hook), since
+    as a new param group (on ``load_state_dict`` after ``setup`` at once, so that a checkpointed
+    optimizer with that group loads afterwards); their gradients pass through ``ctx.all_reduce_mean`` (a tensor hook), since
     they live outside a DDP-wrapped network. Metric: ``infer/aux_loss``.
     """
 
@@ -43,10 +44,12 @@ class InFeR(Intervention):
         self.initial_heads: nn.Linear | None = None
         self._loaded: dict[str, Any] | None = None
         self._last = None
+        self._ctx: InterventionContext | None = None
 
     def setup(self, ctx: InterventionContext) -> None:
         if not callable(getattr(ctx.network, "features", None)):
             raise ValueError(f"{self.name}: the network has no features(obs) method (network contract)")
+        self._ctx = ctx
         self.initial_network = copy.deepcopy(ctx.network)
         for p in self.initial_network.parameters():
             p.requires_grad_(False)
@@ -101,6 +104,8 @@ class InFeR(Intervention):
         if not set(state) <= allowed or "initial_network" not in state or ("heads" in state) != ("initial_heads" in state):
             raise ValueError(f"{self.name}: unexpected state keys {sorted(state)}; expected {sorted(allowed)}")
         self._loaded = state
+        if self._ctx is not None:  # set up already: create the heads now, before the optimizer is loaded
+            self._apply_loaded(self._ctx)
 
     def _apply_loaded(self, ctx: InterventionContext) -> None:
         state, self._loaded = self._loaded, None

@@ -55,9 +55,9 @@ class PlasticityInjection(Intervention):
     weights (all frozen), so online and target ``state_dict`` keys still match. ``output_layers`` of a
     network that does not track ``head`` dynamically may be stale afterwards.
 
-    Checkpoints: ``state_dict`` holds the number of injections; ``load_state_dict`` followed by
-    ``setup`` (or :meth:`restore`) rebuilds that structure *before* the network/optimizer weights are
-    loaded.
+    Checkpoints: ``state_dict`` holds the number of injections. ``load_state_dict`` rebuilds that
+    structure on the spot when ``setup`` has run (else ``setup`` does), so the network's and the
+    optimizer's checkpoint tensors are loaded afterwards into matching modules and param groups.
     """
 
     name = "plasticity_injection"
@@ -69,7 +69,8 @@ class PlasticityInjection(Intervention):
         if self.step == 0 and not self.on_switch:
             raise ValueError(f"{self.name}: never triggers (step=0 and on_task_switch=False); enable one")
         self.injections = 0
-        self._pending = 0
+        self._pending: int | None = None
+        self._ctx: InterventionContext | None = None
 
     def _allowed(self) -> bool:
         return self.max_injections == 0 or self.injections < self.max_injections
@@ -102,14 +103,24 @@ class PlasticityInjection(Intervention):
 
     def restore(self, ctx: InterventionContext) -> None:
         """Re-apply the injections recorded in a loaded ``state_dict`` (weights come from the checkpoint)."""
-        pending, self._pending = self._pending, 0
-        self.injections = 0
-        for _ in range(pending):
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._restore_to(ctx, pending)
+
+    def _restore_to(self, ctx: InterventionContext, count: int) -> None:
+        if count == self.injections:
+            return
+        if self.injections:
+            raise ValueError(
+                f"{self.name}: cannot load a state with {count} injections into a network that already has "
+                f"{self.injections}; load checkpoints into a freshly built learner"
+            )
+        for _ in range(count):
             self.inject(ctx)
 
     def setup(self, ctx: InterventionContext) -> None:
-        if self._pending:
-            self.restore(ctx)
+        self._ctx = ctx
+        self.restore(ctx)
 
     def after_step(self, ctx: InterventionContext, *, probe_obs: torch.Tensor | None = None) -> dict[str, float]:
         if self.step and ctx.step == self.step and self._allowed():
@@ -130,4 +141,7 @@ class PlasticityInjection(Intervention):
         count = state["injections"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"{self.name}: 'injections' must be an int >= 0, got {count!r}")
-        self._pending = count
+        if self._ctx is not None:  # set up already (the learner loads after building): rebuild now
+            self._restore_to(self._ctx, count)
+        else:
+            self._pending = count

@@ -24,6 +24,7 @@ from plasticity.interventions._common import (
     fresh_parameters,
     matching_module,
     parametrized_modules,
+    randn_like_param,
 )
 from plasticity.optim_state import reset_parameter
 
@@ -168,7 +169,7 @@ class ShrinkPerturb(Intervention):
                     noise = fresh_parameters(module, ctx.generator, ctx.network)
                 else:
                     noise = {
-                        name: torch.randn(p.shape, generator=ctx.generator, dtype=torch.float64).to(p)
+                        name: randn_like_param(p, ctx.generator)
                         for name, p in module.named_parameters(recurse=False)
                     }
                 for name, value in noise.items():
@@ -264,7 +265,7 @@ class SoftReset(Intervention):
                     continue
                 gamma = 1.0 - kappa
                 sigma0 = default_bound(module) / math.sqrt(3.0)
-                noise = torch.randn(param.shape, generator=ctx.generator, dtype=torch.float64).to(param)
+                noise = randn_like_param(param, ctx.generator)
                 param.mul_(gamma).add_(noise, alpha=math.sqrt(1.0 - gamma * gamma) * sigma0)
         if not kappas:
             return {}

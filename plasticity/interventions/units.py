@@ -39,6 +39,11 @@ def layer_activities(
     return list(torch.split(reduced, [layer.num_units for layer in layers]))
 
 
+def trainable_layers(network: nn.Module) -> list[HiddenLayer]:
+    """Hidden layers whose producer trains (frozen ones, e.g. an injected head's base, are left alone)."""
+    return [layer for layer in hidden_layers(network) if layer.producer.weight.requires_grad]
+
+
 def outgoing_weight_mass(layer: HiddenLayer) -> torch.Tensor:
     """Per unit: ``sum |w_out|`` over every consumer column / input channel that reads the unit."""
     total = torch.zeros(layer.num_units, dtype=torch.float64)
@@ -58,9 +63,10 @@ class ReDo(Intervention):
     ``max_probe`` rows; conv: the mean runs over batch and space; CReLU-like: over both halves),
     all-reduced before thresholding. ``tau = 0`` selects only dead units (score exactly 0). Dormant
     units get fresh incoming weights, zero bias, zero outgoing weights and zeroed optimizer state.
-    Layers are scored first, then reset in ``hidden_layers()`` order, so a dormant unit of a consumer
+    Only layers with a trainable producer are scored (frozen layers, e.g. an injected head's frozen
+    copies, cannot recover); their consumers are zeroed whether frozen or not. Layers are scored first, then reset in ``hidden_layers()`` order, so a dormant unit of a consumer
     layer gets a whole fresh incoming row, including the columns that read units just recycled below.
-    Metrics (on reset steps): ``redo/units_reset``, ``redo/dormant_fraction`` (over all hidden units,
+    Metrics (on reset steps): ``redo/units_reset``, ``redo/dormant_fraction`` (over the scored hidden units,
     measured before resetting).
     """
 
@@ -76,7 +82,7 @@ class ReDo(Intervention):
             return {}
         if probe_obs is None:
             raise ValueError(f"{self.name}: step {ctx.step} is a reset step but after_step got no probe_obs")
-        layers = hidden_layers(ctx.network)
+        layers = trainable_layers(ctx.network)
         activities = layer_activities(ctx, layers, probe_obs[: self.max_probe], owner=self.name)
         total_units = dormant_units = 0
         for layer, activity in zip(layers, activities, strict=True):
@@ -128,11 +134,11 @@ class ContinualBackprop(Intervention):
         return state
 
     def loss(self, ctx: InterventionContext, *, obs: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
-        self._pending = layer_activities(ctx, hidden_layers(ctx.network), obs, owner=self.name)
+        self._pending = layer_activities(ctx, trainable_layers(ctx.network), obs, owner=self.name)
         return None
 
     def after_step(self, ctx: InterventionContext, *, probe_obs: torch.Tensor | None = None) -> dict[str, float]:
-        layers = hidden_layers(ctx.network)
+        layers = trainable_layers(ctx.network)
         activities, self._pending = self._pending, None
         if activities is None or len(activities) != len(layers):
             if probe_obs is None:

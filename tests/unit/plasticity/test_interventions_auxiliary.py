@@ -84,3 +84,22 @@ def test_state_roundtrip_and_errors():
         restored.load_state_dict({"heads": {}})
     with pytest.raises(ValueError, match="'num_heads' must be >= 1"):
         InFeR(num_heads=0)
+
+
+def test_load_after_setup_creates_heads_before_the_optimizer_loads():
+    net = MLP()
+    ctx = make_ctx(net)
+    infer = InFeR(num_heads=2)
+    infer.setup(ctx)
+    obs = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    regression_step(ctx, obs, [infer])
+    saved_iv, saved_opt, saved_net = infer.state_dict(), ctx.optimizer.state_dict(), net.state_dict()
+    net2 = MLP(seed=3)
+    ctx2 = make_ctx(net2)
+    other = InFeR(num_heads=2)
+    other.setup(ctx2)
+    other.load_state_dict(saved_iv)
+    net2.load_state_dict(saved_net)
+    ctx2.optimizer.load_state_dict(saved_opt)  # needs the heads' param group to exist already
+    assert torch.equal(other.heads.weight, infer.heads.weight)
+    assert torch.equal(ctx2.optimizer.state[other.heads.weight]["exp_avg"], ctx.optimizer.state[infer.heads.weight]["exp_avg"])

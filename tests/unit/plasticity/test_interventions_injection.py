@@ -99,3 +99,51 @@ def test_checkpoint_restore_rebuilds_structure():
     assert inj2.state_dict() == {"injections": 1}
     with pytest.raises(ValueError, match="'injections' must be an int"):
         inj2.load_state_dict({"injections": -1})
+
+
+def test_load_after_setup_rebuilds_at_once_like_the_learner_does():
+    net, target, ctx, obs = _setup(MLP)
+    inj = PlasticityInjection()
+    inj.setup(ctx)
+    inj.on_task_switch(ctx)
+    regression_step(ctx, obs)
+    saved = {"net": net.state_dict(), "target": target.state_dict(), "opt": ctx.optimizer.state_dict(),
+             "iv": inj.state_dict()}
+    net2 = MLP()
+    ctx2 = make_ctx(net2, target=copy.deepcopy(net2))
+    inj2 = PlasticityInjection()
+    inj2.setup(ctx2)  # learner order: build, setup, then load interventions, networks, optimizer
+    inj2.load_state_dict(saved["iv"])
+    net2.load_state_dict(saved["net"])
+    ctx2.target_network.load_state_dict(saved["target"])
+    ctx2.optimizer.load_state_dict(saved["opt"])
+    assert torch.equal(net2(obs), net(obs))
+    inj2.load_state_dict(saved["iv"])  # same count again: nothing to do
+    with pytest.raises(ValueError, match="cannot load a state with 2 injections"):
+        inj2.load_state_dict({"injections": 2})
+
+
+def test_redo_after_injection_skips_frozen_layers_and_zeroes_all_consumers():
+    from plasticity.interventions.units import ReDo
+    from tests.unit.plasticity.nets import DuelingNet
+
+    net, target, ctx, obs = _setup(DuelingNet)
+    PlasticityInjection().on_task_switch(ctx)
+    head = net.head
+    from plasticity.layers import HiddenLayer
+
+    layer = HiddenLayer(name="fc", producer=net.fc, activation=net.act,
+                        consumers=[head.base.value_fc, head.fresh.value_fc, head.frozen.value_fc])
+    frozen_layer = HiddenLayer(name="v", producer=head.base.value_fc, activation=head.base.value_act,
+                               consumers=[head.base.value_out])
+    net.hidden_layers = lambda: [layer, frozen_layer]
+    with torch.no_grad():
+        net.fc.weight[1] = 0.0
+        net.fc.bias[1] = -1.0
+        head.base.value_fc.weight.zero_()
+        head.base.value_fc.bias.fill_(-1.0)  # every frozen unit is dead, but frozen: not reset
+    metrics = ReDo(period=1, tau=0.0).after_step(ctx, probe_obs=obs)
+    assert metrics["redo/units_reset"] >= 1.0 and metrics["redo/dormant_fraction"] <= 1.0
+    assert torch.equal(head.base.value_fc.bias, torch.full((5,), -1.0))
+    for consumer in layer.consumers:
+        assert torch.equal(consumer.weight[:, 1], torch.zeros(5))
