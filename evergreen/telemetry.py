@@ -65,9 +65,9 @@ Rules:
   interval, so the number of triggers inside one interval is not recoverable; intervals are what
   the dashboards annotate. The series starts at 0 the first time the metric is seen at 0, so that
   ``increase()`` sees the first event. Event metrics must be per-update amounts, not running totals.
-* **Tasks.** The current task starts as ``task`` (constructor) and changes with ``task_switch`` or a
-  record ``task`` field that differs. With ``env_steps_by_task`` (cumulative per task) the
-  per-task counters follow it exactly; without it, the growth of the record's ``env_steps`` (and
+* **Tasks.** The current task starts as ``task`` (constructor) and changes with ``task_switch`` (the
+  argument, or a record ``task_switch`` field) or a record ``task`` field that differs. With
+  ``env_steps_by_task`` (cumulative per task) the per-task counters follow it exactly; without it, the growth of the record's ``env_steps`` (and
   ``episodes``, unless ``episodes_by_task`` is given) since the previous update is added to the task
   that was current before this update's switch. ``episodes_by_task`` holds the episodes finished since
   the previous call; without it the histograms get nothing (the record only has means).
@@ -174,7 +174,7 @@ _FIXED = {
              "Unix time of the trainer's last metrics record (its heartbeat).", "gauge"),
 }
 # Record keys handled by the task/actor bookkeeping rather than as plain families.
-_SPECIAL = {"env_steps", "episodes", "task"}
+_SPECIAL = {"env_steps", "episodes", "task", "task_switch"}
 
 _ENV_STEPS = "evergreen_actor_env_steps"
 _EPISODES = "evergreen_actor_episodes"
@@ -365,7 +365,8 @@ class TelemetryExporter:
         now = _number("time", record.get("time"))
         # Tasks first: the interval's growth goes to the task current before the switch.
         previous_task = s.task
-        new_task = task_switch if task_switch is not None else record.get("task")
+        new_task = next((t for t in (task_switch, record.get("task_switch"), record.get("task")) if t is not None),
+                        None)
         if new_task is not None and (not isinstance(new_task, str) or not new_task):
             raise ValueError(f"task switch {new_task!r}: expected a non-empty task name")
 

@@ -277,6 +277,12 @@ def test_task_switch_and_per_task_steps(exporter):
     assert one(s, "evergreen_task_info", run="run-a", task="Pong") == 0
     assert one(s, "evergreen_actor_env_steps_total", run="run-a", task="Pong") == 500
     assert one(s, "evergreen_actor_env_steps_total", run="run-a", task="CartPole-v1") == 1700
+    # A task_switch field in the record (as metrics.jsonl may carry it) switches too.
+    exporter.update(record(time=1_800_000_500.0, env_steps=2300, episodes=6, task_switch="Breakout"))
+    s = scrape(exporter)
+    assert one(s, "evergreen_task_switches_total", run="run-a") == 3
+    assert exporter.task == "Breakout"
+    assert one(s, "evergreen_task_start_timestamp_seconds", run="run-a", task="Breakout") == 1_800_000_500.0
 
 
 def test_env_steps_by_task_is_authoritative(exporter):
