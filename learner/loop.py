@@ -146,8 +146,10 @@ class LearnerLoop:
 
     ``publish(version, weights)`` is called with ``version`` = the number of updates so far, so a
     transition's ``policy_version`` and the learner's version subtract to the policy lag in updates.
-    ``diagnostics()`` (optional) is called every ``diagnostics_every`` updates; its wall time is
-    accounted separately so its cost relative to updates can be reported.
+    ``diagnostics`` (optional) is an object with ``before_step()`` and ``after_step() -> dict`` —
+    :class:`plasticity.diagnostics.Diagnostics`, which keeps its own schedule and needs the snapshot
+    right before the update to measure the effective learning rate. Its wall time is accounted
+    separately so its cost relative to updates can be reported.
     """
 
     def __init__(
@@ -158,16 +160,14 @@ class LearnerLoop:
         update_priorities: Callable[[np.ndarray, np.ndarray], Any] | None,
         publish: Callable[[int, dict[str, torch.Tensor]], Any],
         publish_every: int = 50,
-        diagnostics: Callable[[], dict[str, float]] | None = None,
-        diagnostics_every: int = 1000,
+        diagnostics: Any | None = None,
         start_updates: int = 0,
     ):
         self.algorithm = algorithm
         self.prefetcher = prefetcher
         self.publish_fn = publish
         self.publish_every = publish_every
-        self.diagnostics_fn = diagnostics
-        self.diagnostics_every = diagnostics_every
+        self.diagnostics = diagnostics
         self.counters = LoopCounters(updates=start_updates, published_version=start_updates)
         self._priorities = _BackgroundCalls("priority-updates") if update_priorities else None
         self._update_priorities = update_priorities
@@ -184,6 +184,10 @@ class LearnerLoop:
         batch = self.prefetcher.get(timeout=timeout)
         if batch is None:
             return None
+        if self.diagnostics is not None:
+            start = time.perf_counter()
+            self.diagnostics.before_step()
+            self.counters.diagnostics_seconds += time.perf_counter() - start
         start = time.perf_counter()
         result = self.algorithm.update(batch.tensors, weights=batch.weights)
         self.counters.update_seconds += time.perf_counter() - start
@@ -197,11 +201,13 @@ class LearnerLoop:
         if self.counters.updates % self.publish_every == 0:
             self.publish()
         metrics = dict(result.metrics)
-        if self.diagnostics_fn is not None and self.counters.updates % self.diagnostics_every == 0:
+        if self.diagnostics is not None:
             start = time.perf_counter()
-            self.last_diagnostics = self.diagnostics_fn()
+            measured = self.diagnostics.after_step()
             self.counters.diagnostics_seconds += time.perf_counter() - start
-            metrics.update(self.last_diagnostics)
+            if measured:
+                self.last_diagnostics = {f"diag/{k}": float(v) for k, v in measured.items()}
+                metrics.update(self.last_diagnostics)
         return metrics
 
     def take_policy_lag(self) -> float | None:

@@ -36,6 +36,22 @@ class _Algorithm:
         return {"w": torch.tensor([float(self.calls)])}
 
 
+class _EveryOther:
+    """Diagnostics double: due on every second step; checks before_step precedes after_step."""
+
+    def __init__(self):
+        self.steps, self.armed = 0, False
+
+    def before_step(self):
+        self.armed = True
+
+    def after_step(self):
+        assert self.armed
+        self.armed = False
+        self.steps += 1
+        return {"srank": 7.0} if self.steps % 2 == 0 else {}
+
+
 def test_prefetcher_retries_on_none_and_delivers_in_order():
     source = iter([None, (np.array([1, 2], dtype=np.uint64), np.array([0, 0])), None,
                    (np.array([3, 4], dtype=np.uint64), np.array([0, 0]))])
@@ -80,11 +96,12 @@ def test_loop_updates_writes_priorities_publishes_and_measures_lag():
     loop = LearnerLoop(algorithm=_Algorithm(), prefetcher=pre,
                        update_priorities=lambda k, p: written.append((k.tolist(), p.tolist())),
                        publish=lambda v, w: published.append((v, float(w["w"][0]))), publish_every=3,
-                       diagnostics=lambda: {"diag": 7.0}, diagnostics_every=2)
+                       diagnostics=_EveryOther())
     metrics = [loop.step(timeout=5) for _ in range(6)]
     loop.close()
     assert [m["loss"] for m in metrics] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
-    assert [("diag" in m) for m in metrics] == [False, True, False, True, False, True]
+    assert [("diag/srank" in m) for m in metrics] == [False, True, False, True, False, True]
+    assert loop.last_diagnostics == {"diag/srank": 7.0}
     assert published == [(3, 3.0), (6, 6.0)]
     assert written[0] == ([0, 1], [1.0, 1.0]) and written[5] == ([50, 51], [6.0, 6.0])
     # lag = published version - mean(policy_version) = {0,0,0,3,3,3} - 1
