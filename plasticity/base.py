@@ -47,7 +47,13 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class InterventionContext:
-    """What a hook may look at and change. ``step`` counts optimizer steps taken so far."""
+    """What a hook may look at and change. ``step`` counts optimizer steps taken so far.
+
+    ``network`` is the bare model (a DDP learner passes ``ddp.module`` and computes its loss through the
+    wrapper). ``generator`` may live on the accelerator; interventions draw on ``generator.device``.
+    An intervention that changes the module tree (plasticity injection) sets
+    ``shared["network_structure_changed"] = True``: a DDP learner must re-wrap the model then.
+    """
 
     network: nn.Module
     optimizer: torch.optim.Optimizer
