@@ -390,17 +390,17 @@ class Stream(nn.Module):
         super().__init__()
         self.name = name
         modules, slots, width = _dense_stack(parts, in_dim, [hidden_size] if hidden_size else [], f"{name}.hidden")
+        self.hidden = nn.Sequential(*modules)
         self.out = nn.Linear(width, out_dim)
         if slots:
             slots[-1].consumers = [self.out]
         self._slots = slots
-        self.body = nn.Sequential(*modules, self.out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.out(self.hidden(x))
 
     def input_layer(self) -> nn.Linear:
-        return self.body[0]
+        return self.hidden[0] if len(self.hidden) else self.out
 
     def hidden_layers(self) -> list[HiddenLayer]:
         return [HiddenLayer(s.name, s.producer, s.activation, list(s.consumers or []), s.norm) for s in self._slots]

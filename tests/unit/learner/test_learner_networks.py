@@ -318,3 +318,10 @@ def test_bad_build_arguments_are_refused(kwargs, message):
     args = dict(obs_shape=(4,), num_actions=2, obs_dtype="float32") | kwargs
     with pytest.raises(ValueError, match=message):
         build_network(NetworkConfig(encoder=encoder), **args)
+
+
+@pytest.mark.parametrize("encoder", list(OBS))
+def test_state_dict_holds_each_tensor_once(encoder):
+    net = _build(_config(encoder, dueling=True, head_hidden_size=5, norm="layer_norm"))
+    pointers = [t.data_ptr() for t in net.state_dict().values()]
+    assert len(pointers) == len(set(pointers)) == len(list(net.parameters()))
