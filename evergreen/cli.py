@@ -3,6 +3,7 @@
     evergreen train --preset cartpole            # a training run (see `evergreen train --help`)
     evergreen train --resume runs/cartpole-...   # continue a run from its last checkpoint
     evergreen replay serve --port 0 --table ...  # one replay shard as a standalone process
+    evergreen report runs/cartpole-...           # PNG plots + HTML page from a run's metrics log
     evergreen bench plasticity                   # the synthetic plasticity-loss benchmark
 
 Each subcommand lives with the code it runs; this module only dispatches, importing lazily so that
@@ -18,6 +19,7 @@ USAGE = """usage: evergreen COMMAND ...
 commands:
   train             run a training job (presets in configs/; --help for every option)
   replay serve      run one replay shard as a gRPC server
+  report RUN_DIR... render a run's metrics log to PNG plots and an HTML page (several runs: overlay)
   bench plasticity  synthetic continual-learning benchmark of plasticity interventions
 """
 
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from replay.server import main as serve_main
 
         return serve_main(rest[1:])
+    if command == "report":
+        from evergreen.report import main as report_main
+
+        return report_main(rest)
     if command == "bench" and rest[:1] == ["plasticity"]:
         from plasticity.benchmark import main as bench_main
 

@@ -121,7 +121,9 @@ class RunConfig:
     seed: int = 0
     """Seed for environments, networks and samplers."""
     runs_dir: str = "runs"
-    """Where run directories are created."""
+    """Where run directories are created (and runs_dir/prometheus_targets, the Prometheus file_sd folder)."""
+    telemetry_port: int = 0
+    """Port of the learner's Prometheus /metrics endpoint; 0 picks a free one (recorded in the run dir)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     """Environment."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -181,6 +183,7 @@ class RunConfig:
         )
         _check(p.diagnostics_every >= 1, "plasticity.diagnostics_every", p.diagnostics_every, ">= 1")
         _check(p.probe_size >= 2, "plasticity.probe_size", p.probe_size, ">= 2")
+        _check(0 <= self.telemetry_port <= 65535, "telemetry_port", self.telemetry_port, "a port in [0, 65535]")
         if p.interventions:
             from plasticity.interventions import build_interventions
 

@@ -153,6 +153,26 @@ def table_config(config: RunConfig, *, obs_shape, obs_dtype) -> Any:
     )
 
 
+def per_sample_td_loss(network: torch.nn.Module, batch: dict[str, torch.Tensor], *, algorithm: Any) -> torch.Tensor:
+    """Per-sample Huber TD loss of ``network`` on a replay batch, with the algorithm's target network.
+
+    The loss whose curvature (``hessian_max_eig``) and per-sample gradient agreement
+    (``grad_interference``) the diagnostics measure; distributional heads are reduced to their mean.
+    """
+    def q(net: torch.nn.Module, obs: torch.Tensor) -> torch.Tensor:
+        out = net(obs)
+        return out.mean(dim=-1) if out.dim() == 3 else out
+
+    action = batch["action"].long()
+    with torch.no_grad():
+        next_q = q(algorithm.target, batch["next_obs"])
+        best = q(network, batch["next_obs"]).argmax(dim=1, keepdim=True) if algorithm.config.double \
+            else next_q.argmax(dim=1, keepdim=True)
+        target = batch["reward"] + batch["discount"] * next_q.gather(1, best).squeeze(1)
+    taken = q(network, batch["obs"]).gather(1, action[:, None]).squeeze(1)
+    return torch.nn.functional.huber_loss(taken, target, reduction="none", delta=algorithm.config.huber_delta)
+
+
 class _ReplayInserter:
     """Picklable ``insert(columns)`` for one actor: routes by the actor's writer key."""
 
@@ -185,6 +205,8 @@ class Trainer:
         self._stop_reason: str | None = None
         self._shards: list[Any] = []
         self._pool = None
+        self._telemetry = None
+        self._targets_dir = Path(config.runs_dir) / "prometheus_targets"
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -193,9 +215,23 @@ class Trainer:
         from replay.launch import ShardProcess
 
         for i in range(self.config.replay.num_shards):
-            shard = ShardProcess([table], checkpoint_dir=self.run_dir / "replay" / f"shard-{i}", shard_index=i)
+            shard = ShardProcess([table], checkpoint_dir=self.run_dir / "replay" / f"shard-{i}", shard_index=i,
+                                 metrics_port=0)
             self._shards.append(shard)
         return ReplayClient([s.address for s in self._shards], table=table.name)
+
+    def _start_telemetry(self) -> None:
+        """The learner's /metrics endpoint, and a Prometheus file_sd targets file naming every exporter."""
+        from evergreen.telemetry import TelemetryExporter, write_targets
+
+        cfg = self.config
+        self._telemetry = TelemetryExporter(run=self.run_dir.name, task=cfg.env.id, batch_size=cfg.learner.batch_size,
+                                            port=cfg.telemetry_port)
+        port = self._telemetry.start()
+        write_targets(self.run_dir, {"learner": port, "replay": [s.metrics_port for s in self._shards]},
+                      sd_dir=self._targets_dir)
+        print(f"  metrics: learner http://127.0.0.1:{port}/metrics, replay "
+              + ", ".join(f"http://127.0.0.1:{s.metrics_port}/metrics" for s in self._shards))
 
     def _device(self) -> torch.device:
         want = self.config.learner.device
@@ -232,6 +268,7 @@ class Trainer:
         previous_sigint = signal.getsignal(signal.SIGINT)
         try:
             client = self._start_replay(table)
+            self._start_telemetry()
             ray.init(num_cpus=max(cpus, cfg.actors.num_actors + 1), include_dashboard=False,
                      log_to_driver=True, configure_logging=False, ignore_reinit_error=True)
             interventions = build_interventions(cfg.plasticity.interventions, cfg.plasticity.options) \
@@ -337,6 +374,7 @@ class Trainer:
         last_steps, last_updates, last_wait = counters["env_steps"], counters["updates"], 0.0
         window: dict[str, list[float]] = {}
         interval_returns: list[float] = []
+        interval_episodes: dict[str, dict[str, list[float]]] = {}
         stopped_by = "reached learner.total_env_steps"
 
         def checkpoint() -> None:
@@ -353,8 +391,11 @@ class Trainer:
                 now = time.time()
                 if stats is None or now - last_poll >= 0.5:
                     stats = poll_actors()
-                    for task_returns in stats.episode_returns.values():
+                    for task, task_returns in stats.episode_returns.items():
                         interval_returns.extend(float(r) for r in task_returns)
+                        into = interval_episodes.setdefault(task, {"returns": [], "lengths": []})
+                        into["returns"].extend(float(r) for r in task_returns)
+                        into["lengths"].extend(float(n) for n in stats.episode_lengths.get(task, ()))
                     last_poll = now
                 if counters["env_steps"] >= total:
                     break
@@ -384,8 +425,13 @@ class Trainer:
                                           elapsed=base_elapsed + now - t0)
                     log.write(json.dumps(record) + "\n")
                     print(self._progress_line(record), flush=True)
+                    try:
+                        self._telemetry.update(record, episodes_by_task=interval_episodes)
+                    except ValueError as exc:  # a malformed metric must not stop a multi-day run
+                        print(f"  telemetry: {exc}", file=sys.stderr)
                     window.clear()
                     interval_returns.clear()
+                    interval_episodes = {}
                     last_log, last_steps, last_updates = now, counters["env_steps"], counters["updates"]
                     last_wait = prefetcher.wait_seconds
                 if now - last_ckpt >= lrn.checkpoint_every_s:
@@ -422,7 +468,8 @@ class Trainer:
                 continue
         probe = torch.from_numpy(raw.columns["obs"]).to(algorithm.device)
         algorithm.set_probe(probe)
-        return Diagnostics(algorithm.online, names=p.diagnostics, every=p.diagnostics_every, probe_obs=probe)
+        return Diagnostics(algorithm.online, names=p.diagnostics, every=p.diagnostics_every, probe_obs=probe,
+                           loss_fn=functools.partial(per_sample_td_loss, algorithm=algorithm))
 
     def _record(self, counters, returns, interval_returns, window, loop, client, stats, *,
                 env_rate, update_rate, wait_fraction, elapsed):
@@ -457,6 +504,12 @@ class Trainer:
 
     def _shutdown(self) -> None:
         import ray
+
+        from evergreen.telemetry import clear_targets
+
+        if self._telemetry is not None:
+            self._telemetry.stop()
+            clear_targets(self.run_dir, sd_dir=self._targets_dir)
 
         if self._pool is not None:
             try:

@@ -203,7 +203,8 @@ class LearnerLoop:
         metrics = dict(result.metrics)
         if self.diagnostics is not None:
             start = time.perf_counter()
-            measured = self.diagnostics.after_step()
+            # The batch just trained on doubles as the loss batch of curvature/interference diagnostics.
+            measured = self.diagnostics.after_step(loss_batch=batch.tensors)
             self.counters.diagnostics_seconds += time.perf_counter() - start
             if measured:
                 self.last_diagnostics = {f"diag/{k}": float(v) for k, v in measured.items()}
