@@ -39,13 +39,14 @@ import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from replay import errors
-from replay.codec import InsertRequestParts, decode_array, encode_array, payload_nbytes
+from replay.codec import InsertRequestParts, SampleResponseView, decode_array, encode_array, payload_nbytes
 from replay.proto import replay_pb2
 from replay.samplers import importance_weights
 from replay.table import TableConfig, TableInfo
@@ -129,7 +130,7 @@ def allocate(batch_size: int, weights: Sequence[float], *, u: float) -> np.ndarr
 SERVICE_NAME = replay_pb2.DESCRIPTOR.services_by_name["ReplayService"].full_name
 _RESPONSES = {
     "Insert": replay_pb2.InsertResponse,
-    "Sample": replay_pb2.SampleResponse,
+    "Sample": SampleResponseView,       # zero-copy views into the response bytes
     "UpdatePriorities": replay_pb2.UpdatePrioritiesResponse,
     "Info": replay_pb2.InfoResponse,
     "Checkpoint": replay_pb2.CheckpointResponse,
@@ -146,8 +147,9 @@ class _Stub:
 
     def __init__(self, channel: grpc.Channel):
         for method, response in _RESPONSES.items():
+            parse = response if response is SampleResponseView else response.FromString
             setattr(self, method, channel.unary_unary(f"/{SERVICE_NAME}/{method}", request_serializer=_serialize,
-                                                      response_deserializer=response.FromString))
+                                                      response_deserializer=parse))
 
 
 class _Shard:
@@ -209,6 +211,7 @@ class ReplayClient:
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
         self._shards: list[_Shard] | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
         self._config: TableConfig | None = None
         self._rng = random.Random(self.seed)
 
@@ -233,6 +236,11 @@ class ReplayClient:
                 if self._shards is None:
                     options = self._channel_options()
                     self._shards = [_Shard(i, a, options) for i, a in enumerate(self.addresses)]
+                    if len(self._shards) > 1:
+                        # Persistent threads for concurrent per-shard calls (a gRPC future would start a
+                        # thread per call on a synchronous channel).
+                        self._pool = futures.ThreadPoolExecutor(max_workers=2 * len(self._shards),
+                                                                thread_name_prefix="replay-client")
                 shards = self._shards
         return shards
 
@@ -240,6 +248,9 @@ class ReplayClient:
         """Close the channels (a later call reopens them)."""
         with self._lock:
             shards, self._shards = self._shards, None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         for shard in shards or ():
             shard.channel.close()
 
@@ -323,26 +334,11 @@ class ReplayClient:
         return self._each_shard(lambda shard: self._info_one(shard, deadline), self._get_shards())
 
     def _each_shard(self, fn, shards):
-        if len(shards) == 1:
-            return [fn(shards[0])]
-        results: list = [None] * len(shards)
-        failures: list = [None] * len(shards)
-
-        def run(i, shard):
-            try:
-                results[i] = fn(shard)
-            except BaseException as e:  # re-raised in the caller's thread below
-                failures[i] = e
-
-        threads = [threading.Thread(target=run, args=(i, s), daemon=True) for i, s in enumerate(shards)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for failure in failures:
-            if failure is not None:
-                raise failure
-        return results
+        """``[fn(shard) for shard in shards]``, concurrently when there are several; the first error is raised."""
+        if len(shards) == 1 or self._pool is None:
+            return [fn(shard) for shard in shards]
+        pending = [self._pool.submit(fn, shard) for shard in shards]
+        return [f.result() for f in pending]
 
     def config(self, *, timeout: float | None = None) -> TableConfig:
         """The table's configuration as the shards report it (fetched once)."""
@@ -420,25 +416,13 @@ class ReplayClient:
                     f"exceeds the {self.max_message_bytes}-byte message limit; sample smaller batches"
                 )
         chosen = [(s, int(n)) for s, n in zip(shards, counts, strict=True) if n > 0]
+        shard_rows = {s.index: n for s, n in chosen}
 
-        def make(n):
+        def request(n):
             return lambda remaining: replay_pb2.SampleRequest(table=self.table, batch_size=n, timeout_s=remaining)
 
-        # Issue every shard's request before waiting on any, so the shards work in parallel.
-        pending = []
-        for s, n in chosen:
-            remaining = max(0.0, deadline - time.monotonic())
-            pending.append(s.stub.Sample.future(make(n)(remaining), timeout=remaining + 5.0))
-        responses = []
-        for (s, n), fut in zip(chosen, pending, strict=True):
-            try:
-                responses.append(fut.result())
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    for other in pending:
-                        other.cancel()
-                    raise self._error(s, e, "Sample") from None
-                responses.append(self._call(s, "Sample", make(n), deadline))
+        responses = self._each_shard(lambda shard: self._call(shard, "Sample", request(shard_rows[shard.index]),
+                                                              deadline), [s for s, _ in chosen])
         return self._assemble(chosen, responses, shares, config, beta)
 
     def _assemble(self, chosen, responses, shares, config: TableConfig, beta: float) -> SampleBatch:
@@ -450,12 +434,13 @@ class ReplayClient:
         for (s, n), response in zip(chosen, responses, strict=True):
             self._note(s, response.table_size, response.priority_mass)
             end = row + n
-            for name, message in response.columns.items():
-                if name not in columns:
-                    raise errors.ReplayError(f"replay shard {s.index} ({s.address}) returned unknown column {name!r}")
-                columns[name][row:end] = decode_array(message, name=f"column {name!r}")
-            keys[row:end] = global_keys(decode_array(response.keys, name="keys"), s.index)
-            probabilities[row:end] = shares[s.index] * decode_array(response.probabilities, name="probabilities")
+            if response.columns.keys() != columns.keys():
+                raise errors.ReplayError(f"replay shard {s.index} ({s.address}) returned columns "
+                                         f"{sorted(response.columns)}; expected {sorted(columns)}")
+            for name, array in response.columns.items():
+                columns[name][row:end] = array
+            keys[row:end] = global_keys(response.keys, s.index)
+            probabilities[row:end] = shares[s.index] * response.probabilities
             row = end
         size = sum(s.size for s in self._get_shards())
         weights = importance_weights(probabilities=probabilities, size=max(size, 1), beta=beta)

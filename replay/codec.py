@@ -23,6 +23,7 @@ shards into one batch). Decoding refuses anything that does not describe a dense
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -59,28 +60,8 @@ def encode_array(array: np.ndarray, *, name: str = "array", out: replay_pb2.Arra
 
 def decode_array(message: replay_pb2.Array, *, name: str = "array") -> np.ndarray:
     """The array a message describes (read-only view); ``InvalidArgument`` naming ``name`` if malformed."""
-    dtype_name = message.dtype
-    try:
-        dtype = np.dtype(dtype_name)
-    except TypeError:
-        dtype = None
-    # Only canonical names ("float32", not "f4" or "<f4") are accepted, so that what the schema says and
-    # what the wire says compare as plain strings.
-    if dtype is None or dtype.name != dtype_name or dtype.kind not in _NUMERIC_KINDS:
-        raise InvalidArgument(
-            f"{name}: dtype {dtype_name!r} is not a numeric numpy dtype name; expected e.g. 'float32', 'uint8'"
-        )
-    shape = tuple(int(d) for d in message.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{name}: shape {shape} has a negative dimension")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     data = message.data
-    if len(data) != expected:
-        raise InvalidArgument(
-            f"{name}: {len(data)} data bytes do not match shape {shape} of {dtype_name} "
-            f"(expected {expected} bytes)"
-        )
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return _checked_view(message, data, (0, len(data)), name=name)
 
 
 def encode_columns(columns: Mapping[str, np.ndarray], target) -> int:
@@ -203,3 +184,171 @@ class InsertRequestParts:
     def to_bytes(self, timeout_s: float | None = None) -> bytes:
         tail = [] if timeout_s is None else [_tag(5, 1) + struct.pack("<d", float(timeout_s))]
         return b"".join(self._parts.chunks + tail)
+
+
+# -- zero-copy parsing of the large messages -----------------------------------------------------------
+# The inverse of the encoders above: arrays come back as read-only numpy views into the received bytes
+# (upb's parse + ``.data`` would copy every array twice). Any valid serialization of the message parses,
+# whatever the field order, and unknown fields are skipped, as protobuf parsers do.
+
+
+def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise InvalidArgument("malformed message: truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, pos: int, end: int):
+    """Yield (field number, wire type, value, value end); length-delimited values are (start, end) spans."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos, end)
+        elif wire_type == 1:
+            if pos + 8 > end:
+                raise InvalidArgument("malformed message: truncated fixed64 field")
+            value, pos = (pos, pos + 8), pos + 8
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos, end)
+            if pos + length > end:
+                raise InvalidArgument(f"malformed message: field {field} of {length} bytes runs past the end")
+            value, pos = (pos, pos + length), pos + length
+        elif wire_type == 5:
+            if pos + 4 > end:
+                raise InvalidArgument("malformed message: truncated fixed32 field")
+            value, pos = (pos, pos + 4), pos + 4
+        else:
+            raise InvalidArgument(f"malformed message: unsupported wire type {wire_type} for field {field}")
+        yield field, wire_type, value
+
+
+def _text(buf, span: tuple[int, int]) -> str:
+    return bytes(buf[span[0]:span[1]]).decode("utf-8")
+
+
+def _double(buf, span: tuple[int, int]) -> float:
+    return struct.unpack_from("<d", buf, span[0])[0]
+
+
+def _array_view(data: bytes, buf, span: tuple[int, int], *, name: str) -> np.ndarray:
+    data_span, dtype_name, shape = (0, 0), "", []
+    for field, wire_type, value in _fields(buf, *span):
+        if field == 1 and wire_type == 2:
+            data_span = value
+        elif field == 2 and wire_type == 2:
+            dtype_name = _text(buf, value)
+        elif field == 3 and wire_type == 2:      # packed
+            pos, end = value
+            while pos < end:
+                d, pos = _read_varint(buf, pos, end)
+                shape.append(d - (1 << 64) if d >> 63 else d)
+        elif field == 3 and wire_type == 0:      # unpacked (also valid protobuf)
+            shape.append(value - (1 << 64) if value >> 63 else value)
+    message = _ArrayFields(dtype_name, shape)
+    return _checked_view(message, data, data_span, name=name)
+
+
+class _ArrayFields:
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, dtype: str, shape: list[int]):
+        self.dtype = dtype
+        self.shape = shape
+
+
+def _checked_view(message, data: bytes, span: tuple[int, int], *, name: str) -> np.ndarray:
+    """A view of ``data[span]`` as ``message.dtype``/``message.shape``, after checking that they fit."""
+    # Only canonical names ("float32", not "f4" or "<f4") are accepted, so that what the schema says and
+    # what the wire says compare as plain strings.
+    try:
+        dtype = np.dtype(message.dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name != message.dtype or dtype.kind not in _NUMERIC_KINDS:
+        raise InvalidArgument(
+            f"{name}: dtype {message.dtype!r} is not a numeric numpy dtype name; expected e.g. 'float32', 'uint8'"
+        )
+    shape = tuple(int(d) for d in message.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{name}: shape {shape} has a negative dimension")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    length = span[1] - span[0]
+    if length != expected:
+        raise InvalidArgument(
+            f"{name}: {length} data bytes do not match shape {shape} of {message.dtype} (expected {expected} bytes)"
+        )
+    count = expected // dtype.itemsize if dtype.itemsize else 0
+    wire_dtype = dtype if sys.byteorder == "little" else dtype.newbyteorder("<")
+    return np.frombuffer(data, dtype=wire_dtype, count=count, offset=span[0]).reshape(shape)
+
+
+def _columns_entry(data: bytes, buf, span: tuple[int, int]) -> tuple[str, np.ndarray]:
+    key, value_span = "", None
+    for field, wire_type, value in _fields(buf, *span):
+        if field == 1 and wire_type == 2:
+            key = _text(buf, value)
+        elif field == 2 and wire_type == 2:
+            value_span = value
+    if value_span is None:
+        value_span = (span[1], span[1])    # an entry without a value is an empty Array
+    return key, _array_view(data, buf, value_span, name=f"column {key!r}")
+
+
+class InsertRequestView:
+    """A parsed ``InsertRequest`` whose arrays are read-only views into the request bytes."""
+
+    __slots__ = ("table", "writer_key", "columns", "priorities", "timeout_s")
+
+    def __init__(self, data: bytes):
+        buf = memoryview(data)
+        self.table = ""
+        self.writer_key = ""
+        self.columns: dict[str, np.ndarray] = {}
+        self.priorities: np.ndarray | None = None
+        self.timeout_s: float | None = None
+        for field, wire_type, value in _fields(buf, 0, len(buf)):
+            if field == 1 and wire_type == 2:
+                self.table = _text(buf, value)
+            elif field == 2 and wire_type == 2:
+                self.writer_key = _text(buf, value)
+            elif field == 3 and wire_type == 2:
+                name, array = _columns_entry(data, buf, value)
+                self.columns[name] = array
+            elif field == 4 and wire_type == 2:
+                self.priorities = _array_view(data, buf, value, name="priorities")
+            elif field == 5 and wire_type == 1:
+                self.timeout_s = _double(buf, value)
+
+
+class SampleResponseView:
+    """A parsed ``SampleResponse`` whose arrays are read-only views into the response bytes."""
+
+    __slots__ = ("columns", "keys", "probabilities", "table_size", "priority_mass")
+
+    def __init__(self, data: bytes):
+        buf = memoryview(data)
+        self.columns: dict[str, np.ndarray] = {}
+        self.keys = np.zeros(0, np.uint64)
+        self.probabilities = np.zeros(0, np.float64)
+        self.table_size = 0
+        self.priority_mass = 0.0
+        for field, wire_type, value in _fields(buf, 0, len(buf)):
+            if field == 1 and wire_type == 2:
+                name, array = _columns_entry(data, buf, value)
+                self.columns[name] = array
+            elif field == 2 and wire_type == 2:
+                self.keys = _array_view(data, buf, value, name="keys")
+            elif field == 3 and wire_type == 2:
+                self.probabilities = _array_view(data, buf, value, name="probabilities")
+            elif field == 4 and wire_type == 0:
+                self.table_size = value - (1 << 64) if value >> 63 else value
+            elif field == 5 and wire_type == 1:
+                self.priority_mass = _double(buf, value)

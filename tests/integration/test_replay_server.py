@@ -194,6 +194,15 @@ def test_malformed_arrays_are_refused(stub):
     assert _info(stub, "uni").size == 0
 
 
+def test_garbage_insert_bytes_are_invalid_argument(server):
+    channel = grpc.insecure_channel(server.address)
+    raw = channel.unary_unary("/evergreen.replay.ReplayService/Insert", request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+    _expect(lambda: raw(b"\x1a\xff\xff\x7f", timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+            "malformed message: field 3 of 2097151 bytes runs past the end")
+    channel.close()
+
+
 def test_unknown_table_is_not_found(stub):
     for call in (
         lambda: stub.Insert(_insert_request("nope", _rows(0, 1)), timeout=10),

@@ -7,6 +7,8 @@ import pytest
 
 from replay.codec import (
     InsertRequestParts,
+    InsertRequestView,
+    SampleResponseView,
     decode_array,
     decode_columns,
     encode_array,
@@ -129,3 +131,38 @@ def test_hand_written_insert_request_parses_to_the_same_message(timeout_s):
 def test_hand_written_encoders_refuse_non_numeric_columns():
     with pytest.raises(InvalidArgument, match="column 'obs': dtype 'object' cannot be sent"):
         InsertRequestParts(table="t", writer_key="w", columns={"obs": np.array([object()])})
+
+
+def test_views_parse_what_the_generated_classes_serialize():
+    columns = {"obs": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "action": np.array([-1, 5])}
+    request = replay_pb2.InsertRequest(table="t", writer_key="w", timeout_s=0.0)
+    encode_columns(columns, request.columns)
+    encode_array(np.array([0.5, 2.0]), out=request.priorities)
+    view = InsertRequestView(request.SerializeToString())
+    assert (view.table, view.writer_key, view.timeout_s) == ("t", "w", 0.0)
+    assert sorted(view.columns) == ["action", "obs"]
+    np.testing.assert_array_equal(view.columns["obs"], columns["obs"])
+    assert view.columns["action"].dtype == np.int64 and view.columns["action"].tolist() == [-1, 5]
+    assert view.priorities.tolist() == [0.5, 2.0]
+    assert InsertRequestView(replay_pb2.InsertRequest(table="t").SerializeToString()).timeout_s is None
+
+    response = _reference_sample_response(columns, np.array([1, 2], np.uint64), np.array([0.5, 0.5]), 7, 1.5)
+    view = SampleResponseView(response.SerializeToString())
+    assert (view.table_size, view.priority_mass) == (7, 1.5)
+    assert view.keys.tolist() == [1, 2] and view.keys.dtype == np.uint64
+    np.testing.assert_array_equal(view.columns["obs"], columns["obs"])
+    assert not view.columns["obs"].flags.writeable
+
+
+def test_views_refuse_malformed_bytes():
+    wire = InsertRequestParts(table="t", writer_key="w", columns={"obs": np.ones((2, 2), np.float32)}).to_bytes()
+    with pytest.raises(InvalidArgument, match="malformed message"):
+        InsertRequestView(wire[:-3])
+    with pytest.raises(InvalidArgument, match="malformed message"):
+        InsertRequestView(b"\xff\xff\xff")
+    request = replay_pb2.InsertRequest(table="t")
+    request.columns["obs"].dtype = "float32"
+    request.columns["obs"].shape.extend([2])
+    request.columns["obs"].data = b"\0" * 7
+    with pytest.raises(InvalidArgument, match=r"column 'obs': 7 data bytes do not match shape \(2,\) of float32"):
+        InsertRequestView(request.SerializeToString())
