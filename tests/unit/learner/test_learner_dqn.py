@@ -15,6 +15,17 @@ from torch import nn
 from learner.dqn import DQN, DQNConfig
 from learner.networks import NetworkConfig, build_network
 from plasticity.base import Intervention
+from plasticity.interventions import INTERVENTIONS, build_interventions
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These networks are tiny: intra-op threads only add synchronization (30x slower on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 LINEAR = NetworkConfig(encoder="mlp", hidden_sizes=())  # Q(s) = W s + b: the head's output layer alone
 
@@ -457,3 +468,66 @@ def test_dqn_learns_the_q_values_of_a_two_state_mdp(distributional):
     assert start_error > 4.0
     assert error < 0.01, f"max |Q - Q*| = {error}"
     np.testing.assert_array_equal(dqn.act(STATES, 0.0), [1, 1])
+
+
+def _intervention_spec(name: str) -> str:
+    # elr_increase acts on normalized layers and leaves choosing the norm to the run config.
+    return "layer_norm,elr_increase" if name == "elr_increase" else name
+
+
+@pytest.mark.parametrize("name", sorted(INTERVENTIONS))
+def test_every_registered_intervention_runs_and_resumes_identically(name):
+    """Contract: each intervention (published defaults) updates, switches task and resumes bit-identically."""
+    def make() -> DQN:
+        dqn = DQN(DQNConfig(target_period=2), NetworkConfig(hidden_sizes=(16, 16), dueling=True, head_hidden_size=8),
+                  obs_shape=(3,), num_actions=2, obs_dtype="float32", seed=0,
+                  interventions=build_interventions(_intervention_spec(name), {}))
+        dqn.set_probe(np.random.default_rng(1).standard_normal((16, 3)).astype(np.float32))
+        return dqn
+
+    rng = np.random.default_rng(2)
+    batches = [_random_batch(rng, 8) for _ in range(6)]
+    a = make()
+    for batch in batches[:3]:
+        a.update(batch)
+    a.task_switch()
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    results_a = [a.update(batch) for batch in batches[3:]]
+    b = make()
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=False))
+    results_b = [b.update(batch) for batch in batches[3:]]
+    for ra, rb in zip(results_a, results_b, strict=True):
+        assert ra.metrics == rb.metrics
+        np.testing.assert_array_equal(ra.priorities, rb.priorities)
+        assert all(np.isfinite(v) for v in ra.metrics.values())
+    for pa, pb in zip(_params(a.online) + _params(a.target), _params(b.online) + _params(b.target), strict=True):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distributional", ["none", "qr"])
+def test_cuda_updates_match_cpu_and_resume(distributional):
+    net = NetworkConfig(hidden_sizes=(16,), distributional=distributional, num_quantiles=4)
+    make = lambda device: DQN(DQNConfig(), net, obs_shape=(3,), num_actions=2,  # noqa: E731
+                              obs_dtype="float32", device=device, seed=0, interventions=[Recorder()])
+    cpu, gpu = make("cpu"), make("cuda")
+    rng = np.random.default_rng(4)
+    batches = [_random_batch(rng) for _ in range(4)]
+    for batch in batches[:2]:
+        r_cpu, r_gpu = cpu.update(batch), gpu.update(batch)
+        np.testing.assert_allclose(r_gpu.priorities, r_cpu.priorities, rtol=1e-4, atol=1e-5)
+        assert r_gpu.metrics["loss"] == pytest.approx(r_cpu.metrics["loss"], rel=1e-4, abs=1e-5)
+    assert all(p.is_cuda for p in gpu.online.parameters()) and gpu.ctx.generator.device.type == "cuda"
+    assert all(t.device.type == "cpu" for t in gpu.weights().values())
+    buffer = io.BytesIO()
+    torch.save(gpu.state_dict(), buffer)
+    results = [gpu.update(batch) for batch in batches[2:]]
+    resumed = make("cuda")
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=False))
+    for expected, batch in zip(results, batches[2:], strict=True):
+        again = resumed.update({k: torch.from_numpy(v).cuda() for k, v in batch.items()})
+        np.testing.assert_allclose(again.priorities, expected.priorities, rtol=1e-6, atol=1e-6)
+    assert resumed.interventions[0].draws == gpu.interventions[0].draws[2:]

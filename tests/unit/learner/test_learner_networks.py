@@ -12,6 +12,16 @@ from learner.networks import ChannelLayerNorm, NetworkConfig, QHead, QNetwork, b
 from plasticity.activations import ACTIVATION_NAMES, CReLU
 from plasticity.layers import hidden_layers
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These networks are tiny: intra-op threads only add synchronization (30x slower on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # Small but structurally complete variants of every encoder; CNN inputs are as small as each allows.
 OBS = {"mlp": ((5,), "float32"), "nature_cnn": ((2, 36, 36), "uint8"), "impala": ((2, 12, 12), "uint8")}
 SMALL = dict(hidden_sizes=(8, 6), cnn_dense_size=16, impala_channels=(4, 6), impala_blocks=2, impala_dense_size=10)
