@@ -300,11 +300,12 @@ class DQN:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in self.online.parameters() if p.grad is not None]
+        # Frozen parameters (e.g. an injected head's frozen copies) have no gradient and are skipped.
+        params = [p for p in self.online.parameters() if p.grad is not None]
         if cfg.max_grad_norm is not None:
-            grad_norm = nn.utils.clip_grad_norm_([p for p in self.online.parameters() if p.grad is not None], cfg.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # the norm before clipping
         else:
-            grad_norm = nn.utils.get_total_norm(grads)
+            grad_norm = nn.utils.get_total_norm([p.grad for p in params])
         self.optimizer.step()
         self.ctx.step += 1
 
@@ -451,7 +452,10 @@ class DQN:
             raise ValueError(f"DQN state must have keys {sorted(expected)}, got {got}")
         if state["format"] != _STATE_FORMAT:
             raise ValueError(f"DQN state format {state['format']!r} is not supported (expected {_STATE_FORMAT})")
-        names = [entry["name"] for entry in state["interventions"]]
+        entries = state["interventions"]
+        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and set(e) == {"name", "state"} for e in entries):
+            raise ValueError(f"DQN state 'interventions' must be a list of {{name, state}} entries, got {entries!r}")
+        names = [entry["name"] for entry in entries]
         if names != [iv.name for iv in self.interventions]:
             raise ValueError(
                 f"checkpoint interventions {names} differ from this learner's {[iv.name for iv in self.interventions]}"

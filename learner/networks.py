@@ -166,7 +166,6 @@ class _Parts:
     def __init__(self, config: NetworkConfig):
         self.config = config
         self._seen: set[int] = set()
-        self._keep: list[nn.Module] = []  # keeps ids unique for the lifetime of the builder
 
     def activation(self) -> nn.Module:
         module = _checked_activation(self.config.activation)
@@ -176,7 +175,6 @@ class _Parts:
                 "hooks are registered per module, so it must return a new instance on every call"
             )
         self._seen.add(id(module))
-        self._keep.append(module)
         return module
 
     def norm(self, units: int, *, conv: bool) -> nn.Module | None:

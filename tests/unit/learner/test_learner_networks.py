@@ -46,39 +46,33 @@ def _obs(encoder: str, batch: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, *shape, generator=gen)
 
 
-@pytest.mark.parametrize("encoder", list(OBS))
-@pytest.mark.parametrize("dueling", [False, True])
-@pytest.mark.parametrize("distributional", ["none", "qr"])
-@pytest.mark.parametrize("norm", ["none", "layer_norm"])
-@pytest.mark.parametrize("head_hidden_size", [0, 5])
-def test_output_shapes_every_encoder_head_norm(encoder, dueling, distributional, norm, head_hidden_size):
-    cfg = _config(
-        encoder, dueling=dueling, distributional=distributional, num_quantiles=7, norm=norm, head_hidden_size=head_hidden_size
-    )
-    net = _build(cfg)
-    out = net(_obs(encoder))
-    assert out.shape == ((4, ACTIONS, 7) if distributional == "qr" else (4, ACTIONS))
-    feature_dim = {"mlp": 6, "nature_cnn": 16, "impala": 10}[encoder]
-    assert net.features(_obs(encoder)).shape == (4, feature_dim)
-    assert net.feature_dim == feature_dim
-
-
 def _factory():
     return nn.Softplus()
 
 
+# (dueling, distributional, head_hidden_size): every head kind, with and without a hidden head layer.
+HEADS = [(False, "none", 0), (False, "qr", 5), (True, "none", 5), (True, "qr", 0)]
+
+
 @pytest.mark.parametrize("encoder", list(OBS))
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: f"{'dueling' if h[0] else 'plain'}-{h[1]}-h{h[2]}")
+@pytest.mark.parametrize("norm", ["none", "layer_norm"])
 @pytest.mark.parametrize("activation", [*ACTIVATION_NAMES, _factory])
-def test_output_shapes_every_activation(encoder, activation):
-    net = _build(_config(encoder, activation=activation, dueling=True, distributional="qr", num_quantiles=2,
-                         norm="layer_norm", head_hidden_size=5))
-    assert net(_obs(encoder)).shape == (4, ACTIONS, 2)
+def test_output_shapes_every_encoder_head_norm_activation(encoder, head, norm, activation):
+    dueling, distributional, head_hidden_size = head
+    net = _build(_config(encoder, dueling=dueling, distributional=distributional, num_quantiles=7, norm=norm,
+                         head_hidden_size=head_hidden_size, activation=activation))
+    obs = _obs(encoder)
+    assert net(obs).shape == ((4, ACTIONS, 7) if distributional == "qr" else (4, ACTIONS))
     multiplier = 2 if activation in ("crelu", "fourier") else 1
-    feature_dim = {"mlp": 6, "nature_cnn": 16, "impala": 10}[encoder]
-    assert net.features(_obs(encoder)).shape == (4, feature_dim * multiplier)
-    assert all(layer.multiplier == multiplier for layer in net.hidden_layers())
-    acts = [layer.activation for layer in net.hidden_layers()]
+    feature_dim = {"mlp": 6, "nature_cnn": 16, "impala": 10}[encoder] * multiplier
+    assert net.features(obs).shape == (4, feature_dim)
+    assert net.feature_dim == feature_dim
+    layers = net.hidden_layers()
+    assert all(layer.multiplier == multiplier for layer in layers)
+    acts = [layer.activation for layer in layers]
     assert len({id(a) for a in acts}) == len(acts), "activation modules must be distinct instances"
+    assert all(isinstance(layer.norm, nn.LayerNorm) == (norm == "layer_norm") for layer in layers)
 
 
 def _perturb_unit(layer, unit: int, amount: float = 10.0):
