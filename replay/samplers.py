@@ -50,7 +50,7 @@ def validate_priorities(priorities: Any, *, n: int) -> np.ndarray:
     bad = ~np.isfinite(arr) | (arr < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise InvalidArgument(f"priority[{i}] = {arr[i]!r}; expected a finite value >= 0")
+        raise InvalidArgument(f"priority[{i}] = {float(arr[i])!r}; expected a finite value >= 0")
     return arr
 
 
@@ -70,7 +70,7 @@ def importance_weights(*, probabilities: np.ndarray, size: int, beta: float) -> 
     if bad.any():
         i = int(np.argmax(bad))
         raise InvalidArgument(
-            f"importance_weights: probabilities[{i}] = {p[i]!r}; expected a value in (0, 1]"
+            f"importance_weights: probabilities[{i}] = {float(p[i])!r}; expected a value in (0, 1]"
         )
     w = (size * p) ** (-beta)
     return (w / w.max()).astype(np.float32)

@@ -213,15 +213,21 @@ class AtariStorage:
         self.stack, h, w = check_atari_schema(schema)
         self.frame_shape = (h, w)
         self.dedup_window = int(
-            dedup_window if dedup_window is not None else max(self.capacity // 16, 8 * self.stack)
+            dedup_window
+            if dedup_window is not None
+            # A frame is reused by the same env stream about n + S steps later, i.e. after every other
+            # interleaved stream wrote as many frames: the window must cover streams * (n + S) writes.
+            # capacity // 16 keeps the pool's slack at ~6% (~440 B per transition); small tables get at
+            # least min(capacity, 512) so tests and toy runs still deduplicate well.
+            else max(self.capacity // 16, min(self.capacity, 512), 8 * self.stack)
         )
         self.frame_capacity = int(
             frame_capacity if frame_capacity is not None else self.capacity + self.dedup_window
         )
-        if self.dedup_window < 0 or self.frame_capacity - self.dedup_window < 2 * self.stack:
+        if not 0 <= self.dedup_window < self.frame_capacity or self.frame_capacity < 2 * self.stack:
             raise ValueError(
-                f"atari storage: frame_capacity {self.frame_capacity} - dedup_window {self.dedup_window} must be "
-                f">= 2 * stack = {2 * self.stack} (room for one transition's frames)"
+                f"atari storage: frame_capacity {self.frame_capacity} must be >= 2 * stack = {2 * self.stack} "
+                f"(one transition's frames) and dedup_window {self.dedup_window} in [0, frame_capacity)"
             )
         self.pool = np.zeros((self.frame_capacity, h, w), dtype=np.uint8)
         self.frame_hash = np.zeros(self.frame_capacity, dtype=np.uint64)
@@ -259,11 +265,10 @@ class AtariStorage:
             same = (take(dup) == take(rep_of[dup])).all(axis=1)
             rep_of[dup[~same]] = dup[~same]
         reps, frame_rep = np.unique(rep_of, return_inverse=True)
-        if reps.size > self.frame_capacity - self.dedup_window:
+        if reps.size > self.frame_capacity:
             raise InvalidArgument(
-                f"insert of {n} rows has {reps.size} distinct frames but the frame pool takes at most "
-                f"frame_capacity - dedup_window = {self.frame_capacity - self.dedup_window} per insert; "
-                "insert fewer rows per call"
+                f"insert of {n} rows has {reps.size} distinct frames but the frame pool holds at most "
+                f"frame_capacity = {self.frame_capacity}; insert fewer rows per call"
             )
         others = {f.name: columns[f.name] for f in self._other_fields}
         return _AtariPrepared(
@@ -290,9 +295,22 @@ class AtariStorage:
             cr, cs = np.asarray(cand_rep), np.asarray(cand_slot)
             ok = (self.pool[cs].reshape(cr.size, -1) == p.rep_frames[cr]).all(axis=1)
             slot_of_rep[cr[ok]] = cs[ok]
-        new = np.flatnonzero(slot_of_rep < 0)
-        m = new.size
         start = self.frames_written
+        # This insert's new frames overwrite pool positions [start - fc, start - fc + m); a reused frame
+        # sitting there would be clobbered, so store such frames again instead (only happens when one insert
+        # brings more than frame_capacity - dedup_window new frames; each round only grows m, and
+        # m <= number of distinct frames <= frame_capacity, so it ends).
+        while True:
+            new = np.flatnonzero(slot_of_rep < 0)
+            m = new.size
+            hit = np.flatnonzero(slot_of_rep >= 0)
+            if m <= fc - self.dedup_window or not hit.size:
+                break
+            hit_pos = start - 1 - ((start - 1 - slot_of_rep[hit]) % fc)  # position that last wrote each slot
+            clobbered = hit[hit_pos < start - fc + m]
+            if not clobbered.size:
+                break
+            slot_of_rep[clobbered] = -1
         new_slots = (start + np.arange(m, dtype=np.int64)) % fc
         # Items referencing frames about to be overwritten leave first (they are the oldest items).
         evict_before = int(self.frame_maxkey[new_slots].max()) + 1 if m else 0

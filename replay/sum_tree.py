@@ -78,7 +78,7 @@ class SumTree:
         bad = ~np.isfinite(vals) | (vals < 0)
         if bad.any():
             i = int(np.argmax(bad))
-            raise InvalidArgument(f"sum tree value at position {i} is {vals[i]!r}; expected finite and >= 0")
+            raise InvalidArgument(f"sum tree value at position {i} is {float(vals[i])!r}; expected finite and >= 0")
         if idx.size == 0:
             return
         # Keep the last occurrence of each index: unique over the reversed arrays keeps first-in-reverse.

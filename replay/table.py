@@ -29,6 +29,7 @@ episodes; the pool has ``capacity // 16`` frames of slack for this.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -420,9 +421,14 @@ class Table:
         mine = self.config.to_json()
         for key in ("schema", "storage", "sampler", "capacity", "priority_exponent"):
             if saved.get(key) != mine[key]:
+                got, want = saved.get(key), mine[key]
+                if key == "schema":  # the compact spec form names the fields readably
+                    want = self.config.schema.spec()
+                    with contextlib.suppress(ValueError, TypeError):
+                        got = Schema.from_json(got).spec()
                 raise FailedPrecondition(
-                    f"table {self.config.name!r}: saved state has {key}={saved.get(key)!r} but this table has "
-                    f"{key}={mine[key]!r}; restore into a table with the same {key}"
+                    f"table {self.config.name!r}: saved state has {key}={got!r} but this table has "
+                    f"{key}={want!r}; restore into a table with the same {key}"
                 )
         old = (self._storage, self._sampler, self._limiter, self._rng, self._next_key, self._oldest)
         try:

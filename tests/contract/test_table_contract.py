@@ -1,0 +1,311 @@
+"""Contract suite: every storage x sampler combination behaves the same at the Table interface."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from replay.errors import Cancelled, FailedPrecondition, InvalidArgument
+from replay.schema import Schema
+from replay.storage import STORAGES
+from replay.table import SampleResult, Table, TableConfig, TableInfo
+
+SAMPLERS = ("uniform", "prioritized", "fifo")
+COMBOS = [(st, sa) for st in STORAGES for sa in SAMPLERS]
+CAP = 16
+SCHEMAS = {
+    "ring": Schema.parse("obs:float32:3,action:int64,reward:float32,done:bool"),
+    "atari": Schema.parse("obs:uint8:2x4x8,action:int64,next_obs:uint8:2x4x8,reward:float32"),
+}
+
+
+def _frame(ids):
+    """4x8 uint8 frame whose bytes encode the frame id (so a wrong frame is always detected)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    base = (ids[..., None] * 7 + np.arange(32)) % 251
+    return base.astype(np.uint8).reshape(*ids.shape, 4, 8)
+
+
+def rows(storage: str, start: int, n: int) -> dict[str, np.ndarray]:
+    """Deterministic rows for keys start..start+n-1 (Atari: one stream, stacks share frames)."""
+    k = np.arange(start, start + n)
+    if storage == "ring":
+        return {
+            "obs": np.stack([k, k + 0.5, -k], axis=1).astype(np.float32),
+            "action": k.astype(np.int64),
+            "reward": (k * 0.25).astype(np.float32),
+            "done": k % 3 == 0,
+        }
+    return {
+        "obs": _frame(np.stack([k, k + 1], axis=1)),
+        "action": k.astype(np.int64),
+        "next_obs": _frame(np.stack([k + 1, k + 2], axis=1)),
+        "reward": (k * 0.25).astype(np.float32),
+    }
+
+
+def make(storage, sampler, **kw) -> Table:
+    kw.setdefault("capacity", CAP)
+    return Table(TableConfig(name="t", schema=SCHEMAS[storage], storage=storage, sampler=sampler, **kw))
+
+
+def check_rows(storage: str, result: SampleResult) -> None:
+    """Every sampled row equals what was inserted under its key."""
+    keys = result.keys.astype(np.int64)
+    expected = rows(storage, 0, int(keys.max()) + 1)
+    for name, col in result.columns.items():
+        np.testing.assert_array_equal(col, expected[name][keys], err_msg=name)
+
+
+def snapshot(table: Table, *, without_config: bool = False):
+    meta, arrays = table.state_dict()
+    if without_config:  # e.g. a different seed: the restored RNG state, not the seed, must matter
+        meta = {k: v for k, v in meta.items() if k != "config"}
+    return json.dumps(meta, sort_keys=True), {k: v.copy() for k, v in arrays.items()}
+
+
+def assert_same_state(a, b) -> None:
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
+
+
+@pytest.fixture(params=COMBOS, ids=[f"{a}-{b}" for a, b in COMBOS])
+def combo(request):
+    return request.param
+
+
+def test_insert_sample_shapes_dtypes_values(combo):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    keys = t.insert(rows(storage, 0, 10))
+    assert keys.dtype == np.uint64 and keys.tolist() == list(range(10))
+    r = t.sample(6)
+    assert isinstance(r, SampleResult)
+    assert r.keys.dtype == np.uint64 and r.keys.shape == (6,)
+    assert r.probabilities.dtype == np.float64 and r.probabilities.shape == (6,)
+    assert ((r.probabilities > 0) & (r.probabilities <= 1)).all()
+    assert r.table_size == 10
+    for f in SCHEMAS[storage].fields:
+        col = r.columns[f.name]
+        assert col.dtype == f.np_dtype and col.shape == (6, *f.shape) and col.flags.c_contiguous
+    assert list(r.columns) == list(SCHEMAS[storage].names)
+    check_rows(storage, r)
+    assert set(r.keys.tolist()) <= set(range(10))
+    if sampler == "fifo":
+        assert r.keys.tolist() == [0, 1, 2, 3, 4, 5]
+    if sampler == "prioritized":
+        assert r.priority_mass == pytest.approx(10.0)  # new items get max priority 1 -> 1**alpha
+    else:
+        assert r.priority_mass == 10.0
+
+
+def test_keys_monotonic_and_wraparound(combo):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    seen = []
+    for start in range(0, 5 * CAP, 5):
+        if sampler == "fifo" and t.info().size + 5 > CAP:
+            check_rows(storage, t.sample(5))
+        seen.extend(t.insert(rows(storage, start, 5)).tolist())
+    assert seen == list(range(5 * CAP))
+    info = t.info()
+    assert info.inserts == 5 * CAP
+    if sampler != "fifo":
+        assert info.size == CAP and info.extra["oldest_key"] == 4 * CAP
+        r = t.sample(CAP)
+        assert set(r.keys.tolist()) <= set(range(4 * CAP, 5 * CAP))
+    else:
+        r = t.sample(info.size)
+        assert r.keys.tolist() == list(range(5 * CAP - info.size, 5 * CAP))
+    check_rows(storage, r)
+
+
+BAD_INSERTS = {
+    "missing field": lambda s, c: c.pop("action"),
+    "extra field": lambda s, c: c.update(bogus=np.zeros(4)),
+    "wrong dtype": lambda s, c: c.update(action=c["action"].astype(np.int32)),
+    "wrong shape": lambda s, c: c.update(obs=c["obs"][:, :1]),
+    "row mismatch": lambda s, c: c.update(reward=c["reward"][:3]),
+    "empty": lambda s, c: [c.update({k: v[:0]}) for k, v in list(c.items())],
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_INSERTS) + ["nan priority", "negative priority", "too many rows"])
+def test_refused_inserts_are_all_or_nothing(combo, bad):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    t.insert(rows(storage, 0, 6))
+    before = snapshot(t)
+    priorities = None
+    if bad in BAD_INSERTS:
+        cols = rows(storage, 6, 4)
+        BAD_INSERTS[bad](storage, cols)
+    elif bad == "too many rows":
+        cols = rows(storage, 6, CAP + 1)
+    else:
+        cols = rows(storage, 6, 4)
+        priorities = np.array([1.0, 2.0, np.nan if bad == "nan priority" else -1.0, 1.0])
+    with pytest.raises(InvalidArgument) as err:
+        t.insert(cols, priorities=priorities)
+    assert err.value.code == "INVALID_ARGUMENT" and str(err.value)
+    assert_same_state(before, snapshot(t))
+    assert t.insert(rows(storage, 6, 2)).tolist() == [6, 7]  # the key sequence is unaffected
+
+
+def test_state_round_trip_samples_identically(combo):
+    storage, sampler = combo
+    t = make(storage, sampler, seed=5, priority_exponent=0.7)
+    t.insert(rows(storage, 0, 12), priorities=np.linspace(0.5, 3.0, 12))
+    t.sample(6)  # FIFO: consumes 6, leaving room for the next 8
+    t.insert(rows(storage, 12, 8), timeout=10)  # wraps; max priority 3 for the new ones
+    t.update_priorities(np.arange(8, 14, dtype=np.uint64), np.arange(1.0, 7.0))
+    meta, arrays = t.state_dict()
+    meta = json.loads(json.dumps(meta))  # must survive a JSON round trip
+    u = make(storage, sampler, seed=999, priority_exponent=0.7)
+    u.insert(rows(storage, 0, 3))  # state is replaced, not merged
+    u.load_state_dict(meta, {k: v.copy() for k, v in arrays.items()})
+    assert_same_state(snapshot(t, without_config=True), snapshot(u, without_config=True))
+    ti, ui = t.info(), u.info()
+    assert (ti.size, ti.inserts, ti.samples, ti.priority_mass, ti.nbytes) == (
+        ui.size,
+        ui.inserts,
+        ui.samples,
+        ui.priority_mass,
+        ui.nbytes,
+    )
+    for step in range(4):
+        a, b = t.sample(3), u.sample(3)
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.probabilities, b.probabilities)
+        for name in a.columns:
+            np.testing.assert_array_equal(a.columns[name], b.columns[name])
+        # Inserts after the restore continue identically too (Atari: the dedup map was rebuilt).
+        assert (t.insert(rows(storage, 20 + step, 1)) == u.insert(rows(storage, 20 + step, 1))).all()
+    assert_same_state(snapshot(t, without_config=True), snapshot(u, without_config=True))
+
+
+@pytest.mark.parametrize("what", ["schema", "storage", "sampler", "capacity"])
+def test_load_refuses_different_table(combo, what):
+    storage, sampler = combo
+    if what == "storage":  # same (Atari-compatible) schema, different storage
+        t = Table(TableConfig(name="t", schema=SCHEMAS["atari"], storage=storage, sampler=sampler, capacity=CAP))
+        t.insert(rows("atari", 0, 4))
+    else:
+        t = make(storage, sampler)
+        t.insert(rows(storage, 0, 4))
+    meta, arrays = t.state_dict()
+    if what == "schema":
+        other = Table(
+            TableConfig(
+                name="t",
+                schema=Schema.parse(SCHEMAS[storage].spec() + ",extra:int8"),
+                storage=storage,
+                sampler=sampler,
+                capacity=CAP,
+            )
+        )
+    elif what == "storage":
+        other_storage = "ring" if storage == "atari" else "atari"
+        other = Table(
+            TableConfig(name="t", schema=SCHEMAS["atari"], storage=other_storage, sampler=sampler, capacity=CAP)
+        )
+    elif what == "sampler":
+        other = make(storage, "fifo" if sampler != "fifo" else "uniform")
+    else:
+        other = make(storage, sampler, capacity=CAP * 2)
+    before = snapshot(other)
+    with pytest.raises(FailedPrecondition, match=f"saved state has {what}=.* but this table has {what}="):
+        other.load_state_dict(meta, arrays)
+    assert_same_state(before, snapshot(other))
+
+
+def test_load_refuses_corrupt_arrays(combo):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    t.insert(rows(storage, 0, 4))
+    meta, arrays = t.state_dict()
+    name = "storage/field/action"
+    arrays[name] = arrays[name][:3]
+    u = make(storage, sampler)
+    u.insert(rows(storage, 0, 2))
+    before = snapshot(u)
+    with pytest.raises(FailedPrecondition, match=r"array 'field/action' has shape \(3,\)"):
+        u.load_state_dict(meta, arrays)
+    assert_same_state(before, snapshot(u))
+    check_rows(storage, u.sample(2))  # still a working table
+
+
+@pytest.mark.parametrize(
+    "batch, exc, msg",
+    [
+        (0, InvalidArgument, "batch_size 0"),
+        (-2, InvalidArgument, "batch_size -2"),
+        (CAP + 1, InvalidArgument, f"batch_size {CAP + 1} exceeds table 't' capacity {CAP}"),
+        ("4", InvalidArgument, "batch_size '4'"),
+        (True, InvalidArgument, "batch_size True"),
+    ],
+)
+def test_bad_sample_arguments(combo, batch, exc, msg):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    t.insert(rows(storage, 0, 4))
+    with pytest.raises(exc, match=msg):
+        t.sample(batch)
+    with pytest.raises(InvalidArgument, match="timeout -1"):
+        t.sample(1, timeout=-1)
+    assert t.info().samples == 0
+
+
+def test_update_priorities_contract(combo):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    t.insert(rows(storage, 0, CAP))
+    t.insert(rows(storage, CAP, 4)) if sampler != "fifo" else t.sample(4)
+    # Keys 0..3 are gone (overwritten or consumed); 4..7 present; 1000 never existed.
+    assert t.update_priorities(np.array([0, 3, 4, 7, 1000], np.uint64), np.array([1.0, 1, 2, 2, 1])) == 2
+    with pytest.raises(InvalidArgument, match=r"priority\[1\] = nan"):
+        t.update_priorities(np.array([4, 5], np.uint64), np.array([1.0, np.nan]))
+    with pytest.raises(InvalidArgument, match=r"shape \(1,\); expected \(2,\)"):
+        t.update_priorities(np.array([4, 5], np.uint64), np.array([1.0]))
+    with pytest.raises(InvalidArgument, match="dtype float64; expected a 1-D uint64"):
+        t.update_priorities(np.array([4.0, 5.0]), np.array([1.0, 1.0]))
+    assert t.update_priorities(np.array([], np.uint64), np.array([])) == 0
+
+
+def test_info_and_close(combo):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    t.insert(rows(storage, 0, 5))
+    t.sample(3)
+    i = t.info()
+    assert isinstance(i, TableInfo)
+    assert (i.name, i.capacity, i.inserts, i.samples, i.storage, i.sampler) == ("t", CAP, 5, 3, storage, sampler)
+    assert i.size == (2 if sampler == "fifo" else 5)
+    assert i.nbytes >= CAP * (SCHEMAS["ring"].row_nbytes() if storage == "ring" else 8)
+    assert i.insert_blocked_s == 0.0 and i.sample_blocked_s == 0.0
+    errors = []
+
+    def blocked():
+        try:
+            t.sample(CAP, timeout=60) if sampler == "fifo" else make_blocking_sample()
+        except Cancelled as err:
+            errors.append(err.code)
+
+    def make_blocking_sample():
+        raise Cancelled("not blocking for non-FIFO samplers")
+
+    th = threading.Thread(target=blocked)
+    th.start()
+    th.join(0.05)
+    t.close()
+    th.join(30)
+    assert errors == ["CANCELLED"]
+    with pytest.raises(Cancelled):
+        t.sample(1)
+    with pytest.raises(Cancelled):
+        t.insert(rows(storage, 5, 1))

@@ -1,0 +1,101 @@
+"""Sum tree invariants (hypothesis) and exact small cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replay.errors import InvalidArgument
+from replay.sum_tree import SumTree
+
+
+def _check_internal_nodes(tree: SumTree) -> None:
+    t = tree.tree
+    for node in range(1, tree._leaves):
+        assert t[node] == t[2 * node] + t[2 * node + 1], f"node {node}"
+
+
+@st.composite
+def _ops(draw):
+    capacity = draw(st.integers(1, 40))
+    ops = []
+    for _ in range(draw(st.integers(1, 8))):
+        k = draw(st.integers(0, 2 * capacity))
+        idx = draw(st.lists(st.integers(0, capacity - 1), min_size=k, max_size=k))
+        # Small integer values keep every partial sum exact, so equalities below are exact.
+        vals = draw(st.lists(st.integers(0, 50), min_size=k, max_size=k))
+        ops.append((idx, vals))
+    return capacity, ops
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ops(), st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=30))
+def test_total_leaves_and_prefix_search(case, fractions):
+    capacity, ops = case
+    tree = SumTree(capacity)
+    ref = np.zeros(capacity)
+    for idx, vals in ops:
+        tree.set(np.array(idx, dtype=np.int64), np.array(vals, dtype=np.float64))
+        for i, v in zip(idx, vals, strict=True):  # later duplicates win
+            ref[i] = v
+        np.testing.assert_array_equal(tree.leaves(), ref)
+        assert tree.total == ref.sum()
+        _check_internal_nodes(tree)
+    if ref.sum() == 0:
+        with pytest.raises(InvalidArgument, match="empty tree"):
+            tree.find(np.array([0.0]))
+        return
+    u = np.array(fractions) * ref.sum()
+    found = tree.find(u)
+    cum = np.cumsum(ref)
+    # The unique leaf i with cum[i-1] <= u < cum[i]; never a zero leaf.
+    expected = np.searchsorted(cum, u, side="right")
+    np.testing.assert_array_equal(found, expected)
+    assert (ref[found] > 0).all()
+
+
+def test_exact_small_case_and_boundaries():
+    tree = SumTree(5)  # 8 leaves internally; leaves 5..7 stay 0
+    tree.set(np.array([0, 1, 3, 4]), np.array([1.0, 2.0, 3.0, 0.5]))
+    assert tree.total == 6.5
+    # prefix sums: leaf0 [0,1) leaf1 [1,3) leaf2 empty leaf3 [3,6) leaf4 [6,6.5)
+    got = tree.find(np.array([0.0, 0.999, 1.0, 2.999, 3.0, 5.999, 6.0, 6.49, 6.5, 100.0, -1.0]))
+    assert got.tolist() == [0, 0, 1, 1, 3, 3, 4, 4, 4, 4, 0]
+    assert tree.get(np.array([4, 2])).tolist() == [0.5, 0.0]
+
+
+def test_update_changes_search():
+    tree = SumTree(4)
+    tree.set(np.arange(4), np.ones(4))
+    tree.set(np.array([1, 1, 2]), np.array([5.0, 0.0, 2.0]))  # duplicate: last (0.0) wins
+    assert tree.leaves().tolist() == [1.0, 0.0, 2.0, 1.0]
+    assert tree.find(np.array([0.5, 1.0, 2.9, 3.0])).tolist() == [0, 2, 2, 3]
+
+
+def test_capacity_one():
+    tree = SumTree(1)
+    tree.set(np.array([0]), np.array([2.0]))
+    assert tree.total == 2.0 and tree.find(np.array([1.9])).tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    "idx, vals, msg",
+    [
+        ([0], [float("nan")], "position 0 is nan"),
+        ([0, 1], [1.0, -2.0], "position 1 is -2.0"),
+        ([0], [float("inf")], "position 0 is inf"),
+        ([4], [1.0], r"index 4 out of range \[0, 4\)"),
+        ([-1], [1.0], r"index -1 out of range"),
+        ([0, 1], [1.0], "2 indices but 1 values"),
+    ],
+)
+def test_bad_updates_refused_without_change(idx, vals, msg):
+    tree = SumTree(4)
+    tree.set(np.arange(4), np.ones(4))
+    with pytest.raises(InvalidArgument, match=msg):
+        tree.set(np.array(idx), np.array(vals))
+    assert tree.leaves().tolist() == [1.0, 1.0, 1.0, 1.0] and tree.total == 4.0
+    with pytest.raises(ValueError, match="positive int"):
+        SumTree(0)
