@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -129,6 +129,12 @@ class DQN:
     forked RNG (the global torch RNG is left alone); ``ctx.generator`` lives on ``device`` and is
     seeded from ``seed`` as well, so DDP ranks built with one seed make identical decisions.
 
+    Data-parallel use (one DQN per rank, each sampling its own batches): ``grad_sync(grads)`` is
+    called after backward and before clipping with the gradient tensors, to average them across
+    ranks in place (e.g. ``dist.all_reduce`` of a flattened copy, divided by the world size);
+    ``all_reduce_mean`` becomes ``ctx.all_reduce_mean`` for interventions' data-dependent decisions.
+    Both default to single-process behaviour.
+
     Example: see the module docstring.
     """
 
@@ -143,6 +149,8 @@ class DQN:
         device: str | torch.device = "cpu",
         seed: int = 0,
         interventions: Sequence[Intervention] = (),
+        grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+        all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         config.validate()
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -178,6 +186,9 @@ class DQN:
             generator=torch.Generator(device=self.device).manual_seed(seed),
             target_network=self.target,
         )
+        if all_reduce_mean is not None:
+            self.ctx.all_reduce_mean = all_reduce_mean
+        self._grad_sync = grad_sync
         self._act_rng = np.random.default_rng(seed)
         self._probe: torch.Tensor | None = None
         self._quantile_tau = (
@@ -302,6 +313,8 @@ class DQN:
         loss.backward()
         # Frozen parameters (e.g. an injected head's frozen copies) have no gradient and are skipped.
         params = [p for p in self.online.parameters() if p.grad is not None]
+        if self._grad_sync is not None:
+            self._grad_sync([p.grad for p in params])
         if cfg.max_grad_norm is not None:
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # the norm before clipping
         else:

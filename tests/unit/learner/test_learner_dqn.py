@@ -531,3 +531,26 @@ def test_cuda_updates_match_cpu_and_resume(distributional):
         again = resumed.update({k: torch.from_numpy(v).cuda() for k, v in batch.items()})
         np.testing.assert_allclose(again.priorities, expected.priorities, rtol=1e-6, atol=1e-6)
     assert resumed.interventions[0].draws == gpu.interventions[0].draws[2:]
+
+
+def test_grad_sync_sees_every_gradient_before_clipping_and_all_reduce_reaches_the_context():
+    seen = []
+
+    def halve(grads):  # stands in for a DDP all-reduce: in place, before clipping
+        seen.append(len(grads))
+        for g in grads:
+            g.mul_(0.5)
+
+    reference = _linear_dqn(huber_delta=0.5)
+    reference.update(HAND_BATCH, weights=HAND_WEIGHTS)
+    mean = lambda t: t * 1.0  # noqa: E731
+    synced = DQN(DQNConfig(max_grad_norm=None, huber_delta=0.5), LINEAR, obs_shape=(2,), num_actions=2,
+                 obs_dtype="float32", grad_sync=halve, all_reduce_mean=mean)
+    _set_linear(synced.online, W_ONLINE, B_ONLINE)
+    _set_linear(synced.target, W_TARGET, B_TARGET)
+    result = synced.update(HAND_BATCH, weights=HAND_WEIGHTS)
+    assert seen == [2] and synced.ctx.all_reduce_mean is mean
+    for ref, p in zip(reference.online.parameters(), synced.online.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, 0.5 * ref.grad, rtol=0, atol=1e-7)
+    ref_norm = math.sqrt(sum(float((p.grad**2).sum()) for p in reference.online.parameters()))
+    assert result.metrics["grad_norm"] == pytest.approx(0.5 * ref_norm, abs=1e-6)
