@@ -24,16 +24,6 @@ from replay.errors import InvalidArgument
 __all__ = ["SumTree"]
 
 
-def _sorted_unique(a: np.ndarray) -> np.ndarray:
-    """Unique values of an already sorted array (cheaper than np.unique, which sorts again)."""
-    if a.size <= 1:
-        return a
-    keep = np.empty(a.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
-
-
 class SumTree:
     """Binary tree of float64 partial sums; leaf ``i`` lives at ``tree[leaves + i]``, the root at ``tree[1]``.
 
@@ -87,13 +77,13 @@ class SumTree:
         self._refresh_parents(uniq)
 
     def _refresh_parents(self, leaf_indices: np.ndarray) -> None:
-        nodes = _sorted_unique((leaf_indices + self._leaves) >> 1)
-        tree = self.tree
-        while nodes.size and nodes[-1] >= 1:
-            tree[nodes] = tree[2 * nodes] + tree[2 * nodes + 1]
-            if nodes[0] == 1:
-                break
-            nodes = _sorted_unique(nodes >> 1)
+        # One gather of child pairs and one store per level. Repeated parents (siblings updated together)
+        # are harmless: each copy writes the same sum, so no per-level unique() is needed.
+        pairs = self.tree.reshape(-1, 2)  # pairs[i] = children of node i
+        nodes = (leaf_indices + self._leaves) >> 1
+        for _ in range(self._depth):
+            self.tree[nodes] = pairs[nodes].sum(axis=1)
+            nodes >>= 1
 
     def clear(self) -> None:
         self.tree[:] = 0.0
@@ -102,24 +92,37 @@ class SumTree:
     def find(self, values: np.ndarray) -> np.ndarray:
         """For each ``u`` in ``[0, total)``, the leaf ``i`` with ``prefix(i) <= u < prefix(i + 1)``.
 
-        Values are clamped into ``[0, total)``; zero-valued leaves are never returned while total > 0
-        (a right child is only entered when it holds mass, and ``u`` is kept strictly below the mass of
-        the node it is in, which guards against float rounding at stratum edges).
+        Values are clamped into ``[0, total)``. Zero-valued leaves are never returned while total > 0:
+        float rounding can leave ``u`` a few ulps above the mass of the subtree it descends into, which
+        could steer it into an empty right-most branch; those (rare) lanes are redone exactly against the
+        leaves' cumulative sums.
         """
         total = self.tree[1]
         if not total > 0:
             raise InvalidArgument("sum tree search on an empty tree (total mass 0)")
         u = np.clip(np.asarray(values, dtype=np.float64).reshape(-1), 0.0, np.nextafter(total, 0.0))
-        node = np.ones(u.shape, dtype=np.int64)
+        u0 = u.copy()
         tree = self.tree
+        node = np.ones(u.shape, dtype=np.intp)
+        left = np.empty_like(u)
+        go_right = np.empty(u.shape, dtype=bool)
+        # Five in-place numpy calls per level, all on batch-sized arrays.
         for _ in range(self._depth):
-            left_child = node << 1
-            left = tree[left_child]
-            go_right = u >= left
-            right = tree[left_child + 1]
-            u = np.where(go_right, np.minimum(u - left, np.nextafter(right, 0.0)), u)
-            node = left_child + go_right
-        return node - self._leaves
+            np.left_shift(node, 1, out=node)
+            np.take(tree, node, out=left)
+            np.greater_equal(u, left, out=go_right)
+            np.subtract(u, left, out=u, where=go_right)
+            np.add(node, go_right, out=node)
+        leaf = node - self._leaves
+        bad = tree[node] <= 0
+        if bad.any():
+            cum = np.cumsum(self.leaves())
+            # side="right" on the monotone cumsum lands on a leaf with positive mass, except past the end
+            # (the tree's total and the cumsum may round differently): then take the last positive leaf.
+            found = np.searchsorted(cum, u0[bad], side="right")
+            last_positive = int(np.flatnonzero(self.leaves() > 0)[-1])
+            leaf[bad] = np.where(found >= self.capacity, last_positive, found)
+        return leaf
 
     # ------------------------------------------------------------------ helpers
     def _check_indices(self, indices: np.ndarray) -> np.ndarray:

@@ -74,6 +74,15 @@ def test_update_changes_search():
     assert tree.find(np.array([0.5, 1.0, 2.9, 3.0])).tolist() == [0, 2, 2, 3]
 
 
+def test_rounding_fallback_never_returns_empty_leaf():
+    # Simulate float rounding that leaves u above a subtree's real mass: inflate the root so a search
+    # descends into the empty right half; the fallback must answer with a positive leaf.
+    tree = SumTree(4)
+    tree.set(np.array([0, 1]), np.array([1.0, 1.0]))
+    tree.tree[1] = 2.5
+    assert tree.find(np.array([2.2, 0.5, 1.5])).tolist() == [1, 0, 1]
+
+
 def test_capacity_one():
     tree = SumTree(1)
     tree.set(np.array([0]), np.array([2.0]))

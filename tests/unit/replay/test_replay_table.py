@@ -1,0 +1,108 @@
+"""TableConfig parsing/validation/serialisation and Table details not covered by the contract suite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from replay.errors import FailedPrecondition, InvalidArgument
+from replay.schema import Schema
+from replay.table import Table, TableConfig
+
+SPEC = (
+    "name=replay,capacity=100000,sampler=prioritized,storage=ring,min_size=100,spi=8,"
+    "schema=obs:float32:4;action:int64;reward:float32"
+)
+
+
+def test_parse_full_spec():
+    c = TableConfig.parse(SPEC)
+    assert c == TableConfig(
+        name="replay",
+        schema=Schema.parse("obs:float32:4,action:int64,reward:float32"),
+        capacity=100000,
+        storage="ring",
+        sampler="prioritized",
+        min_size_to_sample=100,
+        samples_per_insert=8.0,
+    )
+    assert TableConfig.from_json(c.to_json()) == c
+    # Long names, spi=none, and schema fields separated by ',' when schema= comes last.
+    c2 = TableConfig.parse(
+        "name=q,capacity=10,samples_per_insert=none,priority_exponent=0.5,error_buffer=3,seed=4,schema=x:int64,y:uint8:2"
+    )
+    assert (c2.samples_per_insert, c2.priority_exponent, c2.error_buffer, c2.seed) == (None, 0.5, 3.0, 4)
+    assert c2.schema.spec() == "x:int64,y:uint8:2"
+
+
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("capacity=10,schema=x:int64", "missing name="),
+        ("name=a,capacity=10,schema=x:int64,colour=red", "table spec key 'colour'"),
+        ("name=a,capacity=ten,schema=x:int64", "invalid literal for int"),
+        ("name=a,capacity=0,schema=x:int64", "capacity 0; expected an int >= 1"),
+        ("name=a,capacity=10,sampler=lifo,schema=x:int64", "sampler 'lifo'"),
+        ("name=a,capacity=10,storage=disk,schema=x:int64", "storage 'disk'"),
+        ("name=a,capacity=10,min_size=11,schema=x:int64", "min_size_to_sample 11 > capacity 10"),
+        ("name=a,capacity=10,spi=4,error_buffer=2,schema=x:int64", "error_buffer 2.0 is smaller than"),
+        ("name=a,capacity=10,alpha=-1,schema=x:int64", "priority_exponent -1.0"),
+        ("name=a b,capacity=10,schema=x:int64", "table name 'a b'"),
+        ("name=a,name=b,capacity=10,schema=x:int64", "'name' given twice"),
+        ("name=a,capacity=10,storage=atari,schema=x:int64", "has no field 'obs'"),
+    ],
+)
+def test_parse_refuses(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        TableConfig.parse(spec)
+
+
+def test_from_json_refuses_unknown_and_missing():
+    d = TableConfig.parse(SPEC).to_json()
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
+        TableConfig.from_json({**d, "bogus": 1})
+    d.pop("capacity")
+    with pytest.raises(ValueError, match="missing 'capacity'"):
+        TableConfig.from_json(d)
+
+
+def test_nbytes_exact():
+    schema = Schema.parse("obs:float32:4,action:int64")  # 24 bytes per row
+    assert Table(TableConfig(name="a", schema=schema, capacity=100)).info().nbytes == 2400
+    # prioritized adds the sum tree: 2 * 128 leaves * 8 bytes
+    assert Table(TableConfig(name="a", schema=schema, capacity=100, sampler="prioritized")).info().nbytes == 4448
+    atari = Schema.parse("obs:uint8:4x2x3,action:int64,next_obs:uint8:4x2x3")
+    t = Table(TableConfig(name="a", schema=atari, capacity=1000, storage="atari"))
+    st = t._storage
+    assert (st.dedup_window, st.frame_capacity) == (512, 1512)
+    # frames 6 B + hash 8 + max key 8 per pool frame; 8 int32 indices + 8 B action per transition
+    assert t.info().nbytes == 1512 * (6 + 8 + 8) + 1000 * (32 + 8)
+
+
+def test_insert_accepts_non_contiguous_and_copies():
+    schema = Schema.parse("obs:float32:2")
+    t = Table(TableConfig(name="a", schema=schema, capacity=8))
+    src = np.arange(16, dtype=np.float32).reshape(4, 4)[:, ::2]  # non-contiguous view
+    t.insert({"obs": src})
+    src[:] = -1  # the table holds its own copy
+    r = t.sample(8)
+    np.testing.assert_array_equal(r.columns["obs"], np.array([[0, 2], [4, 6], [8, 10], [12, 14]])[r.keys])
+
+
+def test_load_refuses_garbage_metadata():
+    t = Table(TableConfig(name="a", schema=Schema.parse("x:int64"), capacity=4))
+    with pytest.raises(FailedPrecondition, match="no 'config'"):
+        t.load_state_dict({}, {})
+    meta, arrays = t.state_dict()
+    with pytest.raises(FailedPrecondition, match="version 7"):
+        t.load_state_dict({**meta, "version": 7}, arrays)
+    with pytest.raises(FailedPrecondition, match="saved keys oldest=3, next=1"):
+        t.load_state_dict({**meta, "oldest_key": 3, "next_key": 1}, arrays)
+
+
+def test_priorities_ignored_but_validated_for_uniform():
+    t = Table(TableConfig(name="a", schema=Schema.parse("x:int64"), capacity=4))
+    t.insert({"x": np.arange(2)}, priorities=np.array([1.0, 2.0]))
+    with pytest.raises(InvalidArgument, match=r"priority\[0\] = -1.0"):
+        t.insert({"x": np.arange(2)}, priorities=np.array([-1.0, 2.0]))
+    assert t.info().size == 2
