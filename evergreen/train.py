@@ -385,6 +385,27 @@ class Trainer:
                 "recent_returns": list(returns),
             }, step=counters["updates"])
 
+        def emit(now: float) -> None:
+            """One metrics-log record, progress line and telemetry update for the interval ending now."""
+            nonlocal last_log, last_steps, last_updates, last_wait, interval_episodes
+            dt = max(now - last_log, 1e-6)
+            record = self._record(counters, returns, interval_returns, window, loop, client, stats,
+                                  env_rate=(counters["env_steps"] - last_steps) / dt,
+                                  update_rate=(counters["updates"] - last_updates) / dt,
+                                  wait_fraction=(prefetcher.wait_seconds - last_wait) / dt,
+                                  elapsed=base_elapsed + now - t0)
+            log.write(json.dumps(record) + "\n")
+            print(self._progress_line(record), flush=True)
+            try:
+                self._telemetry.update(record, episodes_by_task=interval_episodes)
+            except ValueError as exc:  # a malformed metric must not stop a multi-day run
+                print(f"  telemetry: {exc}", file=sys.stderr)
+            window.clear()
+            interval_returns.clear()
+            interval_episodes = {}
+            last_log, last_steps, last_updates = now, counters["env_steps"], counters["updates"]
+            last_wait = prefetcher.wait_seconds
+
         stats = None
         try:
             while True:
@@ -417,26 +438,11 @@ class Trainer:
                         for k, v in metrics.items():
                             window.setdefault(k, []).append(float(v))
                 if now - last_log >= lrn.log_every_s:
-                    dt = now - last_log
-                    record = self._record(counters, returns, interval_returns, window, loop, client, stats,
-                                          env_rate=(counters["env_steps"] - last_steps) / dt,
-                                          update_rate=(counters["updates"] - last_updates) / dt,
-                                          wait_fraction=(prefetcher.wait_seconds - last_wait) / dt,
-                                          elapsed=base_elapsed + now - t0)
-                    log.write(json.dumps(record) + "\n")
-                    print(self._progress_line(record), flush=True)
-                    try:
-                        self._telemetry.update(record, episodes_by_task=interval_episodes)
-                    except ValueError as exc:  # a malformed metric must not stop a multi-day run
-                        print(f"  telemetry: {exc}", file=sys.stderr)
-                    window.clear()
-                    interval_returns.clear()
-                    interval_episodes = {}
-                    last_log, last_steps, last_updates = now, counters["env_steps"], counters["updates"]
-                    last_wait = prefetcher.wait_seconds
+                    emit(now)
                 if now - last_ckpt >= lrn.checkpoint_every_s:
                     checkpoint()
                     last_ckpt = now
+            emit(time.time())  # the log ends on the run's final state
         finally:
             loop.close()
         checkpoint()

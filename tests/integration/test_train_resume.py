@@ -54,7 +54,7 @@ def test_cartpole_runs_checkpoints_and_resumes(tmp_path):
     assert state2["counters"]["updates"] > first.updates
     resumed = _records(run_dir)[len(records):]
     assert resumed, "the resumed run logged nothing"
-    assert resumed[0]["env_steps"] > first.env_steps
+    assert resumed[0]["env_steps"] >= first.env_steps and resumed[-1]["env_steps"] > first.env_steps
     # the replay shard restored its contents: its size never starts from zero again
     assert resumed[0]["replay_size"] >= records[-1]["replay_size"]
     assert read_config(run_dir / "config.json").learner.total_env_steps == 1500  # stored config unchanged
