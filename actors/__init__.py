@@ -8,5 +8,5 @@ Modules (``actors`` never imports ``learner`` or ``evergreen``; the acting netwo
 - ``actors.policy``: epsilon schedules, Ape-X per-actor epsilons, batched ``epsilon_greedy``.
 - ``actors.actor``: ``Actor``, the acting loop without Ray, and ``ActorStats``.
 - ``actors.ray_actor``: ``RayActor`` and the elastic, self-healing ``ActorPool`` (imports Ray).
-- ``actors.benchmark``: ``python -m actors.benchmark`` prints single-process acting throughput.
+- Acting throughput against a single-process baseline: ``benchmarks/actor_throughput.py``.
 """

@@ -208,6 +208,10 @@ class Trainer:
         self._telemetry = None
         self._targets_dir = Path(config.runs_dir) / "prometheus_targets"
 
+    def request_stop(self, reason: str) -> None:
+        """Ask a running ``run()`` to stop at its next loop iteration (checkpointing as usual)."""
+        self._stop_reason = reason
+
     # -- setup -------------------------------------------------------------------------------------
 
     def _start_replay(self, table) -> Any:
@@ -490,6 +494,9 @@ class Trainer:
             "replay_inserts": int(sum(i.inserts for i in info)),
             "learner_wait_fraction": round(min(1.0, wait_fraction), 4),
             "policy_lag_updates": loop.take_policy_lag(),
+            # Learner version minus the oldest version any actor acted with in this interval.
+            "actor_policy_lag_updates": (loop.counters.published_version - stats.min_policy_version
+                                         if stats.min_policy_version >= 0 else None),
             "actor_restarts": stats.restarts_total, "num_actors": stats.num_actors,
             "actors_running": stats.running,
         }
