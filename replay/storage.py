@@ -159,13 +159,25 @@ def check_atari_schema(schema: Schema) -> tuple[int, int, int]:
     return o.shape  # type: ignore[return-value]
 
 
-_HASH_MULT = np.random.default_rng(0x5EED_F4A3).integers(1, 2**63, size=1 << 14, dtype=np.uint64) | np.uint64(
-    1
-)
+_HASH_RNG = np.random.default_rng(0x5EED_F4A3)
+_HASH_M1 = _HASH_RNG.integers(1, 2**63, size=1 << 14, dtype=np.uint64) | np.uint64(1)
+_HASH_M2 = _HASH_RNG.integers(1, 2**63, size=1 << 14, dtype=np.uint64) | np.uint64(1)
+
+
+def _words(rows: np.ndarray) -> np.ndarray:
+    """A C-contiguous uint8 ``[N, L]`` array as uint64 words when ``L % 8 == 0`` (a view), else itself."""
+    return rows.view(np.uint64) if rows.shape[1] % 8 == 0 else rows
 
 
 def _hash_rows(rows: np.ndarray) -> np.ndarray:
-    """64-bit content hash of each row of a C-contiguous uint8 ``[N, L]`` array (vectorized)."""
+    """64-bit content hash of each row of a uint8 ``[N, L]`` array (vectorized, ~7 GB/s).
+
+    ``sum_i w_i * a_i + sum_i (w_i >> 29) * b_i (mod 2**64)`` over the row's 64-bit words ``w_i`` with
+    fixed random odd ``a_i, b_i``: two integer mat-vec products, one pass each. The shifted term carries
+    differences confined to a word's top bits down into the middle bits (the plain weighted sum alone
+    would leave them in the top byte). A final avalanche spreads entropy into the low bits that the dict
+    buckets on. Hits are always verified byte for byte, so the hash only has to make collisions rare.
+    """
     length = rows.shape[1]
     if length % 8 == 0:
         words = rows.view(np.uint64)
@@ -174,12 +186,8 @@ def _hash_rows(rows: np.ndarray) -> np.ndarray:
     else:
         words = rows.astype(np.uint64)
     nw = words.shape[1]
-    mult = _HASH_MULT[np.arange(nw) % _HASH_MULT.size] if nw > _HASH_MULT.size else _HASH_MULT[:nw]
-    # Multiply-xorshift per word then sum: the shift folds high bits down so that a difference confined
-    # to a word's top byte still changes many bits of the sum (a plain weighted sum would not).
-    y = words * mult
-    y ^= y >> np.uint64(29)
-    h = y.sum(axis=1, dtype=np.uint64)
+    pick = np.arange(nw) % _HASH_M1.size
+    h = words @ _HASH_M1[pick] + (words >> np.uint64(29)) @ _HASH_M2[pick]
     h ^= h >> np.uint64(31)
     h *= np.uint64(0x9E3779B97F4A7C15)
     h ^= h >> np.uint64(33)
@@ -249,12 +257,14 @@ class AtariStorage:
         nxt = np.ascontiguousarray(columns["next_obs"]).reshape(n * s, hw)
         hashes = np.concatenate([_hash_rows(obs), _hash_rows(nxt)])
         total = 2 * n * s
+        # Gathers and byte comparisons run on 64-bit words where the frame size allows (8x fewer elements).
+        obs_w, nxt_w = _words(obs), _words(nxt)
 
         def take(js: np.ndarray) -> np.ndarray:
-            out = np.empty((js.size, hw), dtype=np.uint8)
+            out = np.empty((js.size, obs_w.shape[1]), dtype=obs_w.dtype)
             low = js < n * s
-            out[low] = obs[js[low]]
-            out[~low] = nxt[js[~low] - n * s]
+            out[low] = obs_w[js[low]]
+            out[~low] = nxt_w[js[~low] - n * s]
             return out
 
         _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
@@ -274,7 +284,7 @@ class AtariStorage:
         return _AtariPrepared(
             others=others,
             n=n,
-            rep_frames=take(reps),
+            rep_frames=take(reps).view(np.uint8),
             rep_hash=hashes[reps],
             frame_rep=frame_rep.reshape(2, n, s).transpose(1, 0, 2).reshape(n, 2 * s),
         )
@@ -293,7 +303,7 @@ class AtariStorage:
                 cand_slot.append(s)
         if cand_rep:
             cr, cs = np.asarray(cand_rep), np.asarray(cand_slot)
-            ok = (self.pool[cs].reshape(cr.size, -1) == p.rep_frames[cr]).all(axis=1)
+            ok = (_words(self.pool[cs].reshape(cr.size, -1)) == _words(p.rep_frames[cr])).all(axis=1)
             slot_of_rep[cr[ok]] = cs[ok]
         start = self.frames_written
         # This insert's new frames overwrite pool positions [start - fc, start - fc + m); a reused frame

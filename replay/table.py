@@ -284,16 +284,18 @@ class Table:
         consuming = self._sampler.consumes
         cap = self.config.capacity
         with self._cond:
-            lim = self._limiter
+            # Lambdas read self._limiter each time: load_state_dict may swap it while this call waits.
             self._limiter.wait(
                 self._cond,
                 side="insert",
                 rows=n,
-                ready=lambda: lim.can_insert(n, size=self._size) and (not consuming or self._size + n <= cap),
-                never=lambda: lim.insert_never_possible(n, size=self._size, consuming=consuming),
+                ready=lambda: (
+                    self._limiter.can_insert(n, size=self._size) and (not consuming or self._size + n <= cap)
+                ),
+                never=lambda: self._limiter.insert_never_possible(n, size=self._size, consuming=consuming),
                 closed=lambda: self._closed,
                 describe=lambda: (
-                    lim.describe(size=self._size)
+                    self._limiter.describe(size=self._size)
                     + (f", capacity={cap} (FIFO: waits for unread items to be sampled)" if consuming else "")
                 ),
                 timeout=timeout,
@@ -306,7 +308,7 @@ class Table:
                 self._oldest = new_oldest
             self._sampler.on_insert(first_key=first, n=n, priorities=pr)
             self._next_key = first + n
-            lim.record_insert(n)
+            self._limiter.record_insert(n)
             self._cond.notify_all()
         return np.arange(first, first + n, dtype=np.uint64)
 
@@ -323,16 +325,17 @@ class Table:
         _check_timeout(timeout)
         consuming = self._sampler.consumes
         with self._cond:
-            lim = self._limiter
-            lim.wait(
+            self._limiter.wait(
                 self._cond,
                 side="sample",
                 rows=b,
-                ready=lambda: lim.can_sample(b, size=self._size) and (not consuming or self._size >= b),
-                never=lambda: lim.sample_never_possible(b, size=self._size, consuming=consuming),
+                ready=lambda: (
+                    self._limiter.can_sample(b, size=self._size) and (not consuming or self._size >= b)
+                ),
+                never=lambda: self._limiter.sample_never_possible(b, size=self._size, consuming=consuming),
                 closed=lambda: self._closed,
                 describe=lambda: (
-                    lim.describe(size=self._size)
+                    self._limiter.describe(size=self._size)
                     + (f", batch_size={b} (FIFO: waits for {b} unread items)" if consuming else "")
                 ),
                 timeout=timeout,
@@ -341,7 +344,7 @@ class Table:
             keys, probs = self._sampler.sample(batch_size=b, oldest=self._oldest, size=size, rng=self._rng)
             cols = self._storage.gather(keys)
             mass = self._sampler.mass(size=size)
-            lim.record_sample(b)
+            self._limiter.record_sample(b)
             if consuming:
                 self._sampler.on_remove(first_key=self._oldest, end_key=self._oldest + b)
                 self._oldest += b

@@ -106,3 +106,75 @@ def test_priorities_ignored_but_validated_for_uniform():
     with pytest.raises(InvalidArgument, match=r"priority\[0\] = -1.0"):
         t.insert({"x": np.arange(2)}, priorities=np.array([-1.0, 2.0]))
     assert t.info().size == 2
+
+
+def _stamp_frames(ids: np.ndarray) -> np.ndarray:
+    """4x8 uint8 frames whose first 8 bytes are the id (distinct ids -> distinct frames)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.zeros((*ids.shape, 32), np.uint8)
+    out[..., :8] = ids[..., None].astype("<u8").view(np.uint8).reshape(*ids.shape, 8)
+    out[..., 8:] = (ids[..., None] % 200).astype(np.uint8)
+    return out.reshape(*ids.shape, 4, 8)
+
+
+@pytest.mark.parametrize("storage", ["ring", "atari"])
+def test_concurrent_writers_and_samplers_stay_consistent(storage):
+    import threading
+
+    if storage == "ring":
+        schema = Schema.parse("wid:int64,seq:int64,obs:float32:2")
+    else:
+        schema = Schema.parse("wid:int64,seq:int64,obs:uint8:2x4x8,next_obs:uint8:2x4x8")
+    t = Table(TableConfig(name="c", schema=schema, capacity=64, storage=storage, sampler="prioritized"))
+    owner: dict[int, tuple[int, int]] = {}
+    samples = []
+    errors = []
+
+    def rows(wid, seq):
+        g = (wid * 1000 + seq) * 10 + np.arange(3)
+        cols = {"wid": np.full(3, wid, np.int64), "seq": np.full(3, seq, np.int64)}
+        if storage == "ring":
+            cols["obs"] = np.stack([g, g + 0.5], axis=1).astype(np.float32)
+        else:
+            cols["obs"] = _stamp_frames(np.stack([g, g + 1], axis=1))
+            cols["next_obs"] = _stamp_frames(np.stack([g + 1, g + 2], axis=1))
+        return cols
+
+    def writer(wid):
+        try:
+            for seq in range(40):
+                keys = t.insert(rows(wid, seq), timeout=30)
+                for j, k in enumerate(keys.tolist()):
+                    owner[k] = (wid, seq * 10 + j)
+        except Exception as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    def sampler():
+        try:
+            for _ in range(40):
+                r = t.sample(8, timeout=30)
+                samples.append(r)
+                t.update_priorities(r.keys, np.full(8, 2.0))
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    threads += [threading.Thread(target=sampler) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert errors == [] and not any(th.is_alive() for th in threads)
+    assert sorted(owner) == list(range(480))
+    info = t.info()
+    assert (info.inserts, info.samples, info.size) == (480, 640, 64)
+    for r in samples:
+        for row, key in enumerate(r.keys.tolist()):
+            wid, code = owner[key]
+            g = (wid * 1000 + code // 10) * 10 + code % 10
+            assert (r.columns["wid"][row], r.columns["seq"][row]) == (wid, code // 10)
+            if storage == "ring":
+                np.testing.assert_array_equal(r.columns["obs"][row], [g, g + 0.5])
+            else:
+                np.testing.assert_array_equal(r.columns["obs"][row], _stamp_frames(np.array([g, g + 1])))
+                np.testing.assert_array_equal(r.columns["next_obs"][row], _stamp_frames(np.array([g + 1, g + 2])))
