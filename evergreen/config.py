@@ -162,6 +162,11 @@ class RunConfig:
         )
         _check(r.samples_per_insert >= 0, "replay.samples_per_insert", r.samples_per_insert, ">= 0")
         _check(r.error_buffer >= 0, "replay.error_buffer", r.error_buffer, ">= 0")
+        if r.samples_per_insert and r.error_buffer:
+            need = max(lrn.batch_size, 2 * self.actors.insert_batch_size * r.samples_per_insert) / 2
+            _check(r.error_buffer >= need, "replay.error_buffer", r.error_buffer,
+                   f">= {need:g} so that one sample batch ({lrn.batch_size}) and one insert call "
+                   f"(~2 x actors.insert_batch_size x samples_per_insert) fit in the limiter's band; or 0 for automatic")
         _check(a.num_actors >= 1, "actors.num_actors", a.num_actors, ">= 1")
         _check(a.n_step >= 1, "actors.n_step", a.n_step, ">= 1")
         _check(0.0 < a.gamma <= 1.0, "actors.gamma", a.gamma, "in (0, 1]")

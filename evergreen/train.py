@@ -108,7 +108,15 @@ def main(argv: list[str]) -> int:
         if (run_dir / "config.json").exists():
             print(f"evergreen train: {run_dir} already holds a run; use --resume {run_dir}", file=sys.stderr)
             return 2
-    summary = Trainer(config, run_dir=run_dir, resume=bool(args.resume)).run()
+    from actors.ray_actor import ActorPoolError
+
+    try:
+        summary = Trainer(config, run_dir=run_dir, resume=bool(args.resume)).run()
+    except ActorPoolError as exc:
+        print(f"evergreen train: stopped: actors crash-looping: {exc}\n"
+              f"  the last checkpoint in {run_dir} is intact; fix the cause and resume with "
+              f"evergreen train --resume {run_dir}", file=sys.stderr)
+        return 1
     print(summary.format())
     return 0
 
@@ -124,13 +132,24 @@ def env_spec(config: RunConfig) -> tuple[tuple[int, ...], str, int]:
         env.close()
 
 
+def default_error_buffer(config: RunConfig) -> float:
+    """Slack of the samples-per-insert limiter: room for several sample batches and insert calls.
+
+    The limiter refuses calls that could never fit in its band (2 * error_buffer), and an actor's
+    insert call may carry a few batches' worth of rows at episode ends, hence the factor 4.
+    """
+    spi = config.replay.samples_per_insert
+    per_shard = config.replay.capacity // config.replay.num_shards
+    return float(max(10 * config.learner.batch_size, 4 * config.actors.insert_batch_size * spi, 0.01 * per_shard))
+
+
 def table_config(config: RunConfig, *, obs_shape, obs_dtype) -> Any:
     """The replay table every shard holds, with the schema the actors' adder writes."""
     from actors.adder import schema as adder_schema
     from replay.schema import Field, Schema
     from replay.table import TableConfig
 
-    r, lrn = config.replay, config.learner
+    r = config.replay
     fields = tuple(Field(name=name, dtype=np.dtype(dtype).name, shape=tuple(shape))
                    for name, dtype, shape in adder_schema(obs_shape, obs_dtype))
     storage = r.storage
@@ -138,7 +157,7 @@ def table_config(config: RunConfig, *, obs_shape, obs_dtype) -> Any:
         storage = "atari" if len(obs_shape) == 3 and np.dtype(obs_dtype) == np.uint8 else "ring"
     per_shard = r.capacity // r.num_shards
     min_size = max(1, min(r.min_size_to_sample, per_shard))
-    error_buffer = r.error_buffer or max(10.0 * lrn.batch_size, 0.01 * per_shard)
+    error_buffer = r.error_buffer or default_error_buffer(config)
     return TableConfig(
         name="replay",
         schema=Schema(fields=fields),

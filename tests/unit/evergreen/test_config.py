@@ -1,0 +1,98 @@
+"""The run config tree: presets, cross-field validation, derived replay settings, CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from actors.policy import ConstantEpsilon, LinearEpsilon
+from evergreen.config import CONFIG_DIR, RunConfig, load_config, read_config, save_config
+from evergreen.configtools import field_docs
+from evergreen.train import build_parser, default_error_buffer, exploration_schedule, table_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+def test_every_preset_loads_and_validates(preset):
+    config = load_config(preset=preset).validate()
+    assert config.name == preset
+
+
+def test_every_config_field_is_documented():
+    def walk(cls, path):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if isinstance(f.type, type) and dataclasses.is_dataclass(f.type) or dataclasses.is_dataclass(
+                getattr(cls(), f.name)
+            ):
+                walk(type(getattr(cls(), f.name)), f"{path}{f.name}.")
+            assert docs.get(f.name), f"config field {path}{f.name} has no docstring"
+
+    walk(RunConfig, "")
+
+
+def test_config_round_trips_through_the_run_dir(tmp_path):
+    config = load_config(preset="pong", overrides={"learner": {"batch_size": 48}, "plasticity": {
+        "interventions": "layer_norm,redo", "options": {"redo": {"period": 10}}}})
+    save_config(config, tmp_path / "config.json")
+    assert read_config(tmp_path / "config.json") == config
+    assert json.loads((tmp_path / "config.json").read_text())["learner"]["batch_size"] == 48
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"replay": {"num_shards": 0}}, "replay.num_shards = 0 is invalid"),
+        ({"replay": {"min_size_to_sample": 10**9}}, "otherwise sampling never starts"),
+        ({"replay": {"min_size_to_sample": 10}, "learner": {"batch_size": 64}}, ">= learner.batch_size"),
+        ({"replay": {"samples_per_insert": 32.0, "error_buffer": 100.0}}, "fit in the limiter's band"),
+        ({"actors": {"gamma": 1.5}}, "actors.gamma = 1.5 is invalid: expected in (0, 1]"),
+        ({"learner": {"device": "tpu"}}, "learner.device = 'tpu' is invalid"),
+        ({"plasticity": {"interventions": "redo,bogus"}}, "bogus"),
+        ({"plasticity": {"diagnostics": "srank,bogus"}}, "unknown diagnostic 'bogus'"),
+        ({"env": {"num_envs": 0}}, "num_envs"),
+        ({"network": {"encoder": "transformer"}}, "transformer"),
+        ({"telemetry_port": 70000}, "telemetry_port = 70000 is invalid"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(overrides, message):
+    with pytest.raises(ValueError) as err:
+        load_config(preset="cartpole", overrides=overrides).validate()
+    assert message in str(err.value)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown preset 'nope': expected one of \[.*'cartpole'.*'pong'"):
+        load_config(preset="nope")
+
+
+def test_table_config_follows_the_run_config():
+    config = load_config(preset="cartpole", overrides={"replay": {"num_shards": 2, "capacity": 10_000,
+                                                                  "samples_per_insert": 8.0}})
+    table = table_config(config, obs_shape=(4,), obs_dtype="float32")
+    assert table.capacity == 5_000 and table.storage == "ring" and table.sampler == "prioritized"
+    assert [f.name for f in table.schema.fields] == ["obs", "action", "reward", "discount", "next_obs", "policy_version"]
+    # band must hold 4 insert calls of insert_batch_size rows at spi 8: 4 * 64 * 8 = 2048 > 10 * 64
+    assert table.error_buffer == default_error_buffer(config) == 2048.0
+    atari = table_config(load_config(preset="pong"), obs_shape=(4, 84, 84), obs_dtype="uint8")
+    assert atari.storage == "atari"
+
+
+def test_exploration_schedule_resumes_where_it_left_off():
+    actors = load_config(preset="cartpole", overrides={"actors": {
+        "num_actors": 3, "epsilon_start": 1.0, "epsilon_base": 0.4, "epsilon_alpha": 7.0,
+        "epsilon_decay_steps": 1000}}).actors
+    fresh = exploration_schedule(actors, index=0)
+    assert isinstance(fresh, LinearEpsilon) and fresh(0) == 1.0 and fresh(1000) == pytest.approx(0.4)
+    resumed = exploration_schedule(actors, index=0, step_offset=250)
+    assert resumed(0) == pytest.approx(fresh(250)) and resumed(750) == pytest.approx(0.4)
+    done = exploration_schedule(actors, index=2, step_offset=5000)
+    assert isinstance(done, ConstantEpsilon) and done(0) == pytest.approx(0.4 ** 8)
+
+
+def test_cli_flags_cover_the_tree():
+    help_text = build_parser().format_help()
+    for flag in ("--replay.num_shards", "--learner.total_env_steps", "--plasticity.interventions",
+                 "--network.hidden_sizes", "--dqn.lr", "--env.id", "--actors.n_step", "--resume", "--plasticity"):
+        assert flag in help_text
