@@ -31,12 +31,18 @@ class SumTree:
     drift: every internal node equals the float64 sum of its two children exactly.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, search_top_levels: int = 10) -> None:
         if not isinstance(capacity, (int, np.integer)) or capacity < 1:
             raise ValueError(f"sum tree capacity {capacity!r}: expected a positive int")
+        if not isinstance(search_top_levels, int) or search_top_levels < 0:
+            raise ValueError(f"search_top_levels {search_top_levels!r}: expected an int >= 0")
         self.capacity = int(capacity)
         self._leaves = 1 << max(0, (self.capacity - 1).bit_length())
         self._depth = self._leaves.bit_length() - 1
+        # find() jumps over the top levels with one cumsum + searchsorted over the (at most 1024) nodes
+        # of level `_top`, then walks the remaining levels: far fewer numpy calls than a full walk.
+        # 10 measured best for 20k..1M leaves (cumsum over 1024 nodes costs about two walked levels).
+        self._top = min(self._depth, search_top_levels)
         self.tree = np.zeros(2 * self._leaves, dtype=np.float64)
 
     # ------------------------------------------------------------------ queries
@@ -77,13 +83,21 @@ class SumTree:
         self._refresh_parents(uniq)
 
     def _refresh_parents(self, leaf_indices: np.ndarray) -> None:
-        # One gather of child pairs and one store per level. Repeated parents (siblings updated together)
-        # are harmless: each copy writes the same sum, so no per-level unique() is needed.
-        pairs = self.tree.reshape(-1, 2)  # pairs[i] = children of node i
+        # Levels below `_top`: one gather of child pairs and one store per level for the touched nodes
+        # (repeated parents are harmless, each copy writes the same sum, so no per-level unique()).
+        # Levels `_top - 1` .. 0 hold < 2**_top nodes in total: recomputing them whole with slice adds is
+        # cheaper than more gathers.
+        tree = self.tree
+        pairs = tree.reshape(-1, 2)  # pairs[i] = children of node i
         nodes = (leaf_indices + self._leaves) >> 1
-        for _ in range(self._depth):
-            self.tree[nodes] = pairs[nodes].sum(axis=1)
+        for _ in range(self._depth - self._top):
+            p = pairs[nodes]
+            tree[nodes] = p[:, 0] + p[:, 1]
             nodes >>= 1
+        lo = 1 << self._top >> 1
+        while lo >= 1:
+            np.add(tree[2 * lo : 4 * lo : 2], tree[2 * lo + 1 : 4 * lo : 2], out=tree[lo : 2 * lo])
+            lo >>= 1
 
     def clear(self) -> None:
         self.tree[:] = 0.0
@@ -103,11 +117,15 @@ class SumTree:
         u = np.clip(np.asarray(values, dtype=np.float64).reshape(-1), 0.0, np.nextafter(total, 0.0))
         u0 = u.copy()
         tree = self.tree
-        node = np.ones(u.shape, dtype=np.intp)
+        first = 1 << self._top  # index of the first node on level `_top`
+        cum = np.cumsum(tree[first : 2 * first])
+        j = np.minimum(np.searchsorted(cum, u, side="right"), first - 1)
+        u -= np.where(j > 0, cum[j - 1], 0.0)  # cum[j-1] <= u, so u stays >= 0
+        node = (first + j).astype(np.intp)
         left = np.empty_like(u)
         go_right = np.empty(u.shape, dtype=bool)
-        # Five in-place numpy calls per level, all on batch-sized arrays.
-        for _ in range(self._depth):
+        # Five in-place numpy calls per remaining level, all on batch-sized arrays.
+        for _ in range(self._depth - self._top):
             np.left_shift(node, 1, out=node)
             np.take(tree, node, out=left)
             np.greater_equal(u, left, out=go_right)

@@ -105,6 +105,13 @@ class TableConfig:
             samples_per_insert=self.samples_per_insert,
             error_buffer=self.error_buffer,
         )
+        if self.sampler == "fifo" and self.samples_per_insert not in (None, 1, 1.0):
+            # FIFO hands each item out once, so over time samples == inserts: any other target ratio drifts
+            # until both sides block for good (queue full for inserts, ratio band for samples).
+            raise ValueError(
+                f"table {self.name!r}: samples_per_insert {self.samples_per_insert!r} with sampler 'fifo' would "
+                "deadlock (a queue samples each item exactly once); expected None or 1"
+            )
         if self.min_size_to_sample > self.capacity:
             raise ValueError(
                 f"table {self.name!r}: min_size_to_sample {self.min_size_to_sample} > capacity {self.capacity}; "

@@ -30,11 +30,12 @@ def _ops(draw):
     return capacity, ops
 
 
-@settings(max_examples=150, deadline=None)
-@given(_ops(), st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=30))
-def test_total_leaves_and_prefix_search(case, fractions):
+@settings(max_examples=200, deadline=None)
+@given(_ops(), st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=30), st.integers(0, 7))
+def test_total_leaves_and_prefix_search(case, fractions, top_levels):
     capacity, ops = case
-    tree = SumTree(capacity)
+    # top_levels varies how many levels the cumsum jump covers (0 = a pure walk, >= depth = pure cumsum).
+    tree = SumTree(capacity, search_top_levels=top_levels)
     ref = np.zeros(capacity)
     for idx, vals in ops:
         tree.set(np.array(idx, dtype=np.int64), np.array(vals, dtype=np.float64))
@@ -74,10 +75,21 @@ def test_update_changes_search():
     assert tree.find(np.array([0.5, 1.0, 2.9, 3.0])).tolist() == [0, 2, 2, 3]
 
 
-def test_rounding_fallback_never_returns_empty_leaf():
+@pytest.mark.parametrize("top_levels", [0, 1, 12])
+def test_large_tree_matches_searchsorted(top_levels):
+    rng = np.random.default_rng(5)
+    tree = SumTree(20_000, search_top_levels=top_levels)
+    vals = rng.integers(0, 4, size=20_000).astype(np.float64)  # a quarter of the leaves are empty
+    tree.set(np.arange(20_000), vals)
+    u = rng.random(4096) * vals.sum()
+    np.testing.assert_array_equal(tree.find(u), np.searchsorted(np.cumsum(vals), u, side="right"))
+
+
+@pytest.mark.parametrize("top_levels", [0, 1])
+def test_rounding_fallback_never_returns_empty_leaf(top_levels):
     # Simulate float rounding that leaves u above a subtree's real mass: inflate the root so a search
     # descends into the empty right half; the fallback must answer with a positive leaf.
-    tree = SumTree(4)
+    tree = SumTree(4, search_top_levels=top_levels)
     tree.set(np.array([0, 1]), np.array([1.0, 1.0]))
     tree.tree[1] = 2.5
     assert tree.find(np.array([2.2, 0.5, 1.5])).tolist() == [1, 0, 1]

@@ -50,6 +50,7 @@ def test_parse_full_spec():
         ("name=a b,capacity=10,schema=x:int64", "table name 'a b'"),
         ("name=a,name=b,capacity=10,schema=x:int64", "'name' given twice"),
         ("name=a,capacity=10,storage=atari,schema=x:int64", "has no field 'obs'"),
+        ("name=a,capacity=10,sampler=fifo,spi=2,error_buffer=4,schema=x:int64", "with sampler 'fifo' would deadlock"),
     ],
 )
 def test_parse_refuses(spec, msg):
