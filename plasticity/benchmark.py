@@ -55,14 +55,16 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "redo": {"period": 200, "tau": 0.1},
     # Shrink toward a fresh init at every task switch (SR-SPR's 0.8 / 0.2 interpolation).
     "shrink_perturb": {"alpha": 0.8, "sigma": 0.2, "on_task_switch": True},
-    "continual_backprop": {"replacement_rate": 1e-3, "decay": 0.99, "maturity": 100},
+    # 3e-3 (about 1 of 384 units per step): 1e-4 / 1e-3 only delay the decline within 20 tasks here,
+    # 1e-2 replaces units faster than they learn (first-task fit 0.61); see BENCHMARKS.md.
+    "continual_backprop": {"replacement_rate": 3e-3, "decay": 0.99, "maturity": 100},
     "nap": {"period": 1},
 }
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Everything that defines one benchmark run (defaults: the full CPU benchmark, ~5 minutes)."""
+    """Everything that defines one benchmark run (defaults: the full CPU benchmark on 2 cores)."""
 
     tasks: int = 20
     seeds: int = 3
@@ -78,10 +80,11 @@ class BenchConfig:
     probe: int = 256
     out: str = "runs/bench-plasticity"
     threads: int = 1
+    workers: int = 2
 
     def validate(self) -> BenchConfig:
         for name in ("tasks", "seeds", "inputs", "input_dim", "classes", "width", "depth", "steps", "batch",
-                     "probe", "threads"):
+                     "probe", "threads", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -191,6 +194,13 @@ def run_one(cfg: BenchConfig, method: str, names: list[str], seed: int,
     return rows
 
 
+def _run_job(job: tuple[BenchConfig, str, list[str], int]) -> list[dict[str, Any]]:
+    """One (method, seed) in a worker process, single-threaded (workers already fill the cores)."""
+    cfg, method, names, seed = job
+    torch.set_num_threads(cfg.threads)
+    return run_one(cfg, method, names, seed, log=lambda s: print(s, flush=True))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
@@ -248,28 +258,34 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, cfg: BenchConfig) -> None:
+    """Two panels per task, mean ± std over seeds: fit (accuracy) and end-of-task loss (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    for method in methods:
-        per_task = [[r["fit"] for r in rows if r["method"] == method and r["task"] == t] for t in range(cfg.tasks)]
-        mean = [statistics.fmean(v) for v in per_task]
-        std = [statistics.pstdev(v) if len(v) > 1 else 0.0 for v in per_task]
-        xs = list(range(1, cfg.tasks + 1))
-        ax.plot(xs, mean, marker="o", markersize=3, label=method)
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)],
-                        [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15)
-    ax.axhline(1 / cfg.classes, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set_xlabel("task")
-    ax.set_ylabel(f"training accuracy after {cfg.steps} steps")
-    ax.set_title(f"Random-label memorization, {cfg.inputs} inputs, MLP {cfg.depth}x{cfg.width}, "
-                 f"Adam lr {cfg.lr:g} ({cfg.seeds} seeds)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, loc="lower left")
+    fig, (ax_fit, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    xs = list(range(1, cfg.tasks + 1))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for ax, key in ((ax_fit, "fit"), (ax_loss, "loss")):
+            per_task = [[r[key] for r in rows if r["method"] == method and r["task"] == t] for t in range(cfg.tasks)]
+            mean = [statistics.fmean(v) for v in per_task]
+            std = [statistics.pstdev(v) if len(v) > 1 else 0.0 for v in per_task]
+            ax.plot(xs, mean, marker="o", markersize=3, label=method)
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15)
+    ax_fit.axhline(1 / cfg.classes, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax_fit.set_ylabel(f"training accuracy after {cfg.steps} steps")
+    ax_fit.set_ylim(0, 1.05)
+    ax_fit.legend(fontsize=8, loc="lower left")
+    ax_loss.set_ylabel("training cross-entropy at the end of the task")
+    ax_loss.set_yscale("log")
+    for ax in (ax_fit, ax_loss):
+        ax.set_xlabel("task")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Random-label memorization: {cfg.inputs} inputs, {cfg.classes} classes, MLP {cfg.depth}x{cfg.width}, "
+                 f"Adam lr {cfg.lr:g}, {cfg.seeds} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -283,21 +299,35 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         build_method(names)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    rows: list[dict[str, Any]] = []
+    jobs = [(cfg, method, names, seed) for seed in range(cfg.seeds) for method, names in methods]
+    results: dict[tuple[int, str], list[dict[str, Any]]] = {}
     started = time.perf_counter()
-    try:
-        for seed in range(cfg.seeds):
-            for method, names in methods:
-                t0 = time.perf_counter()
-                seed_rows = run_one(cfg, method, names, seed, log=log)
-                rows.extend(seed_rows)
-                fits = " ".join(f"{r['fit']:.2f}" for r in seed_rows)
-                log(f"[{time.perf_counter() - started:6.1f}s] seed {seed} {method:<26} "
-                    f"({time.perf_counter() - t0:.1f}s) fit per task: {fits}")
-    finally:
-        torch.set_num_threads(previous_threads)
+
+    def report(job_rows: list[dict[str, Any]]) -> None:
+        first = job_rows[0]
+        results[(first["seed"], first["method"])] = job_rows
+        fits = " ".join(f"{r['fit']:.2f}" for r in job_rows)
+        log(f"[{time.perf_counter() - started:6.1f}s] seed {first['seed']} {first['method']:<26} "
+            f"({sum(r['seconds'] for r in job_rows):.1f}s) fit per task: {fits}")
+
+    if cfg.workers == 1:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            for job in jobs:
+                report(run_one(*job, log=log))
+        finally:
+            torch.set_num_threads(previous_threads)
+    else:
+        # Jobs are independent and seeded on their own, so results do not depend on the worker count.
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_job, job) for job in jobs]
+            for future in as_completed(futures):
+                report(future.result())
+    rows = [r for seed in range(cfg.seeds) for method, _ in methods for r in results[(seed, method)]]
     summary = summarize(rows, cfg)
     fields = list(rows[0])
     with open(out_dir / "per_task.csv", "w", newline="") as fh:
@@ -378,7 +408,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=None, help=f"Adam steps per task (default {defaults.steps})")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--out", default=defaults.out)
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads per worker")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help=f"parallel processes, one (method, seed) each (default {defaults.workers})")
     parser.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
     parser.add_argument("--measure-cost", action="store_true",
                         help="time the default diagnostics against one learner update and exit")
@@ -392,7 +424,8 @@ def main(argv: list[str]) -> int:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     try:
-        cfg = replace(defaults, methods=args.methods, lr=args.lr, out=args.out, threads=args.threads, **fields)
+        cfg = replace(defaults, methods=args.methods, lr=args.lr, out=args.out, threads=args.threads,
+                      workers=args.workers, **fields)
         cfg.validate()
     except ValueError as exc:
         print(f"evergreen bench plasticity: {exc}", file=sys.stderr)

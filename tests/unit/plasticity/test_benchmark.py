@@ -32,6 +32,13 @@ def test_quick_run_writes_every_output_with_every_method(tmp_path, capsys):
     assert (out / "fit_per_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in ALL_METHODS:
         assert f"| {method} |" in printed
+    # the default runs (method, seed) jobs in 2 worker processes; one process gives the same rows
+    serial = B.run_benchmark(B.BenchConfig(**{**B.QUICK, "tasks": 2}, methods="baseline,redo", workers=1,
+                                           out=str(tmp_path / "serial")), log=lambda s: None)
+    parallel = [r for r in rows if r["method"] in ("baseline", "redo")]
+    assert [(r["method"], r["task"], r["fit"]) for r in serial["rows"]] == [
+        (r["method"], int(r["task"]), float(r["fit"])) for r in parallel
+    ]
 
 
 def test_same_seed_same_results(tmp_path):
