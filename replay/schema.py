@@ -56,8 +56,8 @@ class Field:
                 f"field {self.name!r}: dtype {self.dtype!r} is not numeric; expected one of bool, intN, uintN, "
                 "floatN, complexN"
             )
-        # Native byte order only: the storage arrays and the wire format are native.
-        object.__setattr__(self, "dtype", dt.newbyteorder("=").name if dt.byteorder == ">" else dt.name)
+        # The name is byte-order free ('>f4' -> 'float32'): storage arrays are native, and batches must be too.
+        object.__setattr__(self, "dtype", dt.name)
         try:
             shape = tuple(int(d) for d in self.shape)
         except (TypeError, ValueError) as err:
@@ -149,7 +149,8 @@ class Schema:
             if not isinstance(arr, np.ndarray):
                 raise InvalidArgument(f"field {f.name!r}: expected a numpy array, got {type(arr).__name__}")
             if arr.dtype != f.np_dtype:
-                raise InvalidArgument(f"field {f.name!r}: expected dtype {f.dtype}, got {arr.dtype.name}")
+                got = arr.dtype.name if arr.dtype.name != f.dtype else f"{arr.dtype.str} (non-native byte order)"
+                raise InvalidArgument(f"field {f.name!r}: expected dtype {f.dtype}, got {got}")
             if arr.ndim != 1 + len(f.shape) or tuple(arr.shape[1:]) != f.shape:
                 want = "(" + ", ".join(["rows", *map(str, f.shape)]) + ")"
                 raise InvalidArgument(f"field {f.name!r}: expected shape {want}, got {tuple(arr.shape)}")

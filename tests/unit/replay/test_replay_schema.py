@@ -75,6 +75,10 @@ def test_validate_ok_returns_rows():
         (lambda b: b.update(action=np.zeros((3, 1), np.int64)), r"field 'action': expected shape \(rows\), got \(3, 1\)"),
         (lambda b: b.update(reward=np.zeros(2, np.float32)), "field 'reward' has 2 rows but field 'obs' has 3"),
         (lambda b: b.update(obs=[[0.0] * 4] * 3), "field 'obs': expected a numpy array, got list"),
+        (
+            lambda b: b.update(obs=np.zeros((3, 4), ">f4")),
+            re.escape("field 'obs': expected dtype float32, got >f4 (non-native byte order)"),
+        ),
     ],
 )
 def test_validate_refuses(mutate, msg):
