@@ -43,8 +43,8 @@ Pinned definitions (public code disagrees; these are the choices made here):
   with ``theta_0`` recorded when the :class:`Diagnostics` is built (or passed in). ``/total`` over
   all parameters.
 * ``effective_lr/<module>``: ``||theta_after - theta_before|| / ||theta_before||`` across one
-  optimizer step (modules with ``||theta_before|| = 0`` are left out); ``/total`` over all
-  parameters. :class:`EffectiveLRTracker` holds the snapshot.
+  optimizer step (modules with ``||theta_before|| = 0``, or not present at both ends, are left
+  out); ``/total`` over the modules measured. :class:`EffectiveLRTracker` holds the snapshot.
 * ``grad_l1/<module>``, ``grad_l2/<module>``, ``grad_zero_frac/<module>`` (fraction of gradient
   entries exactly 0): of a fresh gradient of ``loss_fn`` on ``loss_batch`` when a loss is given,
   else of the parameters' current ``.grad`` (the last backward pass); parameters without a
@@ -235,17 +235,21 @@ def snapshot_parameters(network: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def distances_to_init(network: nn.Module, initial: dict[str, torch.Tensor]) -> dict[str, float]:
-    """``dist_to_init/<module>`` = ``||theta - theta_0||`` and ``dist_to_init/total``."""
+    """``dist_to_init/<module>`` = ``||theta - theta_0||`` and ``dist_to_init/total``.
+
+    Modules without a same-sized ``theta_0`` entry (e.g. a head added by plasticity injection after
+    ``theta_0`` was recorded) are left out of the per-module keys and the total; if no module
+    matches at all, ``initial`` belongs to another network and ValueError is raised.
+    """
     current = snapshot_parameters(network)
-    if set(current) != set(initial):
+    matched = {n: t for n, t in current.items() if n in initial and initial[n].shape == t.shape}
+    if not matched:
         raise ValueError(
             f"initial parameters are for modules {sorted(initial)}, the network has {sorted(current)}"
         )
     out: dict[str, float] = {}
     total = 0.0
-    for name, theta in current.items():
-        if theta.shape != initial[name].shape:
-            raise ValueError(f"module {name!r}: {theta.numel()} parameters now, {initial[name].numel()} at init")
+    for name, theta in matched.items():
         sq = float(((theta - initial[name]) ** 2).sum())
         out[f"dist_to_init/{name}"] = math.sqrt(sq)
         total += sq
@@ -278,9 +282,9 @@ class EffectiveLRTracker:
         if self._before is None:
             raise RuntimeError("EffectiveLRTracker.measure() needs a snapshot() before the optimizer step")
         before, self._before = self._before, None
-        after = snapshot_parameters(self.network)
-        if set(after) != set(before):
-            raise ValueError(f"modules changed between snapshot ({sorted(before)}) and measure ({sorted(after)})")
+        # Only modules present (same size) at both ends: a head swapped in between has no "before".
+        after = {n: t for n, t in snapshot_parameters(self.network).items()
+                 if n in before and before[n].shape == t.shape}
         out: dict[str, float] = {}
         delta_sq = norm_sq = 0.0
         for name, theta in after.items():

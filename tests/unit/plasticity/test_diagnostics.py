@@ -105,6 +105,10 @@ def test_weight_norms_and_distance_to_init():
     assert dist["dist_to_init/total"] == pytest.approx(5.0)
     with pytest.raises(ValueError, match="initial parameters are for modules"):
         D.distances_to_init(net, {"other": torch.zeros(1)})
+    # a head swapped in after theta_0 (plasticity injection) is left out, not an error
+    net.head = nn.Sequential(nn.Linear(3, 2))  # modules "head.0" now, "head" at init
+    dist = D.distances_to_init(net, init)
+    assert "dist_to_init/head" not in dist and dist["dist_to_init/total"] == 0.0
 
 
 def test_effective_lr_tracker_with_sgd_step():
