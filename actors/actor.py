@@ -42,7 +42,9 @@ class WeightsSource(Protocol):
 
     def latest_version(self) -> int: ...
 
-    def get(self, version: int) -> dict[str, Any]: ...
+    def get(self, version: int) -> dict[str, Any] | nn.Module:
+        """A state dict for the actor's network, or a whole network when the architecture changed."""
+        ...
 
 
 @dataclass
@@ -257,7 +259,11 @@ class Actor:
         if latest < 0 or latest == self._version:
             return False
         state = self._weights.get(latest)
-        self._network.load_state_dict(state)
+        if isinstance(state, nn.Module):
+            # A whole network: the learner's architecture changed (e.g. plasticity injection added a head).
+            self._network = state.eval().requires_grad_(False)
+        else:
+            self._network.load_state_dict(state)
         self._version = latest
         self._weight_updates += 1
         return True

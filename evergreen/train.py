@@ -309,12 +309,13 @@ class Trainer:
                 counters.update(state["counters"])
                 returns.extend(state["recent_returns"])
                 print(f"  resumed at env step {counters['env_steps']:,}, update {counters['updates']:,}")
-            store = WeightStore.remote()
-            publisher = WeightPublisher(store)
-            publisher(counters["updates"], algorithm.weights())
             net_cfg = dataclasses.replace(cfg.network, **network_overrides(interventions))
             network_factory = functools.partial(build_network, net_cfg, obs_shape=obs_shape,
                                                 num_actions=num_actions, obs_dtype=obs_dtype)
+            store = WeightStore.remote()
+            publisher = WeightPublisher(store, network=lambda: algorithm.online,
+                                        actor_keys=set(network_factory().state_dict()))
+            publisher(counters["updates"], algorithm.weights())
             weight_source = RayWeightSource(store)
             a = cfg.actors
             # On resume, each actor's exploration schedule continues where the run left off.
@@ -401,12 +402,17 @@ class Trainer:
         stopped_by = "reached learner.total_env_steps"
 
         def checkpoint() -> None:
-            client.checkpoint()
+            # The learner first: it is local and what --resume needs; replay shards can lose at most the
+            # transitions since their previous checkpoint, which only costs a little data.
             save_checkpoint(self.run_dir / "checkpoints", {
                 "algorithm": algorithm.state_dict(),
                 "counters": dict(counters, elapsed_s=base_elapsed + time.time() - t0),
                 "recent_returns": list(returns),
             }, step=counters["updates"])
+            try:
+                client.checkpoint(timeout=120.0)
+            except Exception as exc:  # noqa: BLE001 - reported; the run goes on / ends regardless
+                print(f"  replay checkpoint failed ({exc}); shards keep their previous checkpoint", file=sys.stderr)
 
         def emit(now: float) -> None:
             """One metrics-log record, progress line and telemetry update for the interval ending now."""

@@ -14,6 +14,7 @@ and experience never passes through Ray at all (it goes to replay over gRPC).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import ray
@@ -39,14 +40,28 @@ class WeightStore:
 
 
 class WeightPublisher:
-    """Learner side: ``publisher(version, weights)``; keeps the last ref alive until the next publish."""
+    """Learner side: ``publisher(version, weights)``; keeps the last ref alive until the next publish.
 
-    def __init__(self, store: Any):
+    Actors build their network once from the run config, so they can load a state dict only while
+    its keys match that architecture. When an intervention changes the architecture during the run
+    (plasticity injection adds heads), the publisher sends the whole network (``network()``, moved
+    to the CPU) instead, and actors replace theirs.
+    """
+
+    def __init__(self, store: Any, *, network: Any = None, actor_keys: set[str] | None = None):
         self.store = store
+        self.network = network
+        self._keys = actor_keys  # the state-dict keys of the network the actors build
         self._last_ref = None
 
     def __call__(self, version: int, weights: dict[str, Any]) -> None:
-        ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
+        if self._keys is None:
+            self._keys = set(weights)
+        if set(weights) != self._keys and self.network is not None:
+            payload: Any = copy.deepcopy(self.network()).cpu()
+        else:
+            payload = {k: v.detach().cpu() for k, v in weights.items()}
+        ref = ray.put(payload)
         ray.get(self.store.publish.remote(version, [ref]))
         self._last_ref = ref
 

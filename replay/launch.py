@@ -107,6 +107,9 @@ class ShardProcess:
         proc = subprocess.Popen(
             self.command(port=port, metrics_port=metrics_port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL, text=True, env=env,
+            # Its own session: a terminal's Ctrl-C reaches the parent, which checkpoints replay and
+            # then stops the shard; the shard must not have already gone.
+            start_new_session=True,
         )
         self._proc = proc
         ready: dict[str, str] = {}

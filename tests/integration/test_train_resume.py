@@ -83,3 +83,59 @@ def test_bad_flags_and_resume_dirs_are_refused(tmp_path, capsys):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["--plasticity", "layer_norm,not_a_thing"]) == 2
     assert "not_a_thing" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does), then resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "evergreen", "train", "--preset", "cartpole", "--run-dir", str(run_dir),
+           "--learner.total_env_steps", "1000000", "--replay.min_size_to_sample", "200",
+           "--learner.log_every_s", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = run_dir / "metrics.jsonl"
+            if log.exists() and any(json.loads(line)["updates"] > 0 for line in log.read_text().splitlines()):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            raise AssertionError("training never started updating")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "interrupted (Ctrl-C); checkpoint written" in out
+    state = load_latest_checkpoint(run_dir / "checkpoints")
+    assert state is not None and state["counters"]["updates"] > 0
+    # and it resumes from there
+    assert main(["--resume", str(run_dir), "--learner.total_env_steps", str(state["counters"]["env_steps"] + 500)]) == 0
+    assert load_latest_checkpoint(run_dir / "checkpoints")["counters"]["updates"] >= state["counters"]["updates"]
+
+
+def test_plasticity_injection_mid_run_reaches_the_actors(tmp_path):
+    """Injection changes the head's architecture; actors must keep acting with the new network."""
+    config = load_config(preset="cartpole", overrides={
+        "replay": {"capacity": 4000, "min_size_to_sample": 200, "samples_per_insert": 8.0},
+        "learner": {"total_env_steps": 2500, "stop_at_return": None, "log_every_s": 1.0, "publish_every": 10},
+        "plasticity": {"interventions": "plasticity_injection", "options": {"plasticity_injection": {"step": 30}},
+                       "diagnostics": ""},
+    }).validate()
+    summary = Trainer(config, run_dir=tmp_path / "inject").run()
+    records = _records(tmp_path / "inject")
+    assert summary.updates > 30 and summary.env_steps >= 2500
+    assert records[-1]["actor_restarts"] == 0, "actors crashed loading the injected network"
+    assert any((r.get("plasticity_injection/injections") or 0) > 0 for r in records), records
+    # after the injection the actors acted with versions published after it
+    assert records[-1]["actor_policy_lag_updates"] is not None
+    assert records[-1]["actor_policy_lag_updates"] < summary.updates - 30
