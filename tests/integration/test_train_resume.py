@@ -135,7 +135,7 @@ def test_plasticity_injection_mid_run_reaches_the_actors(tmp_path):
     records = _records(tmp_path / "inject")
     assert summary.updates > 30 and summary.env_steps >= 2500
     assert records[-1]["actor_restarts"] == 0, "actors crashed loading the injected network"
-    assert any((r.get("plasticity_injection/injections") or 0) > 0 for r in records), records
+    assert any((r.get("plasticity_injection/injected") or 0) > 0 for r in records), records
     # after the injection the actors acted with versions published after it
     assert records[-1]["actor_policy_lag_updates"] is not None
     assert records[-1]["actor_policy_lag_updates"] < summary.updates - 30
