@@ -11,9 +11,11 @@
     for s in shards:
         s.stop()              # SIGTERM: the shard checkpoints (if it has a directory) and exits
 
-The constructor returns once the shard printed its ``REPLAY_SERVER_READY`` line; if the process exits
-or stays silent past ``ready_timeout_s``, it raises ``RuntimeError`` with the exit status and the tail of
-the shard's stderr (e.g. the schema mismatch that made it refuse a checkpoint).
+With ``exit_with_parent`` (the default) a shard stops by itself, checkpointing, when the process that
+launched it dies without stopping it (SIGKILL, crash). The constructor returns once the shard printed
+its ``REPLAY_SERVER_READY`` line; if the process exits or stays silent past ``ready_timeout_s``, it raises
+``RuntimeError`` with the exit status and the tail of the shard's stderr (e.g. the schema mismatch that
+made it refuse a checkpoint).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class ShardProcess:
         ready_timeout_s: float = 60.0,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        exit_with_parent: bool = True,
     ):
         self.tables = list(tables)
         if not self.tables:
@@ -60,6 +63,7 @@ class ShardProcess:
         self.ready_timeout_s = float(ready_timeout_s)
         self.extra_args = list(extra_args)
         self.env = env
+        self.exit_with_parent = exit_with_parent
         self.port: int = int(port)
         self._requested_metrics_port = metrics_port
         self.metrics_port: int | None = None
@@ -98,6 +102,8 @@ class ShardProcess:
             cmd += ["--checkpoint-dir", str(self.checkpoint_dir)]
         if metrics_port is not None:
             cmd += ["--metrics-port", str(metrics_port)]
+        if self.exit_with_parent:
+            cmd.append("--exit-with-parent")
         return cmd + self.extra_args
 
     def _start(self, *, port: int, metrics_port: int | None) -> None:

@@ -17,7 +17,7 @@ From the command line (``evergreen replay serve`` or ``python -m replay.server``
 
 prints one line ``REPLAY_SERVER_READY port=<p> metrics_port=<m|none>`` once it serves, and on SIGTERM or
 SIGINT stops accepting requests, wakes blocked callers, checkpoints (when a checkpoint directory is set)
-and exits 0. With a checkpoint directory that holds a checkpoint, the tables are restored before serving;
+and exits 0 (with ``--exit-with-parent`` it does the same when its parent process exits). With a checkpoint directory that holds a checkpoint, the tables are restored before serving;
 a checkpoint whose tables or schemas differ from the configuration is refused (exit status 1, message on
 stderr).
 
@@ -32,6 +32,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -404,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-index", type=int, default=0, help="value of the `shard` metrics label")
     parser.add_argument("--max-workers", type=int, default=32, help="RPC worker threads")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop (checkpointing) when the parent process exits, e.g. a launcher killed with -9")
     return parser
 
 
@@ -441,13 +444,19 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    parent = os.getppid()
     metrics = server.metrics_port if server.metrics_port is not None else "none"
     if server.restored_from is not None:
         log.info("restored from %s", server.restored_from)
     print(f"{READY_PREFIX} port={port} metrics_port={metrics}", flush=True)
     while not stop.wait(0.5):
-        pass
-    log.info("signal %s: stopping", received[0] if received else "?")
+        # A launcher that dies without stopping us (SIGKILL, crash) re-parents us; a shard in its own
+        # session would otherwise run on forever.
+        if args.exit_with_parent and os.getppid() != parent:
+            log.info("parent process %d exited: stopping", parent)
+            break
+    if received:
+        log.info("signal %s: stopping", received[0])
     try:
         written = server.stop(checkpoint=True)
     except (ReplayError, OSError) as e:

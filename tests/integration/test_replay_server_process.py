@@ -11,6 +11,7 @@ import urllib.request
 import zlib
 
 import numpy as np
+import psutil
 import pytest
 
 from replay.checkpoint import latest_checkpoint, read_checkpoint
@@ -130,3 +131,31 @@ def test_shard_that_cannot_bind_reports_its_stderr():
             ShardProcess([CONFIG], port=first.port)
     finally:
         first.stop()
+
+
+def test_shard_stops_and_checkpoints_when_its_launcher_is_killed(tmp_path):
+    launcher = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from replay.launch import ShardProcess\n"
+         "from replay.table import TableConfig\n"
+         "from replay.schema import Schema\n"
+         "shard = ShardProcess([TableConfig(name='replay', schema=Schema.parse('obs:float32:2,action:int64'), "
+         "capacity=100)], checkpoint_dir=sys.argv[1])\n"
+         "print(shard.pid, flush=True)\n"
+         "time.sleep(600)\n",
+         str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    shard = None
+    try:
+        shard = psutil.Process(int(launcher.stdout.readline()))
+        launcher.kill()   # no chance to stop its shard
+        launcher.wait()
+        shard.wait(timeout=60)   # psutil.TimeoutExpired if it keeps running (not our child: no exit status)
+        assert not shard.is_running()
+        assert latest_checkpoint(tmp_path) is not None
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if shard is not None and shard.is_running():
+            shard.kill()
