@@ -48,7 +48,7 @@ _THROUGHPUT = (("env_steps_per_s", "env steps / s"), ("updates_per_s", "updates 
                ("replay_size", "replay size (items)"), ("learner_wait_fraction", "learner wait (fraction)"),
                ("policy_lag_updates", "policy lag (updates)"), ("num_actors", "actors"),
                ("actor_restarts", "actor restarts (cumulative)"))
-_LOSSES = (("loss", "loss"), ("td_error", "|TD error|"), ("q_mean", "Q mean"), ("grad_norm", "gradient norm"),
+_LOSSES = (("loss", "loss"), ("td_error", "|TD error|"), ("q", "Q mean"), ("grad_norm", "gradient norm"),
            ("lr", "learning rate"))
 _TOP_LEVEL = {"time", "elapsed_s", "env_steps", "updates", "episodes", "env_steps_per_s", "updates_per_s",
               "return_mean_100", "return_recent", "replay_size", "learner_wait_fraction", "policy_lag_updates",

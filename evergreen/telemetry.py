@@ -21,7 +21,7 @@ series until a value comes again, so a diverged loss is never shown as its last 
     evergreen_learner_samples_total                  counter   updates * batch_size (only with batch_size)
     evergreen_learner_loss                           gauge     ``loss`` (interval mean)
     evergreen_learner_td_error                       gauge     ``td_error``
-    evergreen_learner_q_value_mean                   gauge     ``q_mean``
+    evergreen_learner_q_value_mean                   gauge     ``q`` (DQN metric: mean Q of taken actions)
     evergreen_learner_grad_norm                      gauge     ``grad_norm``
     evergreen_learner_learning_rate                  gauge     ``lr``
     evergreen_learner_updates_per_second             gauge     ``updates_per_s``
@@ -150,7 +150,7 @@ _FIXED = {
     "updates": ("evergreen_learner_updates", "Learner updates (optimizer steps), cumulative.", "counter"),
     "loss": ("evergreen_learner_loss", "Learner loss, mean over the log interval.", "gauge"),
     "td_error": ("evergreen_learner_td_error", "Mean absolute TD error over the log interval.", "gauge"),
-    "q_mean": ("evergreen_learner_q_value_mean", "Mean Q value of sampled batches over the log interval.", "gauge"),
+    "q": ("evergreen_learner_q_value_mean", "Mean Q value of sampled batches over the log interval.", "gauge"),
     "grad_norm": ("evergreen_learner_grad_norm", "Gradient L2 norm, mean over the log interval.", "gauge"),
     "lr": ("evergreen_learner_learning_rate", "Optimizer learning rate.", "gauge"),
     "updates_per_s": ("evergreen_learner_updates_per_second", "Learner updates per second over the interval.",

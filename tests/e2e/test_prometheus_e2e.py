@@ -14,64 +14,19 @@ are fed here as numbers in the record, exactly as the trainer would write them.
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import subprocess
 import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from evergreen.telemetry import TelemetryExporter, write_targets
+from tests.e2e.conftest import api, dashboard_and_alert_exprs, free_port, query, wait_for
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-PROMETHEUS_BIN = shutil.which("prometheus")
 RUN = "e2e-run"
 DEAD_RUN = "e2e-dead"
 LAYERS = ("encoder.0", "encoder.2", "head.0")
-# Grafana variables as Grafana substitutes them with "All" selected (allValue ".*").
-SUBSTITUTIONS = {"$__rate_interval": "1m", "$__interval": "15s", "$run": ".*", "$layer": ".*"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def api(port: int, path: str, **params) -> dict:
-    url = f"http://127.0.0.1:{port}{path}"
-    if params:
-        url += "?" + urllib.parse.urlencode(params)
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        body = json.loads(resp.read())
-    assert body["status"] == "success", body
-    return body["data"]
-
-
-def query(port: int, expr: str) -> list[dict]:
-    return api(port, "/api/v1/query", query=expr)["result"]
-
-
-def wait_for(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (OSError, AssertionError) as exc:
-            last = exc
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def record(i: int, *, now: float) -> dict:
@@ -82,7 +37,7 @@ def record(i: int, *, now: float) -> dict:
         "return_mean_100": 10.0 + i, "return_recent": 11.0 + i, "replay_size": 1000 * (i + 1),
         "learner_wait_fraction": 0.9, "policy_lag_updates": 5000.0, "actor_restarts": i // 3,
         "num_actors": 0 if i >= 4 else 2,
-        "loss": 0.5, "td_error": 0.25, "q_mean": 1.0, "grad_norm": 3.0, "lr": 1e-4,
+        "loss": 0.5, "td_error": 0.25, "q": 1.0, "grad_norm": 3.0, "lr": 1e-4,
         "redo/units_reset": 4.0 if i in (3, 6) else 0.0, "redo/dormant_fraction": 0.3,
         "diag/srank": 40.0 - i, "diag/effective_rank": 30.0, "diag/feature_rank": 20.0, "diag/feature_norm": 5.0,
         "diag/feature_var": 0.5, "diag/churn": 0.1, "diag/policy_entropy": 1.0, "diag/hessian_max_eig": 12.0,
@@ -95,22 +50,6 @@ def record(i: int, *, now: float) -> dict:
             rec[f"diag/{name}/{layer}"] = 0.1 * (j + 1) + 0.01 * i
         rec[f"diag/{name}/total"] = 0.6 + 0.01 * i
     return rec
-
-
-def dashboard_and_alert_exprs() -> list[tuple[str, str]]:
-    out = []
-    for name in ("plasticity", "system"):
-        dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / f"{name}.json").read_text())
-        for p in dash["panels"]:
-            out += [(f"{name}: {p['title']} {t['refId']}", t["expr"]) for t in p.get("targets", [])]
-        out += [(f"{name}: annotation {a['name']}", a["expr"]) for a in dash["annotations"]["list"] if "expr" in a]
-    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
-    out += [(f"alert {r['alert']}", r["expr"]) for g in rules["groups"] for r in g["rules"]]
-    for i, (where, expr) in enumerate(out):
-        for var, value in SUBSTITUTIONS.items():
-            expr = expr.replace(var, value)
-        out[i] = (where, expr)
-    return out
 
 
 @pytest.fixture
@@ -128,42 +67,6 @@ def replay_shard(tmp_path):
     yield shard, client
     client.close()
     shard.stop()
-
-
-@pytest.fixture
-def prometheus(tmp_path):
-    if PROMETHEUS_BIN is None:
-        pytest.skip("prometheus binary not installed (apt-get install prometheus; .ci/run installs it)")
-    sd_dir = tmp_path / "runs" / "prometheus_targets"
-    sd_dir.mkdir(parents=True)
-    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(ROOT / "deploy" / "prometheus" / "alerts.yml")]
-    (job,) = config["scrape_configs"]
-    job["file_sd_configs"] = [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]
-    config_path = tmp_path / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [PROMETHEUS_BIN, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        def ready():
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as resp:
-                return resp.status == 200
-        wait_for(ready, timeout=60, what="prometheus /-/ready")
-        yield port, sd_dir
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_prometheus_scrapes_the_exporter_and_every_expression_returns_series(tmp_path, prometheus, replay_shard):

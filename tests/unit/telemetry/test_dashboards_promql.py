@@ -127,7 +127,7 @@ def test_every_referenced_family_is_exported():
     rec = {"time": 1.0, "elapsed_s": 1.0, "env_steps": 10, "updates": 1, "episodes": 1, "env_steps_per_s": 1.0,
            "updates_per_s": 1.0, "return_mean_100": 1.0, "return_recent": 1.0, "replay_size": 10,
            "learner_wait_fraction": 0.0, "policy_lag_updates": 0.0, "actor_restarts": 0, "num_actors": 1,
-           "loss": 1.0, "td_error": 1.0, "q_mean": 1.0, "grad_norm": 1.0, "lr": 1.0, "redo/units_reset": 0.0}
+           "loss": 1.0, "td_error": 1.0, "q": 1.0, "grad_norm": 1.0, "lr": 1.0, "redo/units_reset": 0.0}
     for name in ("dormant_ratio", "dead_ratio", "active_units", "weight_norm", "dist_to_init", "effective_lr",
                  "grad_l2", "grad_zero_frac"):
         rec[f"diag/{name}/total"] = 0.5

@@ -40,7 +40,7 @@ def make_run(root: Path, name: str, *, interventions: str, n: int = 30, tasks: b
             "return_mean_100": None if i == 0 else 10.0 + i, "return_recent": None if i % 3 == 0 else 9.0 + i,
             "replay_size": min(steps, 20_000), "learner_wait_fraction": 0.1, "policy_lag_updates": 4.0,
             "actor_restarts": 0 if i < 10 else 1, "num_actors": 2,
-            "loss": 1.0 / (i + 1), "td_error": 0.5, "q_mean": 0.1 * i, "grad_norm": 1.5, "lr": 1e-4,
+            "loss": 1.0 / (i + 1), "td_error": 0.5, "q": 0.1 * i, "grad_norm": 1.5, "lr": 1e-4,
         }
         if tasks:
             rec["task"] = "Pong" if i < n // 2 else "Breakout"

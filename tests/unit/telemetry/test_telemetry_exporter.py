@@ -18,7 +18,7 @@ def record(**overrides):
         "env_steps_per_s": 80.0, "updates_per_s": 8.0, "return_mean_100": 22.5, "return_recent": 30.0,
         "replay_size": 1000, "learner_wait_fraction": 0.25, "policy_lag_updates": 3.5,
         "actor_restarts": 1, "num_actors": 2,
-        "loss": 0.5, "td_error": 0.75, "q_mean": 1.5, "grad_norm": 2.0, "lr": 0.001,
+        "loss": 0.5, "td_error": 0.75, "q": 1.5, "grad_norm": 2.0, "lr": 0.001,
         "redo/units_reset": 0.0, "redo/dormant_fraction": 0.125,
         "weight_clipping/clipped_fraction": 0.0625,
         "diag/dormant_ratio/total": 0.1, "diag/dormant_ratio/encoder.0": 0.2, "diag/dormant_ratio/head.0": 0.0,
