@@ -207,7 +207,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, dict[str, Any]]:
     """Per method: mean/std over seeds of first-task fit, final-task fit, mean fit over the last 5
-    tasks, and end-of-run dormant ratio, srank and weight norm; plus per-seed verdicts.
+    tasks, first-task and last-5 mean end-of-task loss, and end-of-run dormant ratio, srank and
+    weight norm; plus per-seed verdicts.
 
     Verdicts, per seed: the baseline *loses plasticity* if its last-5 fit is below half its
     first-task fit; a method *keeps plasticity* if its last-5 fit is at least 0.9x the baseline's
@@ -226,6 +227,8 @@ def summarize(rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, dict[st
             "first_fit": lambda rs: rs[0]["fit"],
             "final_fit": lambda rs: rs[-1]["fit"],
             "last5_fit": lambda rs: statistics.fmean(r["fit"] for r in rs[-last:]),
+            "first_loss": lambda rs: rs[0]["loss"],
+            "last5_loss": lambda rs: statistics.fmean(r["loss"] for r in rs[-last:]),
             "dormant_ratio": lambda rs: rs[-1]["dormant_ratio"],
             "srank": lambda rs: rs[-1]["srank"],
             "weight_norm": lambda rs: rs[-1]["weight_norm"],
@@ -247,7 +250,8 @@ def summarize(rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, dict[st
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     cols = [("first_fit", "first-task fit", 3), ("final_fit", "final-task fit", 3), ("last5_fit", "last-5 fit", 3),
-            ("dormant_ratio", "dormant", 3), ("srank", "srank", 1), ("weight_norm", "weight norm", 1)]
+            ("first_loss", "first-task loss", 3), ("last5_loss", "last-5 loss", 3), ("dormant_ratio", "dormant", 3),
+            ("srank", "srank", 1), ("weight_norm", "weight norm", 1)]
     header = "| method | " + " | ".join(c[1] for c in cols) + " | plasticity (per seed) |"
     lines = [header, "|" + "---|" * (len(cols) + 2)]
     for method, stats in summary.items():
@@ -416,8 +420,13 @@ def main(argv: list[str]) -> int:
                         help="time the default diagnostics against one learner update and exit")
     args = parser.parse_args(argv)
     if args.measure_cost:
-        for encoder in ("nature_cnn", "mlp"):
-            measure_diagnostics_cost(encoder=encoder)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)  # one thread: stable timings on a shared machine
+        try:
+            for encoder in ("nature_cnn", "mlp"):
+                measure_diagnostics_cost(encoder=encoder, repeats=5 if encoder == "nature_cnn" else 20)
+        finally:
+            torch.set_num_threads(previous_threads)
         return 0
     fields: dict[str, Any] = dict(QUICK) if args.quick else {}
     for name in ("tasks", "seeds", "steps"):

@@ -70,7 +70,7 @@ def test_summary_statistics_and_verdicts():
     assert s["redo"]["dormant_ratio"] == (pytest.approx(0.5), 0.0)
     assert s["redo"]["srank"] == (pytest.approx(5.0), 0.0)
     table = B.format_table(s)
-    assert "| redo | 0.900 ± 0.100 | 0.800 ± 0.100 |" in table
+    assert "| redo | 0.900 ± 0.100 | 0.800 ± 0.100 | 0.820 ± 0.120 | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.500 ± 0.000 |" in table
 
 
 def test_bad_inputs():
