@@ -572,6 +572,10 @@ class Diagnostics:
         missing = [n for n in _NEEDS_LOSS if n in self.names and loss_fn is None]
         if missing:
             raise ValueError(f"diagnostics {missing} need loss_fn=(network, batch) -> per-sample losses")
+        # A DDP wrapper exposes neither features/head nor hidden_layers(); measure the wrapped module
+        # (its replicas are identical, so any rank's measurement stands for all).
+        if isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
         self.network = network
         self.every = every
         self.probe_obs = probe_obs
