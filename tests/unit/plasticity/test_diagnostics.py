@@ -306,3 +306,11 @@ def test_name_selection_and_bad_inputs():
         D.Diagnostics(HandNet(), every=0)
     with pytest.raises(ValueError, match="need probe_obs"):
         D.Diagnostics(HandNet(), names="srank").compute()
+
+
+def test_hessian_through_entry_point_on_squared_linear_loss():
+    # loss_i = (w . x_i)^2 -> H = (2/B) sum x_i x_i^T = (2/3) [[2, 1], [1, 2]], eigenvalues 2 and 2/3
+    batch = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    diag = D.Diagnostics(linear_scorer(), names="hessian_max_eig", loss_fn=lambda m, b: m(b).squeeze(1) ** 2,
+                         loss_batch=batch, generator=torch.Generator().manual_seed(3))
+    assert diag.compute()["hessian_max_eig"] == pytest.approx(2.0, rel=1e-3)
