@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from plasticity.base import Intervention, InterventionContext
 from plasticity.layers import HiddenLayer, WeightLayer
 from plasticity.optim_state import reset_entries
 
@@ -158,3 +159,25 @@ def randn_like_param(param: torch.Tensor, generator: torch.Generator) -> torch.T
 
 def trainable(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p for p in params if p.requires_grad]
+
+
+class ScheduledIntervention(Intervention):
+    """An intervention that acts every ``period`` optimizer steps (0 = never) and/or at task switches.
+
+    Subclasses set ``self.period`` and ``self.on_switch`` in ``__init__`` and define ``apply(ctx)``,
+    which does the work and returns its metrics.
+    """
+
+    period: int = 0
+    on_switch: bool = False
+
+    def apply(self, ctx: InterventionContext) -> dict[str, float]:
+        raise TypeError(f"{type(self).__name__} must define apply(ctx)")
+
+    def after_step(self, ctx: InterventionContext, *, probe_obs: torch.Tensor | None = None) -> dict[str, float]:
+        if self.period and ctx.step % self.period == 0:
+            return self.apply(ctx)
+        return {}
+
+    def on_task_switch(self, ctx: InterventionContext) -> dict[str, float]:
+        return self.apply(ctx) if self.on_switch else {}

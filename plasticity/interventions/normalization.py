@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from plasticity.base import Intervention, InterventionContext
-from plasticity.interventions._common import NORM_TYPES, check_number
+from plasticity.interventions._common import NORM_TYPES, ScheduledIntervention, check_number
 from plasticity.layers import hidden_layers
 
 
@@ -120,7 +120,7 @@ class NormalizeAndProject(Intervention):
         self.targets = {str(k): float(v) for k, v in state["targets"].items()}
 
 
-class ELRIncrease(Intervention):
+class ELRIncrease(ScheduledIntervention):
     """Raise the effective learning rate by shrinking scale-invariant weights (Lyle et al. 2025).
 
     Every hidden producer followed by a normalization computes the same function after
@@ -142,7 +142,7 @@ class ELRIncrease(Intervention):
     def setup(self, ctx: InterventionContext) -> None:
         _require_norms(self.name, ctx.network)
 
-    def _shrink(self, ctx: InterventionContext) -> dict[str, float]:
+    def apply(self, ctx: InterventionContext) -> dict[str, float]:
         count = 0
         with torch.no_grad():
             for layer in _require_norms(self.name, ctx.network):
@@ -151,11 +151,3 @@ class ELRIncrease(Intervention):
                     layer.producer.bias.mul_(self.factor)
                 count += 1
         return {f"{self.name}/layers_scaled": float(count)}
-
-    def after_step(self, ctx: InterventionContext, *, probe_obs: torch.Tensor | None = None) -> dict[str, float]:
-        if self.period and ctx.step % self.period == 0:
-            return self._shrink(ctx)
-        return {}
-
-    def on_task_switch(self, ctx: InterventionContext) -> dict[str, float]:
-        return self._shrink(ctx) if self.on_switch else {}

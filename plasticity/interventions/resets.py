@@ -19,6 +19,7 @@ from torch import nn
 
 from plasticity.base import Intervention, InterventionContext
 from plasticity.interventions._common import (
+    ScheduledIntervention,
     check_number,
     default_bound,
     fresh_parameters,
@@ -53,7 +54,7 @@ def _check_triggers(owner: str, period: int, on_task_switch: bool) -> None:
         raise ValueError(f"{owner}: never triggers (period=0 and on_task_switch=False); enable one")
 
 
-class Reset(Intervention):
+class Reset(ScheduledIntervention):
     """Re-initialize chosen layers every ``period`` steps (0 = never) and/or at each task switch.
 
     ``layers``: ``"output"`` (``network.output_layers()``, the default), ``"head"``, ``"encoder"`` or
@@ -115,16 +116,8 @@ class Reset(Intervention):
                 count += 1
         return {f"{self.name}/layers_reset": float(count)}
 
-    def after_step(self, ctx: InterventionContext, *, probe_obs: torch.Tensor | None = None) -> dict[str, float]:
-        if self.period and ctx.step % self.period == 0:
-            return self.apply(ctx)
-        return {}
 
-    def on_task_switch(self, ctx: InterventionContext) -> dict[str, float]:
-        return self.apply(ctx) if self.on_switch else {}
-
-
-class ShrinkPerturb(Intervention):
+class ShrinkPerturb(ScheduledIntervention):
     """Shrink and perturb (Ash & Adams 2020): ``theta <- alpha * theta + sigma * noise``.
 
     ``variant="init_noise"`` (default): ``noise`` is a fresh draw from the initialization distribution
@@ -178,14 +171,6 @@ class ShrinkPerturb(Intervention):
                     if self.reset_optimizer and id(param) in held:
                         reset_parameter(ctx.optimizer, param, reset_step=False)
         return {f"{self.name}/applied": 1.0}
-
-    def after_step(self, ctx: InterventionContext, *, probe_obs: torch.Tensor | None = None) -> dict[str, float]:
-        if self.period and ctx.step % self.period == 0:
-            return self.apply(ctx)
-        return {}
-
-    def on_task_switch(self, ctx: InterventionContext) -> dict[str, float]:
-        return self.apply(ctx) if self.on_switch else {}
 
 
 class SoftReset(Intervention):
