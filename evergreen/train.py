@@ -270,14 +270,12 @@ class Trainer:
         from learner.checkpoint import load_latest_checkpoint
         from learner.dqn import DQN
         from learner.networks import build_network
-        from plasticity.base import network_overrides
         from plasticity.interventions import build_interventions
 
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             save_config(cfg, self.run_dir / "config.json")
-        started = time.time()
         obs_shape, obs_dtype, num_actions = env_spec(cfg)
         table = table_config(cfg, obs_shape=obs_shape, obs_dtype=obs_dtype)
         log = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in finally
@@ -309,8 +307,8 @@ class Trainer:
                 counters.update(state["counters"])
                 returns.extend(state["recent_returns"])
                 print(f"  resumed at env step {counters['env_steps']:,}, update {counters['updates']:,}")
-            net_cfg = dataclasses.replace(cfg.network, **network_overrides(interventions))
-            network_factory = functools.partial(build_network, net_cfg, obs_shape=obs_shape,
+            # Actors build the learner's architecture: the network config with the interventions' overrides.
+            network_factory = functools.partial(build_network, algorithm.network_config, obs_shape=obs_shape,
                                                 num_actions=num_actions, obs_dtype=obs_dtype)
             store = WeightStore.remote()
             publisher = WeightPublisher(store, network=lambda: algorithm.online,
@@ -343,7 +341,7 @@ class Trainer:
 
             signal.signal(signal.SIGINT, on_sigint)
             return self._learn(algorithm=algorithm, client=client, publisher=publisher, counters=counters,
-                               returns=returns, log=log, started=started, device=device)
+                               returns=returns, log=log, device=device)
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
             self._shutdown()
@@ -351,7 +349,7 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def _learn(self, *, algorithm, client, publisher, counters, returns, log, started, device) -> Summary:
+    def _learn(self, *, algorithm, client, publisher, counters, returns, log, device) -> Summary:
         from learner.checkpoint import save_checkpoint
         from learner.loop import Batch, LearnerLoop, Prefetcher
         from replay.errors import DeadlineExceeded
