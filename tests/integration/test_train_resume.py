@@ -60,7 +60,7 @@ def test_cartpole_runs_checkpoints_and_resumes(tmp_path):
     assert read_config(run_dir / "config.json").learner.total_env_steps == 1500  # stored config unchanged
 
 
-def test_pong_pipeline_runs(tmp_path):
+def test_pong_runs_checkpoints_and_resumes(tmp_path):
     config = load_config(preset="pong", overrides={
         "env": {"num_envs": 4},
         "replay": {"capacity": 3000, "min_size_to_sample": 100, "samples_per_insert": 4.0},
@@ -68,10 +68,19 @@ def test_pong_pipeline_runs(tmp_path):
         "learner": {"total_env_steps": 600, "batch_size": 16, "log_every_s": 1.0},
         "plasticity": {"diagnostics_every": 10},
     }).validate()
-    summary = Trainer(config, run_dir=tmp_path / "pong").run()
+    run_dir = tmp_path / "pong"
+    summary = Trainer(config, run_dir=run_dir).run()
     assert summary.env_steps >= 600 and summary.updates > 0
-    records = _records(tmp_path / "pong")
+    records = _records(run_dir)
     assert records[-1]["replay_size"] > 0
+    assert list((run_dir / "replay" / "shard-0").iterdir()), "the Atari replay shard wrote no checkpoint"
+    # resume: the frame-deduplicating Atari storage restores, the counters continue
+    assert main(["--resume", str(run_dir), "--learner.total_env_steps", str(summary.env_steps + 400)]) == 0
+    state = load_latest_checkpoint(run_dir / "checkpoints")
+    assert state["counters"]["env_steps"] >= summary.env_steps + 400
+    assert state["counters"]["updates"] > summary.updates
+    resumed = _records(run_dir)[len(records):]
+    assert resumed[0]["replay_size"] >= records[-1]["replay_size"]
 
 
 def test_bad_flags_and_resume_dirs_are_refused(tmp_path, capsys):
