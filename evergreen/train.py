@@ -286,7 +286,7 @@ class Trainer:
             torch.set_num_threads(cfg.learner.num_threads)
         else:
             torch.set_num_threads(max(1, cpus - 1))
-        previous_sigint = signal.getsignal(signal.SIGINT)
+        previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             client = self._start_replay(table)
             self._start_telemetry()
@@ -336,14 +336,19 @@ class Trainer:
                                    max_restarts_per_window=a.max_restarts, restart_window_s=a.restart_window_s)
             self._pool.start()
 
-            def on_sigint(_signum, _frame):
-                self._stop_reason = "interrupted (Ctrl-C); checkpoint written"
+            def on_signal(signum, _frame):
+                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                self._stop_reason = f"interrupted ({name}); checkpoint written"
 
-            signal.signal(signal.SIGINT, on_sigint)
+            # SIGINT (Ctrl-C) and SIGTERM (docker stop, Kubernetes) both stop at the next iteration,
+            # checkpoint, and shut everything down in order.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, on_signal)
             return self._learn(algorithm=algorithm, client=client, publisher=publisher, counters=counters,
                                returns=returns, log=log, device=device)
         finally:
-            signal.signal(signal.SIGINT, previous_sigint)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             self._shutdown()
             log.close()
 

@@ -94,8 +94,10 @@ def test_bad_flags_and_resume_dirs_are_refused(tmp_path, capsys):
     assert "not_a_thing" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path):
-    """SIGINT to the whole process group (what a terminal's Ctrl-C does), then resume."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupt_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path, how):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to the trainer
+    (docker stop, Kubernetes); then resume."""
     import os
     import signal
     import subprocess
@@ -104,6 +106,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path):
 
     run_dir = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "evergreen", "train", "--preset", "cartpole", "--run-dir", str(run_dir),
+           "--runs_dir", str(tmp_path / "runs"),
            "--learner.total_env_steps", "1000000", "--replay.min_size_to_sample", "200",
            "--learner.log_every_s", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -117,14 +120,20 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path):
             time.sleep(0.5)
         else:
             raise AssertionError("training never started updating")
-        os.killpg(proc.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, out
-    assert "interrupted (Ctrl-C); checkpoint written" in out
+    assert f"interrupted ({'Ctrl-C' if how == 'ctrl-c' else 'SIGTERM'}); checkpoint written" in out
+    # the run's Prometheus target file was written at start and removed at shutdown
+    assert (tmp_path / "runs" / "prometheus_targets").is_dir()
+    assert not list((tmp_path / "runs" / "prometheus_targets").glob("*.json"))
     state = load_latest_checkpoint(run_dir / "checkpoints")
     assert state is not None and state["counters"]["updates"] > 0
     # and it resumes from there
