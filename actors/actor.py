@@ -32,6 +32,7 @@ from torch import nn
 
 from actors.adder import TRANSITION_FIELDS, NStepAdder, schema
 from actors.envs import EnvConfig, VectorEnv, make_vector_env
+from actors.inserter import AsyncInserter
 from actors.policy import ConstantEpsilon, EpsilonSchedule, apex_epsilon, epsilon_greedy
 
 __all__ = ["Actor", "ActorStats", "WeightsSource"]
@@ -112,7 +113,9 @@ class Actor:
     ``apex_epsilon(index=actor_index, num_actors=num_actors)``. ``seed`` (None: ``env_config.seed``)
     seeds the envs (env ``i`` gets ``seed + i``) and the exploration RNG. Weights are polled every
     ``weights_poll_interval`` vector steps (and before the first step) and loaded when the version
-    changed.
+    changed. With ``async_inserts`` (default) each full batch is sent by a background thread while the
+    actor keeps stepping (:class:`actors.inserter.AsyncInserter`); ``run()`` returns only after every
+    batch it produced is stored.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class Actor:
         seed: int | None = None,
         obs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         torch_threads: int | None = 1,
+        async_inserts: bool = True,
     ) -> None:
         if not isinstance(env_config, EnvConfig):
             raise ValueError(f"env_config must be an EnvConfig, got {type(env_config).__name__}")
@@ -169,7 +173,8 @@ class Actor:
         if not isinstance(self._network, nn.Module):
             raise ValueError(f"network_factory must return an nn.Module, got {type(self._network).__name__}")
         self._network.eval().requires_grad_(False)
-        self._insert = insert
+        # By default one batch is sent in the background while the actor keeps stepping (actors.inserter).
+        self._insert = AsyncInserter(insert) if async_inserts else insert
         self._weights = weights_source
         self._epsilon = epsilon
         self._obs_transform = obs_transform
@@ -234,6 +239,7 @@ class Actor:
             self._step()
             done += 1
         self._flush()
+        self._drain_inserts()
         stats = self._run_stats
         stats.wall_s = time.perf_counter() - start
         self._collect_episodes(stats)
@@ -273,8 +279,11 @@ class Actor:
         if not self._closed:
             try:
                 self._flush()
+                self._drain_inserts()
             finally:
                 self._closed = True
+                if isinstance(self._insert, AsyncInserter):
+                    self._insert.close()
                 self._env.close()
 
     # -- hot loop -----------------------------------------------------------------------------------
@@ -306,6 +315,11 @@ class Actor:
                 f"Q-values for env {self.env_config.id!r}"
             )
         return q.float().numpy()
+
+    def _drain_inserts(self) -> None:
+        """Wait for the batch in flight, so a run's stats count only stored transitions."""
+        if isinstance(self._insert, AsyncInserter):
+            self._insert.flush()
 
     def _new_batch(self) -> None:
         # Fresh arrays per batch: the inserter may keep them (e.g. queue them for a background send).

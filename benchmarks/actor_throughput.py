@@ -34,7 +34,7 @@ from actors.actor import Actor  # noqa: E402
 from actors.envs import EnvConfig, make_vector_env  # noqa: E402
 from actors.policy import ConstantEpsilon, epsilon_greedy  # noqa: E402
 from evergreen.config import load_config  # noqa: E402
-from evergreen.train import Trainer, env_spec, table_config  # noqa: E402
+from evergreen.train import ReplayInserter, Trainer, env_spec, table_config  # noqa: E402
 from learner.networks import NetworkConfig, build_network  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def ray_actors_to_replay(config, seconds: float, warmup: float) -> float:
         def kwargs(index: int) -> dict:
             return dict(env_config=config.env,
                         network_factory=lambda: _network(obs_shape, num_actions),
-                        insert=_Inserter(client, f"actor-{index}"), epsilon=ConstantEpsilon(0.01),
+                        insert=ReplayInserter(client, writer_key=f"actor-{index}"), epsilon=ConstantEpsilon(0.01),
                         actor_index=index, num_actors=1, insert_batch_size=64, seed=index)
 
         pool = ActorPool(1, kwargs)
@@ -109,14 +109,6 @@ def ray_actors_to_replay(config, seconds: float, warmup: float) -> float:
         ray.shutdown()
         client.close()
         shard.stop()
-
-
-class _Inserter:
-    def __init__(self, client, key):
-        self.client, self.key = client, key
-
-    def __call__(self, columns):
-        self.client.insert(columns, writer_key=self.key)
 
 
 def full_system(config, seconds: float, warmup: float) -> dict:

@@ -192,7 +192,7 @@ def per_sample_td_loss(network: torch.nn.Module, batch: dict[str, torch.Tensor],
     return torch.nn.functional.huber_loss(taken, target, reduction="none", delta=algorithm.config.huber_delta)
 
 
-class _ReplayInserter:
+class ReplayInserter:
     """Picklable ``insert(columns)`` for one actor: routes by the actor's writer key."""
 
     def __init__(self, client: Any, writer_key: str):
@@ -323,7 +323,7 @@ class Trainer:
                 return dict(
                     env_config=cfg.env,
                     network_factory=network_factory,
-                    insert=_ReplayInserter(client, writer_key=f"actor-{index}"),
+                    insert=ReplayInserter(client, writer_key=f"actor-{index}"),
                     weights_source=weight_source,
                     n_step=a.n_step, gamma=a.gamma,
                     epsilon=exploration_schedule(a, index=index, step_offset=step_offset),
