@@ -71,10 +71,11 @@ def test_table_config_follows_the_run_config():
     config = load_config(preset="cartpole", overrides={"replay": {"num_shards": 2, "capacity": 10_000,
                                                                   "samples_per_insert": 8.0}})
     table = table_config(config, obs_shape=(4,), obs_dtype="float32")
-    assert table.capacity == 5_000 and table.storage == "ring" and table.sampler == "prioritized"
+    assert table.capacity == 5_000 and table.storage == "ring" and table.sampler == config.replay.sampler
     assert [f.name for f in table.schema.fields] == ["obs", "action", "reward", "discount", "next_obs", "policy_version"]
-    # band must hold 4 insert calls of insert_batch_size rows at spi 8: 4 * 64 * 8 = 2048 > 10 * 64
-    assert table.error_buffer == default_error_buffer(config) == 2048.0
+    # the band holds 4 insert calls of insert_batch_size rows at spi 8, or 10 sample batches if larger
+    expected = max(4 * config.actors.insert_batch_size * 8.0, 10 * config.learner.batch_size, 0.01 * 5_000)
+    assert table.error_buffer == default_error_buffer(config) == expected
     atari = table_config(load_config(preset="pong"), obs_shape=(4, 84, 84), obs_dtype="uint8")
     assert atari.storage == "atari"
 
