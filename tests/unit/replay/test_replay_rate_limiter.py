@@ -95,7 +95,8 @@ def test_table_sequence_which_calls_block():
         t.insert(_rows(1, 16), timeout=0)
     info = t.info()
     assert (info.inserts, info.samples, info.size) == (16, 5, 16)
-    assert info.insert_blocked_s >= 0.0 and info.sample_blocked_s >= 0.01
+    # timeout=0 calls fail without waiting (bound generous for a loaded machine); the 0.01 s sample waited
+    assert info.insert_blocked_s < 0.25 and 0.01 <= info.sample_blocked_s < 0.5
 
 
 def test_calls_that_can_never_proceed_are_refused():
