@@ -20,18 +20,25 @@ Calls that could never proceed are refused with FailedPrecondition instead of ha
 
 * an insert of n rows with ``n * spi > 2 * error_buffer`` that is blocked now: samples can lower ``diff``
   no further than ``min_diff`` and inserts only raise it, so ``diff + n * spi <= max_diff`` can never
-  hold again (unless the sampler consumes items, as FIFO does, which can shrink the table back below
-  min size -- then the call waits);
+  hold again;
 * a sample of b rows with ``b > 2 * error_buffer`` that is blocked now while ``size >= min_size``:
   inserts can raise ``diff`` no further than ``max_diff`` so ``diff - b >= min_diff`` can never hold.
 
 Config validation follows Reverb: ``error_buffer >= max(1, spi)``, otherwise single-row calls could block
 each other forever.
 
+:class:`QueueRateLimiter` is the limiter of a table whose sampler consumes what it samples (FIFO), like
+Reverb's ``Queue``: on top of the rules above, an insert of n rows waits while ``size + n > capacity``
+(so the ring never overwrites an unread item) and a sample of b rows waits until ``size >= b``. Both
+conditions use the table's actual size, which also shrinks when a storage evicts unread items. Its only
+never-proceeds refusals are calls larger than the capacity: consumption can take the table back below
+``min_size_to_sample``, where the ratio band no longer limits inserts, so whether a smaller call can be
+unblocked depends on the sizes of future calls, and it waits.
+
 Example::
 
     import threading
-    from replay.rate_limiter import RateLimiter
+    from replay.rate_limiter import QueueRateLimiter, RateLimiter
 
     cond = threading.Condition()
     rl = RateLimiter(min_size_to_sample=2, samples_per_insert=1.0, error_buffer=2.0)
@@ -39,6 +46,13 @@ Example::
     rl.record_insert(5)                        # diff = 5, min_diff = 0, max_diff = 4
     assert rl.can_sample(5, size=5) and not rl.can_sample(6, size=5)
     assert not rl.can_insert(1, size=5)        # 5 + 1 > 4: inserts are too far ahead
+
+    q = QueueRateLimiter(capacity=4)
+    assert q.can_insert(4, size=0) and not q.can_insert(1, size=4)   # full: wait for a sample
+    assert q.can_sample(3, size=3) and not q.can_sample(4, size=3)   # wait for 4 unread items
+    rl.wait(cond, side="sample", rows=5, ready=lambda: rl.can_sample(5, size=5),
+            never=lambda: rl.sample_never_possible(5, size=5), closed=lambda: False,
+            describe=lambda: rl.describe(size=5), timeout=0)          # ready: returns at once
 """
 
 from __future__ import annotations
@@ -50,7 +64,7 @@ from collections.abc import Callable
 
 from replay.errors import Cancelled, DeadlineExceeded, FailedPrecondition
 
-__all__ = ["RateLimiter"]
+__all__ = ["QueueRateLimiter", "RateLimiter"]
 
 
 class RateLimiter:
@@ -107,10 +121,6 @@ class RateLimiter:
 
     # ------------------------------------------------------------ arithmetic
     @property
-    def limits_ratio(self) -> bool:
-        return self.samples_per_insert is not None
-
-    @property
     def diff(self) -> float:
         return self.inserts * (self.samples_per_insert or 0.0) - self.samples
 
@@ -134,10 +144,10 @@ class RateLimiter:
             return True
         return self.diff - batch_size >= self.min_diff
 
-    def insert_never_possible(self, n: int, *, size: int, consuming: bool) -> str | None:
+    def insert_never_possible(self, n: int, *, size: int) -> str | None:
         """Why a blocked insert of ``n`` rows can never proceed, or None if it may still proceed."""
         spi = self.samples_per_insert
-        if spi is None or consuming or self.can_insert(n, size=size):
+        if spi is None or self.can_insert(n, size=size):
             return None
         if n * spi > 2 * self.error_buffer:
             return (
@@ -149,9 +159,9 @@ class RateLimiter:
             )
         return None
 
-    def sample_never_possible(self, batch_size: int, *, size: int, consuming: bool) -> str | None:
+    def sample_never_possible(self, batch_size: int, *, size: int) -> str | None:
         """Why a blocked sample of ``batch_size`` rows can never proceed, or None if it may still."""
-        if self.samples_per_insert is None or consuming or size < self.min_size_to_sample:
+        if self.samples_per_insert is None or size < self.min_size_to_sample:
             return None
         if self.can_sample(batch_size, size=size):
             return None
@@ -250,3 +260,73 @@ class RateLimiter:
         self.inserts, self.samples = ins, smp
         self.insert_blocked_s = float(meta.get("insert_blocked_s", 0.0))
         self.sample_blocked_s = float(meta.get("sample_blocked_s", 0.0))
+
+
+class QueueRateLimiter(RateLimiter):
+    """A :class:`RateLimiter` for a consuming (FIFO) sampler that also keeps at most ``capacity`` unread
+    items: inserts wait for room, samples wait for ``batch_size`` unread items (see module docstring).
+
+    ``min_size_to_sample`` and a ``samples_per_insert`` of 1 apply as in the base class; any other ratio is
+    refused, because a queue samples every item exactly once.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        min_size_to_sample: int = 1,
+        samples_per_insert: float | None = None,
+        error_buffer: float = 100.0,
+    ) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"queue capacity {capacity!r}: expected an int >= 1")
+        super().__init__(
+            min_size_to_sample=min_size_to_sample,
+            samples_per_insert=samples_per_insert,
+            error_buffer=error_buffer,
+        )
+        if samples_per_insert not in (None, 1):
+            # Over time samples == inserts in a queue; any other target ratio drifts until inserts wait
+            # for a full queue and samples for the ratio band, both for good.
+            raise ValueError(
+                f"samples_per_insert {samples_per_insert!r}: a queue samples each item exactly once, so "
+                "any other ratio would deadlock; expected None or 1"
+            )
+        if min_size_to_sample > capacity:
+            raise ValueError(
+                f"min_size_to_sample {min_size_to_sample} > queue capacity {capacity}: samples could never "
+                f"proceed; expected at most {capacity}"
+            )
+        self.capacity = capacity
+
+    def can_insert(self, n: int, *, size: int) -> bool:
+        return size + n <= self.capacity and super().can_insert(n, size=size)
+
+    def can_sample(self, batch_size: int, *, size: int) -> bool:
+        return size >= batch_size and super().can_sample(batch_size, size=size)
+
+    def insert_never_possible(self, n: int, *, size: int) -> str | None:
+        if n > self.capacity:
+            return (
+                f"an insert of {n} rows is larger than the queue capacity {self.capacity}, so even an empty "
+                f"queue could not take it; insert at most {self.capacity} rows per call"
+            )
+        # Anything smaller may still proceed: samples consume items, which frees room and can take the
+        # table back below min_size_to_sample, where the ratio band no longer limits inserts.
+        return None
+
+    def sample_never_possible(self, batch_size: int, *, size: int) -> str | None:
+        if batch_size > self.capacity:
+            return (
+                f"a sample of {batch_size} rows needs {batch_size} unread items but the queue holds at "
+                f"most capacity {self.capacity}; sample at most {self.capacity} rows per call"
+            )
+        # Anything smaller may still proceed: whether inserts can bring enough unread items depends on
+        # the sizes of future calls (below min_size_to_sample inserts are unlimited), so it waits.
+        return None
+
+    def describe(self, *, size: int) -> str:
+        return (
+            super().describe(size=size)
+            + f", capacity={self.capacity} (queue: inserts wait for room, samples for batch_size unread items)"
+        )

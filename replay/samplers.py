@@ -3,7 +3,8 @@
 A table keeps its live items as the contiguous key range ``[oldest, oldest + size)`` (items are only
 ever removed oldest-first: ring overwrite, frame-pool eviction, FIFO consumption), and an item's slot is
 ``key % capacity``. Samplers therefore only track per-slot state and are told which key ranges appear
-and disappear.
+and disappear. All three satisfy :class:`replay.interfaces.Sampler` and are registered by name in
+:data:`SAMPLERS`.
 
 Example::
 
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from replay.errors import InvalidArgument
+from replay.interfaces import Sampler
 from replay.sum_tree import SumTree
 
 __all__ = [
@@ -98,7 +100,8 @@ class UniformSampler:
     name = "uniform"
     consumes = False  # sampled items stay in the table
 
-    def __init__(self, *, capacity: int) -> None:
+    def __init__(self, *, capacity: int, priority_exponent: float | None = None) -> None:
+        # priority_exponent is accepted (and ignored) so that make_sampler builds every sampler alike.
         self.capacity = capacity
 
     def on_insert(self, *, first_key: int, n: int, priorities: np.ndarray | None) -> None:
@@ -228,15 +231,14 @@ class PrioritizedSampler:
         self.max_priority = mp
 
 
-SAMPLERS = ("uniform", "prioritized", "fifo")
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.name: cls for cls in (UniformSampler, PrioritizedSampler, FifoSampler)
+}
+"""Registered samplers by name; each is built as ``cls(capacity=..., priority_exponent=...)``."""
 
 
-def make_sampler(name: str, *, capacity: int, priority_exponent: float):
+def make_sampler(name: str, *, capacity: int, priority_exponent: float) -> Sampler:
     """Build the sampler named ``name`` (one of :data:`SAMPLERS`)."""
-    if name == "uniform":
-        return UniformSampler(capacity=capacity)
-    if name == "fifo":
-        return FifoSampler(capacity=capacity)
-    if name == "prioritized":
-        return PrioritizedSampler(capacity=capacity, priority_exponent=priority_exponent)
-    raise ValueError(f"sampler {name!r}: expected one of {list(SAMPLERS)}")
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r}: expected one of {list(SAMPLERS)}")
+    return SAMPLERS[name](capacity=capacity, priority_exponent=priority_exponent)

@@ -4,7 +4,8 @@ Atari storage.
 Both keep item ``key`` at slot ``key % capacity`` and are written in two steps so that inserts are
 all-or-nothing: :meth:`prepare` (pure, no table state read or written, may run outside the table lock)
 validates and precomputes, and :meth:`commit` (under the lock) only mutates. ``commit`` returns
-``evict_before``: every live key below it has been overwritten and must leave the table.
+``evict_before``: every live key below it has been overwritten and must leave the table. Both satisfy
+:class:`replay.interfaces.Storage` and are registered by kind in :data:`STORAGES`.
 
 Atari storage
 -------------
@@ -37,16 +38,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from replay.errors import InvalidArgument
+from replay.interfaces import Storage
 from replay.schema import Field, Schema
 
 __all__ = ["AtariStorage", "RingStorage", "STORAGES", "check_atari_schema", "make_storage"]
 
-STORAGES = ("ring", "atari")
 _STACK_FIELDS = ("obs", "next_obs")
 
 
@@ -418,10 +418,12 @@ class AtariStorage:
             self._recent[hv] = s
 
 
-def make_storage(kind: str, *, schema: Schema, capacity: int) -> Any:
+STORAGES: dict[str, type[Storage]] = {cls.kind: cls for cls in (RingStorage, AtariStorage)}
+"""Registered storages by kind; each is built as ``cls(schema=..., capacity=...)``."""
+
+
+def make_storage(kind: str, *, schema: Schema, capacity: int) -> Storage:
     """Build the storage named ``kind`` (one of :data:`STORAGES`)."""
-    if kind == "ring":
-        return RingStorage(schema=schema, capacity=capacity)
-    if kind == "atari":
-        return AtariStorage(schema=schema, capacity=capacity)
-    raise ValueError(f"storage {kind!r}: expected one of {list(STORAGES)}")
+    if kind not in STORAGES:
+        raise ValueError(f"storage {kind!r}: expected one of {list(STORAGES)}")
+    return STORAGES[kind](schema=schema, capacity=capacity)

@@ -22,9 +22,10 @@ validated before the table is touched. Batch validation and the Atari frame hash
 lock; limiter waits, writes and sample gathers run under it.
 
 A FIFO table blocks inserts while ``capacity`` unsampled items are waiting, so the ring never overwrites
-an unread item. (With the Atari storage the frame pool can still evict the oldest unread items if the
-stream needs more than ``frame_capacity`` distinct frames for ``capacity`` transitions, e.g. very short
-episodes; the pool has ``capacity // 16`` frames of slack for this.)
+an unread item: its sampler consumes what it samples, so :func:`make_rate_limiter` gives it a
+:class:`~replay.rate_limiter.QueueRateLimiter`. (With the Atari storage the frame pool can still evict
+the oldest unread items if the stream needs more than ``frame_capacity`` distinct frames for ``capacity``
+transitions, e.g. very short episodes; the pool has ``capacity // 16`` frames of slack for this.)
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from typing import Any
 import numpy as np
 
 from replay.errors import FailedPrecondition, InvalidArgument
-from replay.rate_limiter import RateLimiter
+from replay.interfaces import Sampler
+from replay.rate_limiter import QueueRateLimiter, RateLimiter
 from replay.samplers import SAMPLERS, make_sampler, validate_priorities
 from replay.schema import Schema
 from replay.storage import STORAGES, check_atari_schema, make_storage
 
-__all__ = ["SampleResult", "Table", "TableConfig", "TableInfo"]
+__all__ = ["SampleResult", "Table", "TableConfig", "TableInfo", "make_rate_limiter"]
 
 _STATE_VERSION = 1
 _TABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -239,6 +241,19 @@ class TableInfo:
     """Storage-specific numbers (Atari: frames_in_use, frame_capacity, dedup_entries)."""
 
 
+def make_rate_limiter(config: TableConfig, sampler: Sampler) -> RateLimiter:
+    """The limiter of a table: a queue limiter when the sampler consumes what it samples (FIFO), so that
+    inserts wait instead of overwriting unread items; otherwise the samples-per-insert limiter."""
+    ratio = dict(
+        min_size_to_sample=config.min_size_to_sample,
+        samples_per_insert=config.samples_per_insert,
+        error_buffer=config.error_buffer,
+    )
+    if sampler.consumes:
+        return QueueRateLimiter(capacity=config.capacity, **ratio)
+    return RateLimiter(**ratio)
+
+
 def _check_timeout(timeout: float | None) -> None:
     if timeout is None:
         return
@@ -260,11 +275,7 @@ class Table:
         c = self.config
         self._storage = make_storage(c.storage, schema=c.schema, capacity=c.capacity)
         self._sampler = make_sampler(c.sampler, capacity=c.capacity, priority_exponent=c.priority_exponent)
-        self._limiter = RateLimiter(
-            min_size_to_sample=c.min_size_to_sample,
-            samples_per_insert=c.samples_per_insert,
-            error_buffer=c.error_buffer,
-        )
+        self._limiter = make_rate_limiter(c, self._sampler)
         self._rng = np.random.default_rng(c.seed)
         self._next_key = 0
         self._oldest = 0
@@ -288,23 +299,16 @@ class Table:
         # prepare() reads only config-derived attributes, so its result stays valid even if
         # load_state_dict rebuilds the storage while this call waits for the lock.
         prepared = self._storage.prepare(columns, n=n)
-        consuming = self._sampler.consumes
-        cap = self.config.capacity
         with self._cond:
             # Lambdas read self._limiter each time: load_state_dict may swap it while this call waits.
             self._limiter.wait(
                 self._cond,
                 side="insert",
                 rows=n,
-                ready=lambda: (
-                    self._limiter.can_insert(n, size=self._size) and (not consuming or self._size + n <= cap)
-                ),
-                never=lambda: self._limiter.insert_never_possible(n, size=self._size, consuming=consuming),
+                ready=lambda: self._limiter.can_insert(n, size=self._size),
+                never=lambda: self._limiter.insert_never_possible(n, size=self._size),
                 closed=lambda: self._closed,
-                describe=lambda: (
-                    self._limiter.describe(size=self._size)
-                    + (f", capacity={cap} (FIFO: waits for unread items to be sampled)" if consuming else "")
-                ),
+                describe=lambda: self._limiter.describe(size=self._size),
                 timeout=timeout,
             )
             first = self._next_key
@@ -330,21 +334,15 @@ class Table:
                 f"batch_size {b} exceeds table {self.config.name!r} capacity {self.config.capacity}"
             )
         _check_timeout(timeout)
-        consuming = self._sampler.consumes
         with self._cond:
             self._limiter.wait(
                 self._cond,
                 side="sample",
                 rows=b,
-                ready=lambda: (
-                    self._limiter.can_sample(b, size=self._size) and (not consuming or self._size >= b)
-                ),
-                never=lambda: self._limiter.sample_never_possible(b, size=self._size, consuming=consuming),
+                ready=lambda: self._limiter.can_sample(b, size=self._size),
+                never=lambda: self._limiter.sample_never_possible(b, size=self._size),
                 closed=lambda: self._closed,
-                describe=lambda: (
-                    self._limiter.describe(size=self._size)
-                    + (f", batch_size={b} (FIFO: waits for {b} unread items)" if consuming else "")
-                ),
+                describe=lambda: self._limiter.describe(size=self._size),
                 timeout=timeout,
             )
             size = self._size
@@ -352,7 +350,7 @@ class Table:
             cols = self._storage.gather(keys)
             mass = self._sampler.mass(size=size)
             self._limiter.record_sample(b)
-            if consuming:
+            if self._sampler.consumes:  # sampled items leave the table (FIFO)
                 self._sampler.on_remove(first_key=self._oldest, end_key=self._oldest + b)
                 self._oldest += b
             self._cond.notify_all()

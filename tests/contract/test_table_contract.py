@@ -1,7 +1,14 @@
-"""Contract suite: every storage x sampler combination behaves the same at the Table interface."""
+"""Contract suite: every registered storage x sampler combination behaves the same at the Table interface.
+
+The combinations come from the registries (``replay.storage.STORAGES``, ``replay.samplers.SAMPLERS``), so
+a newly registered class runs through the whole suite; it only needs a test schema and row generator in
+``SCHEMAS``/``ROWS`` below (a storage without them fails :func:`test_every_storage_has_test_data`, and
+every combination test with it fails with a KeyError rather than being skipped).
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 
@@ -9,17 +16,23 @@ import numpy as np
 import pytest
 
 from replay.errors import Cancelled, FailedPrecondition, InvalidArgument
+from replay.interfaces import Sampler, Storage
+from replay.samplers import SAMPLERS, make_sampler
 from replay.schema import Schema
-from replay.storage import STORAGES
+from replay.storage import STORAGES, make_storage
 from replay.table import SampleResult, Table, TableConfig, TableInfo
 
-SAMPLERS = ("uniform", "prioritized", "fifo")
 COMBOS = [(st, sa) for st in STORAGES for sa in SAMPLERS]
 CAP = 16
 SCHEMAS = {
     "ring": Schema.parse("obs:float32:3,action:int64,reward:float32,done:bool"),
     "atari": Schema.parse("obs:uint8:2x4x8,action:int64,next_obs:uint8:2x4x8,reward:float32"),
 }
+
+
+def consumes(sampler: str) -> bool:
+    """Whether sampled items leave the table (FIFO): several expectations below differ for such samplers."""
+    return SAMPLERS[sampler].consumes
 
 
 def _frame(ids):
@@ -29,22 +42,31 @@ def _frame(ids):
     return base.astype(np.uint8).reshape(*ids.shape, 4, 8)
 
 
-def rows(storage: str, start: int, n: int) -> dict[str, np.ndarray]:
-    """Deterministic rows for keys start..start+n-1 (Atari: one stream, stacks share frames)."""
-    k = np.arange(start, start + n)
-    if storage == "ring":
-        return {
-            "obs": np.stack([k, k + 0.5, -k], axis=1).astype(np.float32),
-            "action": k.astype(np.int64),
-            "reward": (k * 0.25).astype(np.float32),
-            "done": k % 3 == 0,
-        }
+def _ring_rows(k: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "obs": np.stack([k, k + 0.5, -k], axis=1).astype(np.float32),
+        "action": k.astype(np.int64),
+        "reward": (k * 0.25).astype(np.float32),
+        "done": k % 3 == 0,
+    }
+
+
+def _atari_rows(k: np.ndarray) -> dict[str, np.ndarray]:
+    """One stream: consecutive stacks share frames, and next_obs frames are later obs frames."""
     return {
         "obs": _frame(np.stack([k, k + 1], axis=1)),
         "action": k.astype(np.int64),
         "next_obs": _frame(np.stack([k + 1, k + 2], axis=1)),
         "reward": (k * 0.25).astype(np.float32),
     }
+
+
+ROWS = {"ring": _ring_rows, "atari": _atari_rows}
+
+
+def rows(storage: str, start: int, n: int) -> dict[str, np.ndarray]:
+    """Deterministic rows of ``SCHEMAS[storage]`` for keys start..start+n-1."""
+    return ROWS[storage](np.arange(start, start + n))
 
 
 def make(storage, sampler, **kw) -> Table:
@@ -79,6 +101,67 @@ def combo(request):
     return request.param
 
 
+def test_every_storage_has_test_data():
+    assert sorted(SCHEMAS) == sorted(STORAGES), "add a test schema to SCHEMAS for every registered storage"
+    assert sorted(ROWS) == sorted(STORAGES), "add a row generator to ROWS for every registered storage"
+    for storage in STORAGES:
+        assert SCHEMAS[storage].validate_batch(rows(storage, 0, 3)) == 3
+
+
+def _public_members(protocol: type) -> dict[str, object]:
+    return {name: v for name, v in vars(protocol).items() if not name.startswith("_")}
+
+
+def _parameters(fn) -> list[tuple[str, inspect._ParameterKind]]:
+    return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
+def assert_satisfies(obj: object, protocol: type) -> None:
+    """``obj`` has every member of ``protocol``, its methods take the same parameters, properties are
+    properties, and the annotated attributes exist (``isinstance`` alone only checks presence)."""
+    assert isinstance(obj, protocol), f"{type(obj).__name__} lacks members of {protocol.__name__}"
+    cls = type(obj)
+    for name, member in _public_members(protocol).items():
+        if isinstance(member, property):
+            assert isinstance(inspect.getattr_static(cls, name), property), f"{cls.__name__}.{name}"
+            assert isinstance(getattr(obj, name), int), f"{cls.__name__}.{name} = {getattr(obj, name)!r}"
+        elif inspect.isfunction(member):
+            assert _parameters(getattr(cls, name)) == _parameters(member), f"{cls.__name__}.{name}"
+    for name in protocol.__annotations__:
+        assert hasattr(obj, name), f"{cls.__name__} has no attribute {name!r}"
+
+
+@pytest.mark.parametrize("kind", list(STORAGES))
+def test_registered_storage_satisfies_protocol(kind):
+    storage = make_storage(kind, schema=SCHEMAS[kind], capacity=CAP)
+    assert type(storage) is STORAGES[kind] and storage.kind == kind
+    assert_satisfies(storage, Storage)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_registered_sampler_satisfies_protocol(name):
+    sampler = make_sampler(name, capacity=CAP, priority_exponent=0.6)
+    assert type(sampler) is SAMPLERS[name] and sampler.name == name
+    assert isinstance(sampler.consumes, bool)
+    assert_satisfies(sampler, Sampler)
+
+
+def test_protocol_check_catches_a_wrong_signature():
+    class RenamedKeyword(SAMPLERS["uniform"]):
+        def on_remove(self, *, first: int, end: int) -> None:  # the table calls first_key=, end_key=
+            """Wrong keywords."""
+
+    with pytest.raises(AssertionError, match="RenamedKeyword.on_remove"):
+        assert_satisfies(RenamedKeyword(capacity=CAP), Sampler)
+
+
+def test_unknown_names_list_the_registered_ones():
+    with pytest.raises(ValueError, match=r"storage 'disk': expected one of \['ring', 'atari'\]"):
+        make_storage("disk", schema=SCHEMAS["ring"], capacity=CAP)
+    with pytest.raises(ValueError, match=r"sampler 'lifo': expected one of \['uniform', 'prioritized', 'fifo'\]"):
+        make_sampler("lifo", capacity=CAP, priority_exponent=0.6)
+
+
 def test_insert_sample_shapes_dtypes_values(combo):
     storage, sampler = combo
     t = make(storage, sampler)
@@ -110,13 +193,13 @@ def test_keys_monotonic_and_wraparound(combo):
     t = make(storage, sampler)
     seen = []
     for start in range(0, 5 * CAP, 5):
-        if sampler == "fifo" and t.info().size + 5 > CAP:
+        if consumes(sampler) and t.info().size + 5 > CAP:
             check_rows(storage, t.sample(5))
         seen.extend(t.insert(rows(storage, start, 5)).tolist())
     assert seen == list(range(5 * CAP))
     info = t.info()
     assert info.inserts == 5 * CAP
-    if sampler != "fifo":
+    if not consumes(sampler):
         assert info.size == CAP and info.extra["oldest_key"] == 4 * CAP
         r = t.sample(CAP)
         assert set(r.keys.tolist()) <= set(range(4 * CAP, 5 * CAP))
@@ -190,12 +273,30 @@ def test_state_round_trip_samples_identically(combo):
     assert_same_state(snapshot(t, without_config=True), snapshot(u, without_config=True))
 
 
+def _accepts(storage: str, schema: Schema) -> bool:
+    try:
+        TableConfig(name="t", schema=schema, storage=storage, capacity=CAP).validate()
+    except ValueError:
+        return False
+    return True
+
+
+def other_storage_sharing_a_schema(storage: str) -> tuple[str, str]:
+    """(another registered storage, the storage whose test schema both accept)."""
+    for schema_of, schema in SCHEMAS.items():
+        for other in STORAGES:
+            if other != storage and _accepts(storage, schema) and _accepts(other, schema):
+                return other, schema_of
+    pytest.fail(f"no other registered storage shares a test schema with {storage!r}")
+
+
 @pytest.mark.parametrize("what", ["schema", "storage", "sampler", "capacity"])
 def test_load_refuses_different_table(combo, what):
     storage, sampler = combo
-    if what == "storage":  # same (Atari-compatible) schema, different storage
-        t = Table(TableConfig(name="t", schema=SCHEMAS["atari"], storage=storage, sampler=sampler, capacity=CAP))
-        t.insert(rows("atari", 0, 4))
+    if what == "storage":  # same schema, different storage
+        other_storage, schema_of = other_storage_sharing_a_schema(storage)
+        t = Table(TableConfig(name="t", schema=SCHEMAS[schema_of], storage=storage, sampler=sampler, capacity=CAP))
+        t.insert(rows(schema_of, 0, 4))
     else:
         t = make(storage, sampler)
         t.insert(rows(storage, 0, 4))
@@ -211,12 +312,11 @@ def test_load_refuses_different_table(combo, what):
             )
         )
     elif what == "storage":
-        other_storage = "ring" if storage == "atari" else "atari"
         other = Table(
-            TableConfig(name="t", schema=SCHEMAS["atari"], storage=other_storage, sampler=sampler, capacity=CAP)
+            TableConfig(name="t", schema=SCHEMAS[schema_of], storage=other_storage, sampler=sampler, capacity=CAP)
         )
     elif what == "sampler":
-        other = make(storage, "fifo" if sampler != "fifo" else "uniform")
+        other = make(storage, next(s for s in SAMPLERS if s != sampler))
     else:
         other = make(storage, sampler, capacity=CAP * 2)
     before = snapshot(other)
@@ -266,7 +366,7 @@ def test_update_priorities_contract(combo):
     storage, sampler = combo
     t = make(storage, sampler)
     t.insert(rows(storage, 0, CAP))
-    t.insert(rows(storage, CAP, 4)) if sampler != "fifo" else t.sample(4)
+    t.sample(4) if consumes(sampler) else t.insert(rows(storage, CAP, 4))
     # Keys 0..3 are gone (overwritten or consumed); 4..7 present; 1000 never existed.
     assert t.update_priorities(np.array([0, 3, 4, 7, 1000], np.uint64), np.array([1.0, 1, 2, 2, 1])) == 2
     with pytest.raises(InvalidArgument, match=r"priority\[1\] = nan"):
@@ -286,14 +386,14 @@ def test_info_and_close(combo):
     i = t.info()
     assert isinstance(i, TableInfo)
     assert (i.name, i.capacity, i.inserts, i.samples, i.storage, i.sampler) == ("t", CAP, 5, 3, storage, sampler)
-    assert i.size == (2 if sampler == "fifo" else 5)
+    assert i.size == (2 if consumes(sampler) else 5)
     assert i.nbytes >= CAP * (SCHEMAS["ring"].row_nbytes() if storage == "ring" else 8)
     assert i.insert_blocked_s == 0.0 and i.sample_blocked_s == 0.0
     errors = []
 
     def blocked():
         try:
-            t.sample(CAP, timeout=60) if sampler == "fifo" else make_blocking_sample()
+            t.sample(CAP, timeout=60) if consumes(sampler) else make_blocking_sample()
         except Cancelled as err:
             errors.append(err.code)
 

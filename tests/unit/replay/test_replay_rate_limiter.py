@@ -1,4 +1,5 @@
-"""Rate limiter arithmetic (exact sequences of allowed/blocked calls), timeouts, blocking, cancellation."""
+"""Rate limiters (samples-per-insert and FIFO queue): exact sequences of allowed/blocked calls, timeouts,
+blocking, cancellation, state, and which one a table picks."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 
 from replay.errors import Cancelled, DeadlineExceeded, FailedPrecondition
-from replay.rate_limiter import RateLimiter
+from replay.rate_limiter import QueueRateLimiter, RateLimiter
+from replay.samplers import make_sampler
 from replay.schema import Schema
-from replay.table import Table, TableConfig
+from replay.table import Table, TableConfig, make_rate_limiter
 
 SCHEMA = Schema.parse("x:int64")
 
@@ -170,3 +172,148 @@ def test_close_cancels_blocked_callers():
     assert errors == ["sample of 1 rows: table closed while the call was blocked"]
     with pytest.raises(Cancelled, match="table is closed"):
         t.insert(_rows(1))
+
+
+# ---------------------------------------------------------------------------------------- queue limiter
+def test_queue_full_blocks_inserts_exactly_at_capacity():
+    q = QueueRateLimiter(capacity=4)
+    assert q.can_insert(4, size=0) and not q.can_insert(5, size=0)
+    assert q.can_insert(2, size=2) and not q.can_insert(3, size=2)
+    assert not q.can_insert(1, size=4)
+    assert q.insert_never_possible(1, size=4) is None  # a sample frees room: the insert waits
+
+
+def test_queue_refuses_an_insert_larger_than_capacity():
+    q = QueueRateLimiter(capacity=4)
+    assert q.insert_never_possible(5, size=0) == (
+        "an insert of 5 rows is larger than the queue capacity 4, so even an empty queue could not take it; "
+        "insert at most 4 rows per call"
+    )
+    with pytest.raises(FailedPrecondition) as err:
+        q.wait(threading.Condition(), side="insert", rows=5, ready=lambda: q.can_insert(5, size=0),
+               never=lambda: q.insert_never_possible(5, size=0), closed=lambda: False,
+               describe=lambda: q.describe(size=0), timeout=None)
+    assert str(err.value).startswith("insert of 5 rows can never proceed: an insert of 5 rows is larger than "
+                                     "the queue capacity 4")
+    assert q.insert_blocked_s == 0.0  # refused before blocking
+
+
+def test_queue_sample_waits_for_enough_unread_items():
+    q = QueueRateLimiter(capacity=8, min_size_to_sample=3)
+    assert not q.can_sample(1, size=2)  # below min size
+    assert q.can_sample(3, size=3) and not q.can_sample(4, size=3)  # needs 4 unread items
+    assert q.sample_never_possible(8, size=0) is None  # inserts can still bring 8 unread items
+    assert q.sample_never_possible(9, size=8) == (
+        "a sample of 9 rows needs 9 unread items but the queue holds at most capacity 8; "
+        "sample at most 8 rows per call"
+    )
+
+
+def test_queue_keeps_the_ratio_band_of_samples_per_insert_one():
+    q = QueueRateLimiter(capacity=10, min_size_to_sample=2, samples_per_insert=1, error_buffer=1.0)
+    assert (q.min_diff, q.max_diff) == (1.0, 3.0)
+    q.record_insert(3)  # diff 3
+    assert not q.can_insert(1, size=3)  # room for 7 more, but 4 > max_diff 3
+    assert q.can_sample(2, size=3) and not q.can_sample(3, size=3)  # 3 - 3 < min_diff 1
+
+
+def test_queue_describe_names_capacity():
+    q = QueueRateLimiter(capacity=4)
+    q.record_insert(4)
+    assert q.describe(size=4) == (
+        "size=4, min_size_to_sample=1, inserts=4, samples=0, capacity=4 "
+        "(queue: inserts wait for room, samples for batch_size unread items)"
+    )
+
+
+def test_queue_blocked_insert_is_woken_when_a_sample_frees_room():
+    q = QueueRateLimiter(capacity=2)
+    cond = threading.Condition()
+    state = {"size": 2}
+    done = threading.Event()
+
+    def inserter():
+        with cond:
+            q.wait(cond, side="insert", rows=1, ready=lambda: q.can_insert(1, size=state["size"]),
+                   never=lambda: q.insert_never_possible(1, size=state["size"]), closed=lambda: False,
+                   describe=lambda: q.describe(size=state["size"]), timeout=30)
+        done.set()
+
+    th = threading.Thread(target=inserter)
+    th.start()
+    for _ in range(3000):
+        with cond:
+            if cond._waiters:
+                break
+        threading.Event().wait(0.01)
+    assert not done.is_set()
+    with cond:
+        state["size"] = 1  # one item consumed
+        cond.notify_all()
+    th.join(30)
+    assert done.is_set() and q.insert_blocked_s > 0.0 and q.sample_blocked_s == 0.0
+
+
+def test_queue_state_round_trip():
+    q = QueueRateLimiter(capacity=4)
+    q.record_insert(7)
+    q.record_sample(5)
+    q.insert_blocked_s = 1.5
+    state = q.state_dict()
+    assert state == {"inserts": 7, "samples": 5, "insert_blocked_s": 1.5, "sample_blocked_s": 0.0}
+    r = QueueRateLimiter(capacity=4)
+    r.load_state_dict(state)
+    assert (r.inserts, r.samples, r.insert_blocked_s, r.sample_blocked_s, r.capacity) == (7, 5, 1.5, 0.0, 4)
+    with pytest.raises(ValueError, match="inserts=-1, samples=0; expected >= 0"):
+        r.load_state_dict({"inserts": -1, "samples": 0})
+    assert (r.inserts, r.samples) == (7, 5)  # a refused state changes nothing
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(capacity=0), "queue capacity 0: expected an int >= 1"),
+        (dict(capacity=-3), "queue capacity -3: expected an int >= 1"),
+        (dict(capacity=2.5), "queue capacity 2.5: expected an int >= 1"),
+        (dict(capacity=True), "queue capacity True: expected an int >= 1"),
+        (dict(capacity=4, samples_per_insert=2.0, error_buffer=2.0), r"samples_per_insert 2.0: a queue samples"),
+        (dict(capacity=4, samples_per_insert=0.5), r"samples_per_insert 0.5: .*expected None or 1"),
+        (dict(capacity=4, min_size_to_sample=5), r"min_size_to_sample 5 > queue capacity 4"),
+        (dict(capacity=4, min_size_to_sample=0), "min_size_to_sample 0: expected an int >= 1"),
+    ],
+)
+def test_queue_bad_configs_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        QueueRateLimiter(**kw)
+
+
+@pytest.mark.parametrize("sampler, limiter", [("fifo", QueueRateLimiter), ("uniform", RateLimiter),
+                                              ("prioritized", RateLimiter)])
+def test_table_picks_the_limiter_by_sampler(sampler, limiter):
+    cfg = TableConfig(name="t", schema=SCHEMA, capacity=6, sampler=sampler, min_size_to_sample=2)
+    rl = make_rate_limiter(cfg, make_sampler(sampler, capacity=6, priority_exponent=0.6))
+    assert type(rl) is limiter and rl.min_size_to_sample == 2
+    assert type(Table(cfg)._limiter) is limiter
+    if limiter is QueueRateLimiter:
+        assert rl.capacity == 6
+
+
+def test_fifo_table_blocks_through_the_queue_limiter():
+    t = _table(sampler="fifo", capacity=4)
+    t.insert(_rows(4))
+    with pytest.raises(DeadlineExceeded, match=r"insert of 1 rows blocked .*size=4, .*capacity=4 \(queue: "):
+        t.insert(_rows(1, 4), timeout=0)
+    out = {}
+
+    def sampler():
+        out["keys"] = t.sample(3, timeout=30).keys.tolist()
+
+    assert t.sample(2).keys.tolist() == [0, 1]
+    th = threading.Thread(target=sampler)
+    th.start()
+    _wait_until_blocked(t)  # 2 unread items, the sample needs 3
+    t.insert(_rows(1, 4))
+    th.join(30)
+    assert out["keys"] == [2, 3, 4]
+    info = t.info()
+    assert (info.inserts, info.samples, info.size) == (5, 5, 0) and info.sample_blocked_s > 0.0
