@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return report_main(rest)
     if command == "bench" and rest[:1] == ["plasticity"]:
-        from plasticity.benchmark import main as bench_main
+        from evergreen.bench.plasticity import main as bench_main
 
         return bench_main(rest[1:])
     print(f"evergreen: unknown command {' '.join(argv[:2])!r}\n\n{USAGE}", file=sys.stderr)

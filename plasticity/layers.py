@@ -18,11 +18,18 @@ in that order: ``column = j * units * spatial + i * spatial + s``. That covers
 * Conv -> act -> Conv:                  the consumer's *input channels* are indexed, spatial 1
 * CReLU-style activations that concatenate ``[f(x), g(x)]`` along the unit axis: multiplier 2.
 
+Shared definitions: :func:`unit_activity` / :func:`unit_scores` are the one dormancy score (ReDo and
+the diagnostics), and :func:`layer_names` the one name of every parametrized module (every
+diagnostic and metric key).
+
 Example::
 
+    with ActivationRecorder(hidden_layers(net)) as recorder:
+        net(probe_obs)
     for layer in hidden_layers(net):
         print(layer.name, layer.num_units, [c.weight.shape for c in layer.consumers])
         cols = layer.consumer_columns(layer.consumers[0], units=torch.tensor([0, 3]))
+        scores = unit_scores(unit_activity(layer, recorder.outputs[layer.name]))   # dormant: scores <= tau
 """
 
 from __future__ import annotations
@@ -151,7 +158,9 @@ def unit_activity(layer: HiddenLayer, output: torch.Tensor) -> torch.Tensor:
 
     ``output`` is ``[batch, multiplier * units(, H, W)]`` (as recorded by :class:`ActivationRecorder`);
     the mean runs over the batch, the multiplier blocks (both halves of a CReLU unit) and spatial
-    positions (ReDo's convention for conv layers). Returns a float tensor ``[units]``.
+    positions (ReDo's convention for conv layers). Returns a float64 tensor ``[units]`` on
+    ``output``'s device (accumulated in float64). A NaN/inf anywhere in ``output`` makes the units
+    it belongs to NaN/inf: callers check ``torch.isfinite``; nothing is silently zeroed.
     """
     expected = layer.multiplier * layer.num_units
     if output.dim() < 2 or output.shape[1] != expected:
@@ -159,5 +168,67 @@ def unit_activity(layer: HiddenLayer, output: torch.Tensor) -> torch.Tensor:
             f"layer {layer.name!r}: activation output of shape {tuple(output.shape)} does not have "
             f"{expected} (= multiplier {layer.multiplier} x units {layer.num_units}) values on dim 1"
         )
+    if output.shape[0] == 0:
+        raise ValueError(f"layer {layer.name!r}: activation output of shape {tuple(output.shape)} has 0 samples")
     values = output.detach().abs().reshape(output.shape[0], layer.multiplier, layer.num_units, -1)
-    return values.float().mean(dim=(0, 1, 3))
+    return values.mean(dim=(0, 1, 3), dtype=torch.float64)
+
+
+def unit_scores(activity: torch.Tensor) -> torch.Tensor:
+    """ReDo's dormancy score ``s_i = E|h_i| / mean_k E|h_k|`` of one layer, from :func:`unit_activity`.
+
+    The one definition shared by ReDo and the diagnostics (``dormant_ratio``/``dead_ratio``): a unit
+    is dormant when ``s_i <= tau``. Normalized by the layer's *mean* activity (not its max), so
+    ``tau`` is relative to an average unit. A layer whose every unit has ``E|h| = 0`` scores all 0
+    (all dormant). Any non-finite activity makes every score NaN: a NaN probe must not read as
+    "nothing is dormant". Averaging ``activity`` over DDP ranks *before* scoring keeps ranks agreed.
+
+    Example::
+
+        unit_scores(torch.tensor([1.5, 0.15, 3.0, 0.9]))   # [1.081, 0.108, 2.162, 0.649]
+    """
+    if activity.dim() != 1 or activity.numel() == 0:
+        raise ValueError(f"activity must be a non-empty [units] tensor, got shape {tuple(activity.shape)}")
+    activity = activity.to(torch.float64)
+    if not bool(torch.isfinite(activity).all()):
+        return torch.full_like(activity, float("nan"))
+    layer_mean = activity.mean()
+    if layer_mean == 0:
+        return torch.zeros_like(activity)
+    return activity / layer_mean
+
+
+def layer_names(network: nn.Module) -> dict[nn.Module, str]:
+    """The one name of every parameter-owning module, used by every diagnostic and metric.
+
+    A hidden layer's producer is named by the layer (``HiddenLayer.name``, e.g. ``encoder.fc0``), its
+    normalization module ``<name>.norm`` and a parametrized activation (e.g. rational) ``<name>.act``;
+    every other module that owns parameters directly (output layers such as ``head.q.out``, a
+    producer outside any hidden layer) by its path in ``named_modules()`` (the root: ``"root"``).
+    Modules are listed in ``named_modules()`` order. Two modules that would get the same name raise.
+
+    Example::
+
+        names = layer_names(net)        # {net.encoder.body[1]: "encoder.fc0", net.head.q.out: "head.q.out", ...}
+        print(names[net.head.q.out])
+    """
+    own: dict[nn.Module, str] = {}
+    for layer in hidden_layers(network):
+        for module, name in ((layer.producer, layer.name), (layer.norm, f"{layer.name}.norm"),
+                             (layer.activation, f"{layer.name}.act")):
+            if module is not None:
+                own.setdefault(module, name)
+    out: dict[nn.Module, str] = {}
+    owners: dict[str, str] = {}
+    for path, module in network.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        name = own.get(module, path or "root")
+        if name in owners:
+            raise ValueError(
+                f"layer name {name!r} is given to both module {owners[name]!r} and module {path or 'root'!r}; "
+                f"hidden-layer names must differ from the module paths of other parametrized modules"
+            )
+        owners[name] = path or "root"
+        out[module] = name
+    return out

@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,6 +63,15 @@ class NormalizeAndProject(Intervention):
     * The output layers (``network.output_layers()``) are *not* projected unless
       ``include_output=True``: nothing normalizes their output, so their norm sets the scale of the
       Q-values, and pinning it would cap ``|Q|``.
+    * Targets (``targets``: module path -> norm) are kept once known: ``setup`` only records the
+      norm of modules that have no target yet, so targets loaded from a checkpoint survive a later
+      ``setup`` (a DDP learner or a resume path may call it after loading), and loading after
+      ``setup`` replaces the recorded targets that the checkpoint has.
+
+    Example (resume)::
+
+        nap = NormalizeAndProject(); nap.load_state_dict(checkpoint["nap"]); nap.setup(ctx)
+        nap.after_step(ctx)      # projects to the checkpoint's initial norms, not today's
     """
 
     name = "nap"
@@ -86,10 +96,12 @@ class NormalizeAndProject(Intervention):
                 self._weights.append((name, module.weight))
             elif isinstance(module, NORM_TYPES) and getattr(module, "weight", None) is not None:
                 self._norms.append((name, module))
-        if not self.targets:  # keep targets loaded from a checkpoint
-            self.targets = {name: float(w.detach().norm()) for name, w in self._weights}
-            for name, module in self._norms:
-                self.targets[name] = float(self._norm_vector(module).norm())
+        # Per module, not all-or-nothing: a target already known (loaded from a checkpoint, or from an
+        # earlier setup) is the *initial* norm and must win over the norm the module has now.
+        for name, weight in self._weights:
+            self.targets.setdefault(name, float(weight.detach().norm()))
+        for name, module in self._norms:
+            self.targets.setdefault(name, float(self._norm_vector(module).norm()))
 
     @staticmethod
     def _norm_vector(module: nn.Module) -> torch.Tensor:
@@ -117,7 +129,12 @@ class NormalizeAndProject(Intervention):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"targets"}:
             raise ValueError(f"{self.name}: expected state keys ['targets'], got {sorted(state)}")
-        self.targets = {str(k): float(v) for k, v in state["targets"].items()}
+        loaded = {str(k): float(v) for k, v in state["targets"].items()}
+        bad = {k: v for k, v in loaded.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"{self.name}: projection targets must be finite norms >= 0, got {bad}")
+        # Loaded targets win; targets recorded by an earlier setup for modules the checkpoint lacks stay.
+        self.targets = {**self.targets, **loaded}
 
 
 class ELRIncrease(ScheduledIntervention):

@@ -11,10 +11,13 @@ Example::
     redo = ReDo(period=1000, tau=0.025)
     redo.setup(ctx)
     metrics = redo.after_step(ctx, probe_obs=probe_obs)   # every 1000 steps: {"redo/units_reset": ...}
+
+The dormant score is :func:`plasticity.layers.unit_scores` (shared with the diagnostics).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,19 +25,27 @@ from torch import nn
 
 from plasticity.base import Intervention, InterventionContext
 from plasticity.interventions._common import check_number, reinit_units
-from plasticity.layers import ActivationRecorder, HiddenLayer, hidden_layers, unit_activity
+from plasticity.layers import ActivationRecorder, HiddenLayer, hidden_layers, unit_activity, unit_scores
 
 
 def layer_activities(
     ctx: InterventionContext, layers: list[HiddenLayer], obs: torch.Tensor, *, owner: str
 ) -> list[torch.Tensor]:
-    """Per-layer ``E|h_i|`` on ``obs`` (no grad), averaged over DDP ranks with one all-reduce."""
+    """Per-layer ``E|h_i|`` (float64) on ``obs`` (no grad), averaged over DDP ranks with one all-reduce.
+
+    A NaN/inf in ``obs`` makes every activity NaN before the all-reduce, so that every rank sees the
+    bad input (the mean of NaN is NaN) and all make the same decision.
+    """
+    if obs.dim() < 1 or obs.shape[0] == 0:
+        raise ValueError(f"{owner}: probe batch has 0 rows (shape {tuple(obs.shape)}); expected at least 1")
     with torch.no_grad(), ActivationRecorder(layers) as recorder:
         ctx.network(obs)
     missing = [layer.name for layer in layers if layer.name not in recorder.outputs]
     if missing:
         raise ValueError(f"{owner}: the forward pass never ran the activations of hidden layers {missing}")
     local = torch.cat([unit_activity(layer, recorder.outputs[layer.name]) for layer in layers])
+    if obs.is_floating_point() and not bool(torch.isfinite(obs).all()):
+        local = torch.full_like(local, float("nan"))
     reduced = ctx.all_reduce_mean(local)
     return list(torch.split(reduced, [layer.num_units for layer in layers]))
 
@@ -59,15 +70,21 @@ def outgoing_weight_mass(layer: HiddenLayer) -> torch.Tensor:
 class ReDo(Intervention):
     """ReDo (Sokar et al. 2023): every ``period`` steps recycle units whose score ``<= tau``.
 
-    ``score_i = E|h_i| / mean_k E|h_k|`` per layer, from a forward pass on ``probe_obs`` (at most
-    ``max_probe`` rows; conv: the mean runs over batch and space; CReLU-like: over both halves),
-    all-reduced before thresholding. ``tau = 0`` selects only dead units (score exactly 0). Dormant
-    units get fresh incoming weights, zero bias, zero outgoing weights and zeroed optimizer state.
-    Only layers with a trainable producer are scored (frozen layers, e.g. an injected head's frozen
-    copies, cannot recover); their consumers are zeroed whether frozen or not. Layers are scored first, then reset in ``hidden_layers()`` order, so a dormant unit of a consumer
+    ``score_i = E|h_i| / mean_k E|h_k|`` per layer (:func:`plasticity.layers.unit_scores`, the
+    diagnostics' definition: normalized by the layer's *mean*, not its max), from a forward pass on
+    ``probe_obs`` (at most ``max_probe`` rows; conv: the mean runs over batch and space; CReLU-like:
+    over both halves), ``E|h|`` all-reduced before scoring. ``tau = 0`` selects only dead units
+    (score exactly 0). Dormant units get fresh incoming weights, zero bias, zero outgoing weights and
+    zeroed optimizer state. Only layers with a trainable producer are scored (frozen layers, e.g. an
+    injected head's frozen copies, cannot recover); their consumers are zeroed whether frozen or not.
+    Layers are scored first, then reset in ``hidden_layers()`` order, so a dormant unit of a consumer
     layer gets a whole fresh incoming row, including the columns that read units just recycled below.
-    Metrics (on reset steps): ``redo/units_reset``, ``redo/dormant_fraction`` (over the scored hidden units,
-    measured before resetting).
+
+    A NaN/inf in the probe batch or in the activations (on any rank) skips the whole reset of that
+    period, since no score can be trusted, with a ``RuntimeWarning``.
+
+    Metrics (on reset steps): ``redo/units_reset``, ``redo/dormant_fraction`` (over the scored hidden
+    units, measured before resetting; NaN when skipped), ``redo/skipped_nonfinite`` (1 when skipped, else 0).
     """
 
     name = "redo"
@@ -84,16 +101,23 @@ class ReDo(Intervention):
             raise ValueError(f"{self.name}: step {ctx.step} is a reset step but after_step got no probe_obs")
         layers = trainable_layers(ctx.network)
         activities = layer_activities(ctx, layers, probe_obs[: self.max_probe], owner=self.name)
+        if not all(bool(torch.isfinite(a).all()) for a in activities):
+            # Every score would be NaN and "NaN <= tau" is False: without this, ReDo would quietly
+            # recycle nothing. Skip the period instead, and say so.
+            warnings.warn(f"{self.name}: step {ctx.step}: NaN/inf in the probe batch or its activations; "
+                          f"skipped this period's reset", RuntimeWarning, stacklevel=2)
+            return {f"{self.name}/units_reset": 0.0, f"{self.name}/dormant_fraction": float("nan"),
+                    f"{self.name}/skipped_nonfinite": 1.0}
         total_units = dormant_units = 0
         for layer, activity in zip(layers, activities, strict=True):
-            score = activity / (activity.mean() + 1e-9)
-            dormant = torch.nonzero(score <= self.tau).reshape(-1).cpu()
+            dormant = torch.nonzero(unit_scores(activity) <= self.tau).reshape(-1).cpu()
             reinit_units(layer, dormant, optimizer=ctx.optimizer, generator=ctx.generator, network=ctx.network)
             total_units += layer.num_units
             dormant_units += int(dormant.numel())
         return {
             f"{self.name}/units_reset": float(dormant_units),
             f"{self.name}/dormant_fraction": dormant_units / max(total_units, 1),
+            f"{self.name}/skipped_nonfinite": 0.0,
         }
 
 

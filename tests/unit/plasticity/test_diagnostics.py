@@ -10,6 +10,9 @@ from diag_nets import OBS, HandNet, linear_scorer, tanh_net
 from torch import nn
 
 from plasticity import diagnostics as D
+from plasticity.activations import CReLU, make_activation
+from plasticity.layers import HiddenLayer, layer_names, unit_activity, unit_scores
+from tests.unit.plasticity.nets import MLP
 
 SQRT221 = math.sqrt(221.0)
 # Singular values of [[1, 2], [3, 4]]: sqrt(15 +- sqrt(221)).
@@ -17,32 +20,43 @@ SIG = (math.sqrt(15 + SQRT221), math.sqrt(15 - SQRT221))
 
 
 # --------------------------------------------------------------------------------- unit scores
+def _layer(units, activation=None):
+    return HiddenLayer("l", nn.Linear(1, units), activation if activation is not None else nn.ReLU())
+
+
 def test_unit_scores_linear_exact():
     h = torch.tensor([[1.0, 2.0, 0.0, 0.01], [3.0, 4.0, 0.0, 0.03]])
-    scores = D.unit_scores(h, num_units=4)
+    activity = unit_activity(_layer(4), h)
+    assert activity.dtype == torch.float64
+    scores = unit_scores(activity)
     mean = (2 + 3 + 0 + 0.02) / 4
     torch.testing.assert_close(scores, torch.tensor([2 / mean, 3 / mean, 0.0, 0.02 / mean], dtype=torch.float64))
-    assert D.dormant_counts(h, num_units=4) == 2
-    assert D.dormant_counts(h, num_units=4, tau=0.0) == 1
-    assert D.dormant_counts(h, num_units=4, tau=0.01) == 1  # 0.02/1.255 = 0.0159 > 0.01
+    assert int((scores <= 0.025).sum()) == 2
+    assert int((scores <= 0.0).sum()) == 1
+    assert int((scores <= 0.01).sum()) == 1  # 0.02/1.255 = 0.0159 > 0.01
 
 
 def test_unit_scores_conv_mean_over_space_and_multiplier():
     # [B=1, m*units=4 (m=2, units=2), H=1, W=2]; unit i reads channels i and 2+i.
     h = torch.tensor([[[[1.0, 3.0]], [[0.0, 0.0]], [[2.0, -2.0]], [[0.0, 0.4]]]])
-    scores = D.unit_scores(h, num_units=2, multiplier=2)
+    scores = unit_scores(unit_activity(_layer(2, CReLU()), h))
     e0, e1 = (1 + 3 + 2 + 2) / 4, 0.4 / 4
     mean = (e0 + e1) / 2
     torch.testing.assert_close(scores, torch.tensor([e0 / mean, e1 / mean], dtype=torch.float64))
 
 
-def test_unit_scores_all_zero_layer_is_all_dormant_and_bad_shape_raises():
-    assert D.unit_scores(torch.zeros(3, 5), num_units=5).tolist() == [0.0] * 5
-    assert D.dormant_counts(torch.zeros(3, 5), num_units=5, tau=0.0) == 5
-    with pytest.raises(ValueError, match="multiplier 2 x 5 units"):
-        D.unit_scores(torch.zeros(3, 5), num_units=5, multiplier=2)
-    with pytest.raises(ValueError, match="tau"):
-        D.dormant_counts(torch.zeros(3, 5), num_units=5, tau=-0.1)
+def test_unit_scores_all_zero_layer_nan_and_bad_shapes():
+    assert unit_scores(unit_activity(_layer(5), torch.zeros(3, 5))).tolist() == [0.0] * 5  # all dormant
+    # one NaN value poisons the layer: no unit may read as "not dormant" (NaN <= tau is False)
+    h = torch.ones(3, 5)
+    h[1, 2] = float("nan")
+    assert torch.isnan(unit_scores(unit_activity(_layer(5), h))).all()
+    with pytest.raises(ValueError, match=r"does not have 10 \(= multiplier 2 x units 5\)"):
+        unit_activity(_layer(5, CReLU()), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"shape \(0, 5\) has 0 samples"):
+        unit_activity(_layer(5), torch.zeros(0, 5))
+    with pytest.raises(ValueError, match=r"non-empty \[units\] tensor, got shape \(2, 2\)"):
+        unit_scores(torch.ones(2, 2))
 
 
 def test_active_and_saturated_fractions():
@@ -161,21 +175,127 @@ def test_churn_greedy_and_entropy():
         D.churn(torch.tensor([0]), torch.tensor([0, 1]))
 
 
+def test_q_value_policy_view_exact():
+    view = D.q_value_policy(2.0)(torch.tensor([[0.0, 2.0], [1.0, 1.0]]))
+    assert view.actions.tolist() == [1, 0] and view.actions.dtype == torch.long  # ties: the first action
+    e = math.e
+    torch.testing.assert_close(view.entropy, torch.tensor([math.log(1 + e) - e / (1 + e), math.log(2)],
+                                                          dtype=torch.float64))
+    assert D.q_value_policy()(torch.tensor([[[1.0, 3.0], [2.5, 2.5]]])).actions.tolist() == [1]  # QR: mean 2 < 2.5
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        D.q_value_policy(0)
+
+
+def test_churn_integer_and_float_actions_exact():
+    assert D.churn(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 2, 1])) == 0.5
+    before = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, -0.5], [0.0, 0.0]], dtype=torch.float64)
+    after = torch.tensor([[0.0, 0.002], [1.0, 1.0005], [0.4, -0.5], [0.0, -0.001]], dtype=torch.float64)
+    # max-norm moves 0.002, 0.0005, 0.1, 0.001: above the default 1e-3 only rows 0 and 2 (0.001 is not > 0.001)
+    assert D.churn(before, after) == 0.5
+    assert D.churn(before, after, tolerance=0.05) == 0.25
+    assert D.churn(before, after, tolerance=0.0) == 1.0
+    after[3, 0] = float("nan")
+    assert math.isnan(D.churn(before, after))
+    with pytest.raises(ValueError, match="equal shape"):
+        D.churn(torch.tensor([0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[B\] integer or \[B, d\] float actions, got shape \(2,\)"):
+        D.churn(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        D.churn(before, before, tolerance=-1.0)
+
+
+def test_policy_fn_continuous_actions_churn_and_no_entropy():
+    net = HandNet()  # output on OBS: [[1, 2], [3, 4]], read here as 2-d continuous actions
+    diag = D.Diagnostics(net, names="churn,policy_entropy", every=1, probe_obs=OBS,
+                         policy_fn=lambda out: D.PolicyView(actions=out), churn_tolerance=0.1)
+    assert diag.after_step() == {}  # no previous actions, and a policy without entropy
+    with torch.no_grad():
+        net.head.weight[0, 0] += 0.05  # actions [[1.05, 2], [3.15, 4]]: moves 0.05 and 0.15
+    assert diag.after_step() == {"churn": 0.5}
+    assert diag.after_step() == {"churn": 0.0}
+
+
+def test_policy_fn_discrete_actions_with_entropy():
+    net = HandNet()
+
+    def policy(out):
+        return D.PolicyView(actions=(out[:, 0] > 2).long(), entropy=torch.tensor([0.5, 1.5]))
+
+    diag = D.Diagnostics(net, names="churn,policy_entropy", every=1, probe_obs=OBS, policy_fn=policy)
+    assert diag.after_step() == {"policy_entropy": 1.0}
+    with torch.no_grad():
+        net.head.weight[0, 0] = 5.0  # out[:, 0] = [5, 15]: state 0's action flips 0 -> 1
+    assert diag.after_step() == {"churn": 0.5, "policy_entropy": 1.0}
+
+
+def test_policy_fn_bad_views_and_options():
+    with pytest.raises(ValueError, match=r"actions must be \[2\] integer or \[2, d\] float for 2 probe states, "
+                                         r"got \(3,\)"):
+        D.Diagnostics(HandNet(), names="churn", probe_obs=OBS,
+                      policy_fn=lambda out: D.PolicyView(actions=torch.zeros(3, dtype=torch.long))).compute()
+    with pytest.raises(ValueError, match=r"entropy must be None or a \[2\] tensor"):
+        D.Diagnostics(HandNet(), names="policy_entropy", probe_obs=OBS,
+                      policy_fn=lambda out: D.PolicyView(actions=out, entropy=torch.zeros(2, 2))).compute()
+    with pytest.raises(ValueError, match="must return a PolicyView, got Tensor"):
+        D.Diagnostics(HandNet(), names="churn", probe_obs=OBS, policy_fn=lambda out: out).compute()
+    with pytest.raises(ValueError, match="entropy_temperature=2.0 only sets the default q_value_policy"):
+        D.Diagnostics(HandNet(), policy_fn=D.q_value_policy(), entropy_temperature=2.0)
+
+
 # ---------------------------------------------------------------------------------- loss-based
-def test_hessian_max_eig_quadratic():
-    # Loss 0.5 x^T A x with A = R diag(3, -1, 0.5) R^T: Hessian A, top eigenvalue 3.
-    rot, _ = torch.linalg.qr(torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [1.5, 0.2, 1.0]], dtype=torch.float64))
-    a = rot @ torch.diag(torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)) @ rot.T
-    x = torch.nn.Parameter(torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64))
-    eig = D.hessian_max_eig(lambda: 0.5 * x @ a @ x, [x], generator=torch.Generator().manual_seed(1))
-    assert eig == pytest.approx(3.0, rel=1e-3)
-    b = torch.diag(torch.tensor([-4.0, 1.0], dtype=torch.float64))
-    y = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    assert D.hessian_max_eig(lambda: 0.5 * y @ b @ y, [y], generator=torch.Generator().manual_seed(2)) == pytest.approx(
-        -4.0, rel=1e-3
-    )
+def _quadratic(eigenvalues, angle=0.3):
+    """Loss ``0.5 x^T A x`` with ``A = R diag(eigenvalues) R^T`` (R a rotation): the Hessian is A."""
+    n = len(eigenvalues)
+    rot, _ = torch.linalg.qr(torch.eye(n, dtype=torch.float64) + angle * torch.arange(n * n, dtype=torch.float64
+                                                                                        ).reshape(n, n).sin())
+    a = rot @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ rot.T
+    x = torch.nn.Parameter(torch.tensor([0.2, -0.1, 0.4][:n], dtype=torch.float64))
+    return (lambda: 0.5 * x @ a @ x), [x]
+
+
+@pytest.mark.parametrize("eigenvalues, top", [
+    ((-3.0, 1.0), 1.0),          # dominant -3 (largest magnitude), but the top eigenvalue is 1
+    ((3.0, -1.0), 3.0),          # dominant and top agree
+    ((-4.0, 1.0), 1.0),
+    ((3.0, -1.0, 0.5), 3.0),
+    ((-3.0, -1.0), -1.0),        # all negative: the largest algebraic one, not the smallest magnitude
+], ids=["-3,1", "3,-1", "-4,1", "3,-1,0.5", "-3,-1"])
+def test_hessian_max_eig_is_the_largest_algebraic_eigenvalue(eigenvalues, top):
+    closure, params = _quadratic(eigenvalues)
+    assert D.hessian_max_eig(closure, params, generator=torch.Generator().manual_seed(1)) == pytest.approx(top, rel=1e-3)
+
+
+def test_hessian_max_eig_edge_cases():
+    closure, params = _quadratic((-3.0, 1.0))
+    x = params[0]
+    assert D.hessian_max_eig(lambda: (x * 2.0).sum(), [x]) == 0.0  # linear: zero curvature
+    assert math.isnan(D.hessian_max_eig(lambda: 0.5 * x @ x * float("nan"), [x]))
     with pytest.raises(ValueError, match="scalar"):
         D.hessian_max_eig(lambda: x * 1.0, [x])
+    with pytest.raises(ValueError, match="iters must be >= 1, got 0"):
+        D.hessian_max_eig(closure, params, iters=0)
+
+
+def test_hessian_samples_uses_the_first_rows_of_the_loss_batch():
+    # loss_i = (w . x_i)^2 -> H = (2/B) sum x_i x_i^T. All 3 rows: (2/3)[[2, 1], [1, 2]], top 2.
+    # The first 2 rows ([1, 0], [0, 1]): H = I, top 1.
+    batch = {"obs": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), "weight": torch.ones(3)}
+    seen = []
+
+    def loss_fn(m, b):
+        seen.append(b["obs"].shape[0])
+        return m(b["obs"]).squeeze(1) ** 2 * b["weight"]
+
+    diag = D.Diagnostics(linear_scorer(), names="hessian_max_eig", loss_fn=loss_fn, loss_batch=batch,
+                         hessian_samples=2, generator=torch.Generator().manual_seed(3))
+    assert diag.compute()["hessian_max_eig"] == pytest.approx(1.0, rel=1e-3)
+    assert seen == [3, 2]  # the finiteness check reads every row, the Hessian only the first 2
+    full = D.Diagnostics(linear_scorer(), names="hessian_max_eig", loss_fn=loss_fn, loss_batch=batch,
+                         generator=torch.Generator().manual_seed(3))
+    assert full.hessian_samples == 512
+    assert full.compute()["hessian_max_eig"] == pytest.approx(2.0, rel=1e-3)
+    with pytest.raises(ValueError, match="hessian_samples must be an integer >= 1, got 0"):
+        D.Diagnostics(linear_scorer(), names="hessian_max_eig", loss_fn=loss_fn, hessian_samples=0)
 
 
 def test_gradient_interference_exact():
@@ -314,3 +434,131 @@ def test_hessian_through_entry_point_on_squared_linear_loss():
     diag = D.Diagnostics(linear_scorer(), names="hessian_max_eig", loss_fn=lambda m, b: m(b).squeeze(1) ** 2,
                          loss_batch=batch, generator=torch.Generator().manual_seed(3))
     assert diag.compute()["hessian_max_eig"] == pytest.approx(2.0, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------- layer names
+def test_one_name_per_layer_across_unit_and_parameter_diagnostics():
+    net = MLP(hidden=(8, 6), norm="layer_norm")  # modules encoder.0 (Linear), encoder.1 (LN), encoder.3, encoder.4, head
+    assert list(layer_names(net).values()) == ["fc0", "fc0.norm", "fc1", "fc1.norm", "head"]
+    obs = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    diag = D.Diagnostics(net, names="dormant_ratio,weight_norm,dist_to_init,grad_norm,effective_lr", every=1,
+                         probe_obs=obs, loss_fn=lambda m, b: m(b).pow(2).mean(dim=1), loss_batch=obs)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(obs).pow(2).mean().backward()
+    diag.before_step()
+    opt.step()
+    out = diag.after_step()
+    labels = {}
+    for key in out:
+        name, _, layer = key.partition("/")
+        labels.setdefault(name, set()).add(layer)
+    assert labels["dormant_ratio"] == {"fc0", "fc1", "total"}
+    params = {"fc0", "fc0.norm", "fc1", "fc1.norm", "head", "total"}
+    for name in ("weight_norm", "dist_to_init", "effective_lr", "grad_l1", "grad_l2", "grad_zero_frac"):
+        assert labels[name] == params, name
+
+
+def test_learner_network_layer_names():
+    # The real network contract (learner.networks): the run report labels both families alike.
+    from learner.networks import NetworkConfig, build_network
+
+    net = build_network(NetworkConfig(hidden_sizes=(8, 8), norm="layer_norm", dueling=True, head_hidden_size=4),
+                        obs_shape=(3,), num_actions=2, obs_dtype="float32")
+    assert list(layer_names(net).values()) == [
+        "encoder.fc0", "encoder.fc0.norm", "encoder.fc1", "encoder.fc1.norm",
+        "head.value.hidden0", "head.value.hidden0.norm", "head.value.out",
+        "head.advantage.hidden0", "head.advantage.hidden0.norm", "head.advantage.out",
+    ]
+    out = D.Diagnostics(net, names="dormant_ratio,weight_norm", probe_obs=torch.randn(4, 3)).compute()
+    assert "weight_norm/encoder.fc0" in out and "dormant_ratio/encoder.fc0" in out
+    assert not any("body" in key for key in out)
+
+
+def test_layer_names_refuses_a_name_given_twice():
+    class Clash(HandNet):
+        def hidden_layers(self):  # names the first hidden layer like the output module
+            return [HiddenLayer("head", self.encoder[0], self.encoder[1], [self.encoder[2]])]
+
+    with pytest.raises(ValueError, match="layer name 'head' is given to both module 'encoder.0' and module 'head'"):
+        layer_names(Clash())
+
+
+def test_parametrized_activation_is_named_after_its_layer():
+    net = nn.Sequential(nn.Linear(2, 3), make_activation("rational"), nn.Linear(3, 1))
+    assert list(layer_names(net).values()) == ["layer0_1", "layer0_1.act", "2"]
+
+
+# ------------------------------------------------------------------------------------- bad input
+_FORWARD_KEYS = ("dormant_ratio", "dead_ratio", "active_units", "srank", "effective_rank", "feature_rank",
+                 "feature_norm", "feature_var", "churn", "policy_entropy")
+
+
+def _is_forward(key):
+    return key.split("/")[0] in _FORWARD_KEYS
+
+
+def test_nan_probe_gives_nan_forward_metrics_and_one_counted_warning():
+    diag = D.Diagnostics(HandNet(), every=1, probe_obs=OBS)
+    good = diag.compute()
+    assert good["dormant_ratio/total"] == 3 / 7
+    bad_obs = OBS.clone()
+    bad_obs[1, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN/inf in the probe batch") as caught:
+        bad = diag.compute(probe_obs=bad_obs)
+    assert len(caught) == 1 and diag.nonfinite_inputs == 1
+    assert set(bad) == set(good) | {"churn"}  # same keys; churn because a previous measurement exists
+    for key, value in bad.items():
+        if _is_forward(key):
+            assert math.isnan(value), key
+        else:  # parameter diagnostics do not read the probe
+            assert value == good[key], key
+    # the NaN measurement is no churn reference: the next one starts a new window
+    again = diag.compute()
+    assert again == good and diag.nonfinite_inputs == 1
+
+
+def test_nonfinite_activations_and_inf_probe_give_nan():
+    net = HandNet()
+    with torch.no_grad():
+        net.encoder[0].weight[1, 1] = float("nan")  # finite probe, NaN activations
+    diag = D.Diagnostics(net, names="dormant_ratio,srank,policy_entropy", probe_obs=OBS)
+    with pytest.warns(RuntimeWarning, match="activations/outputs on the probe batch"):
+        out = diag.compute()
+    assert set(out) == {"dormant_ratio/encoder.0", "dormant_ratio/encoder.2", "dormant_ratio/total", "srank",
+                        "policy_entropy"}
+    assert all(math.isnan(v) for v in out.values())
+    inf_obs = OBS.clone()
+    inf_obs[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="probe batch"):
+        out = D.Diagnostics(HandNet(), names="dormant_ratio,plasticity_probe", probe_obs=inf_obs,
+                            probe_steps=2).compute()
+    assert all(math.isnan(v) for v in out.values()) and "plasticity_probe/ratio" in out
+    with pytest.warns(RuntimeWarning, match="probe batch"):
+        out = D.Diagnostics(HandNet(), names="plasticity_probe", probe_obs=inf_obs, probe_steps=2).compute()
+    assert set(out) == {"plasticity_probe/loss", "plasticity_probe/fresh_loss", "plasticity_probe/ratio"}
+    assert all(math.isnan(v) for v in out.values())
+
+
+def test_nan_loss_batch_or_losses_give_nan_loss_metrics():
+    batch = torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [1.0, 1.0]])
+    diag = D.Diagnostics(linear_scorer(), names="grad_interference,grad_norm,hessian_max_eig",
+                         loss_fn=lambda m, b: m(b).squeeze(1) ** 2, loss_batch=batch)
+    with pytest.warns(RuntimeWarning, match="NaN/inf in the loss batch"):
+        out = diag.compute()
+    assert set(out) == {"grad_interference", "hessian_max_eig", "grad_l1/root", "grad_l2/root", "grad_zero_frac/root",
+                        "grad_l1/total", "grad_l2/total", "grad_zero_frac/total"}
+    assert all(math.isnan(v) for v in out.values()) and diag.nonfinite_inputs == 1
+    # a finite batch whose per-sample losses are NaN (here: NaN targets inside the loss)
+    diag.loss_fn = lambda m, b: (m(b).squeeze(1) - float("nan")) ** 2
+    with pytest.warns(RuntimeWarning, match="per-sample losses"):
+        out = diag.compute(loss_batch=batch.nan_to_num())
+    assert all(math.isnan(v) for v in out.values()) and diag.nonfinite_inputs == 2
+
+
+def test_empty_probe_or_loss_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"probe_obs has 0 rows \(shape \(0, 2\)\)"):
+        D.Diagnostics(HandNet(), probe_obs=torch.zeros(0, 2)).compute()
+    loss = lambda m, b: m(b["obs"]).squeeze(1)  # noqa: E731
+    diag = D.Diagnostics(linear_scorer(), names="hessian_max_eig", loss_fn=loss)
+    with pytest.raises(ValueError, match=r"loss_batch\['obs'\] has 0 rows \(shape \(0, 2\)\)"):
+        diag.compute(loss_batch={"obs": torch.zeros(0, 2)})

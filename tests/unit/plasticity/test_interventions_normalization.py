@@ -100,3 +100,33 @@ def test_elr_increase_scales_invariant_weights_keeping_outputs():
         ELRIncrease(factor=0.0)
     with pytest.raises(ValueError, match="no normalized hidden layers"):
         ELRIncrease().setup(make_ctx(MLP()))
+
+
+def test_nap_targets_loaded_from_a_checkpoint_survive_a_later_setup():
+    net = MLP(hidden=(8, 6), norm="layer_norm")
+    ctx = make_ctx(net)
+    fc0, ln0 = net._hidden[0][0], net._hidden[0][1]
+    fresh = {name: float(module.weight.detach().norm()) for name, module in net.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    # a checkpoint whose initial norms differ from this fresh network's: 2x for fc0 and a LN target of 5;
+    # "encoder.3" (fc1) is missing from it (e.g. written by an older run)
+    state = {"targets": {"encoder.0": 2 * fresh["encoder.0"], "encoder.1": 5.0}}
+    nap = NormalizeAndProject()
+    nap.load_state_dict(state)
+    nap.setup(ctx)  # e.g. a DDP learner or the resume path sets up after loading
+    assert nap.targets["encoder.0"] == 2 * fresh["encoder.0"] and nap.targets["encoder.1"] == 5.0
+    assert nap.targets["encoder.3"] == pytest.approx(fresh["encoder.3"])  # filled in from the network
+    nap.setup(ctx)  # a second setup changes nothing either
+    assert nap.targets["encoder.0"] == 2 * fresh["encoder.0"]
+    ctx.step = 1
+    nap.after_step(ctx)
+    assert fc0.weight.norm().item() == pytest.approx(2 * fresh["encoder.0"], rel=1e-6)
+    assert torch.cat([ln0.weight, ln0.bias]).norm().item() == pytest.approx(5.0, rel=1e-6)
+    # loading after setup: the checkpoint's targets replace the recorded ones, the others stay
+    later = NormalizeAndProject()
+    later.setup(make_ctx(MLP(hidden=(8, 6), norm="layer_norm")))
+    recorded = dict(later.targets)
+    later.load_state_dict(state)
+    assert later.targets == {**recorded, **state["targets"]}
+    with pytest.raises(ValueError, match=r"targets must be finite norms >= 0, got \{'encoder.0': nan\}"):
+        later.load_state_dict({"targets": {"encoder.0": float("nan")}})

@@ -118,7 +118,8 @@ def test_composition_layer_norm_weight_decay_redo():
     m1 = regression_step(ctx, obs, ivs, probe_obs=obs)
     assert m1 == {}
     m2 = regression_step(ctx, obs, ivs, probe_obs=obs)
-    assert set(m2) == {"redo/units_reset", "redo/dormant_fraction"}
+    assert set(m2) == {"redo/units_reset", "redo/dormant_fraction", "redo/skipped_nonfinite"}
+    assert m2["redo/skipped_nonfinite"] == 0.0
     assert m2["redo/dormant_fraction"] == m2["redo/units_reset"] / 14
     for value in net.state_dict().values():
         assert torch.isfinite(value).all()

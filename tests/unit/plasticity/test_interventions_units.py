@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from plasticity.interventions._common import fresh_parameters
 from plasticity.interventions.units import ContinualBackprop, ReDo
+from plasticity.layers import unit_activity, unit_scores
 from tests.unit.plasticity.nets import MLP, ConvNet, DuelingNet, make_ctx, regression_step
 
 
@@ -50,7 +53,7 @@ def test_redo_resets_exactly_the_dead_units_mlp():
         ctx.optimizer, fc1.weight)
     fresh = _expected_fresh(ctx, fc0)
     metrics = ReDo(period=1, tau=0.0).after_step(ctx, probe_obs=obs)
-    assert metrics == {"redo/units_reset": 2.0, "redo/dormant_fraction": 2 / 14}
+    assert metrics == {"redo/units_reset": 2.0, "redo/dormant_fraction": 2 / 14, "redo/skipped_nonfinite": 0.0}
     dead, alive = [2, 5], [0, 1, 3, 4, 6, 7]
     assert torch.equal(fc0.weight[dead], fresh[dead]) and torch.equal(fc0.weight[alive], w0[alive])
     assert torch.equal(fc0.bias[dead], torch.zeros(2)) and torch.equal(fc0.bias[alive], b0[alive])
@@ -137,6 +140,70 @@ def test_redo_score_threshold_and_period():
     ctx.step = 6
     with pytest.raises(ValueError, match="step 6 is a reset step but after_step got no probe_obs"):
         redo.after_step(ctx, probe_obs=None)
+
+
+def _four_unit_layer():
+    """MLP(2 -> 4 -> head) whose per-unit mean |activation| on ``obs`` is exactly [1.5, 0.15, 3.0, 0.9]."""
+    net = MLP(hidden=(4,), in_dim=2)
+    fc = net._hidden[0][0]
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[1.0, 0.0], [0.1, 0.0], [2.0, 0.0], [0.0, 0.0]]))
+        fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.9]))
+    obs = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    return net, fc, obs
+
+
+def test_redo_scores_by_the_layer_mean_not_the_max():
+    net, fc, obs = _four_unit_layer()
+    activity = torch.tensor([1.5, 0.15, 3.0, 0.9], dtype=torch.float64)
+    (layer,) = net.hidden_layers()
+    with torch.no_grad():
+        torch.testing.assert_close(unit_activity(layer, layer.activation(fc(obs))), activity)
+    tau = 0.5
+    # mean-normalized (ours): [1.081, 0.108, 2.162, 0.649] -> {1}; max-normalized: [0.5, 0.05, 1, 0.3] -> {0, 1, 3}
+    assert torch.nonzero(unit_scores(activity) <= tau).flatten().tolist() == [1]
+    assert torch.nonzero(activity / activity.max() <= tau).flatten().tolist() == [0, 1, 3]
+    ctx = make_ctx(net)
+    w, b, head = fc.weight.detach().clone(), fc.bias.detach().clone(), net.head.weight.detach().clone()
+    fresh = _expected_fresh(ctx, fc)
+    metrics = ReDo(period=1, tau=tau).after_step(ctx, probe_obs=obs)
+    assert metrics == {"redo/units_reset": 1.0, "redo/dormant_fraction": 0.25, "redo/skipped_nonfinite": 0.0}
+    kept = [0, 2, 3]
+    assert torch.equal(fc.weight[1], fresh[1]) and fc.bias[1].item() == 0.0
+    assert torch.equal(fc.weight[kept], w[kept]) and torch.equal(fc.bias[kept], b[kept])
+    assert torch.equal(net.head.weight[:, 1], torch.zeros(3)) and torch.equal(net.head.weight[:, kept], head[:, kept])
+
+
+def test_redo_skips_the_period_on_a_nan_probe():
+    net, fc, obs = _four_unit_layer()
+    with torch.no_grad():
+        fc.weight[3] = 0.0
+        fc.bias[3] = -1.0  # unit 3 dead: a normal reset step would recycle it
+    ctx = make_ctx(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    bad = obs.clone()
+    bad[0, 1] = float("nan")
+    redo = ReDo(period=1, tau=0.0)
+    with pytest.warns(RuntimeWarning, match="redo: step 0: NaN/inf in the probe batch or its activations"):
+        metrics = redo.after_step(ctx, probe_obs=bad)
+    assert metrics["redo/skipped_nonfinite"] == 1.0 and metrics["redo/units_reset"] == 0.0
+    assert math.isnan(metrics["redo/dormant_fraction"])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    # the next period with a finite probe resets as usual
+    assert redo.after_step(ctx, probe_obs=obs) == {"redo/units_reset": 1.0, "redo/dormant_fraction": 0.25,
+                                                   "redo/skipped_nonfinite": 0.0}
+    assert fc.bias[3].item() == 0.0
+
+
+def test_redo_skips_when_another_rank_saw_nan():
+    net, fc, obs = _four_unit_layer()
+    ctx = make_ctx(net, all_reduce_mean=lambda t: t + float("nan"))  # another rank's probe held a NaN
+    before = fc.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="skipped this period's reset"):
+        assert ReDo(period=1, tau=0.5).after_step(ctx, probe_obs=obs)["redo/skipped_nonfinite"] == 1.0
+    assert torch.equal(fc.weight, before)
+    with pytest.raises(ValueError, match=r"redo: probe batch has 0 rows \(shape \(0, 2\)\)"):
+        ReDo(period=1).after_step(ctx, probe_obs=obs[:0])
 
 
 def test_redo_decides_on_all_reduced_statistics():

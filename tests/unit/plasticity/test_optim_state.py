@@ -100,8 +100,12 @@ def test_sgd_momentum_buffer_rows():
 def test_sgd_without_momentum_has_nothing_to_reset():
     layer = nn.Linear(2, 3)
     opt = _stepped(layer, torch.optim.SGD, lr=0.1)
-    reset_entries(opt, layer.weight, [0])  # momentum_buffer is None: no error
+    weights = [p.detach().clone() for p in layer.parameters()]
+    before = _snapshot(opt)
+    reset_entries(opt, layer.weight, [0])  # no momentum buffer: no error
     reset_parameter(opt, layer.weight)
+    assert _snapshot(opt) == before == {}  # plain SGD keeps no state, and none was made up
+    assert all(torch.equal(p, w) for p, w in zip(layer.parameters(), weights, strict=True))
 
 
 def test_before_first_step_is_a_no_op():

@@ -21,7 +21,8 @@ from evergreen.report import (
     render_report,
 )
 
-LAYERS = ("encoder.0", "encoder.2", "head.0")
+# Layer names as plasticity.layers.layer_names gives them (one name per layer in every diagnostic).
+LAYERS = ("encoder.fc0", "encoder.fc0.norm", "head.q.out")
 
 
 def make_run(root: Path, name: str, *, interventions: str, n: int = 30, tasks: bool = True, diags: bool = True,

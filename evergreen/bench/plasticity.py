@@ -21,6 +21,9 @@ Example::
     evergreen bench plasticity --quick          # seconds; for smoke tests
     evergreen bench plasticity --measure-cost   # diagnostics cost vs one learner update
 
+It lives in ``evergreen.bench`` rather than ``plasticity/`` because it builds learner networks, and
+``plasticity`` imports only torch, numpy and itself.
+
 Outputs in ``--out``: ``per_task.csv`` and ``results.json`` (every task of every method and seed),
 ``summary.json`` (the table), ``fit_per_task.png`` (mean fit per task, one line per method).
 """
@@ -42,8 +45,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from learner.networks import NetworkConfig, build_network
 from plasticity.base import Intervention, InterventionContext, network_overrides
 from plasticity.diagnostics import Diagnostics
+from plasticity.interventions import build_interventions
 
 DEFAULT_METHODS = "baseline,layer_norm+weight_decay,redo,shrink_perturb,continual_backprop,nap"
 
@@ -121,15 +126,11 @@ def build_method(names: list[str]) -> list[Intervention]:
     """The interventions of one method with :data:`METHOD_OPTIONS` (validated by the registry)."""
     if not names:
         return []
-    from plasticity.interventions import build_interventions
-
     return build_interventions(",".join(names), {n: METHOD_OPTIONS[n] for n in names if n in METHOD_OPTIONS})
 
 
 def build_net(cfg: BenchConfig, overrides: dict[str, Any]) -> torch.nn.Module:
     """The benchmark MLP through ``learner.networks`` with the interventions' overrides applied."""
-    from learner.networks import NetworkConfig, build_network
-
     net_cfg = NetworkConfig(encoder="mlp", hidden_sizes=(cfg.width,) * cfg.depth)
     unknown = sorted(set(overrides) - {"norm", "activation"})
     if unknown:
@@ -360,8 +361,6 @@ def measure_diagnostics_cost(*, encoder: str = "nature_cnn", batch: int = 32, pr
     Returns seconds per update, per diagnostics call, and the diagnostics' share of update time
     at one call every ``every`` updates: ``diag / (every * update)``.
     """
-    from learner.networks import NetworkConfig, build_network
-
     if encoder == "nature_cnn":
         net = build_network(NetworkConfig(encoder="nature_cnn"), obs_shape=(4, 84, 84), num_actions=18,
                             obs_dtype="uint8")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from plasticity import benchmark as B
+from evergreen.bench import plasticity as B
 
 ALL_METHODS = B.DEFAULT_METHODS.split(",")
 
@@ -24,9 +24,19 @@ def test_quick_run_writes_every_output_with_every_method(tmp_path, capsys):
     assert len(rows) == len(ALL_METHODS) * 1 * 2  # methods x seeds x tasks
     assert {r["method"] for r in rows} == set(ALL_METHODS)
     assert {r["task"] for r in rows} == {"0", "1"}
+    inputs, hidden_units = B.QUICK["inputs"], B.QUICK["width"] * B.QUICK["depth"]
     for row in rows:
-        assert 0.0 <= float(row["fit"]) <= 1.0
-        assert 0.0 <= float(row["dormant_ratio"]) <= 1.0
+        # fit counts correctly labelled inputs, dormant_ratio dormant hidden units: whole numbers of each
+        assert float(row["fit"]) * inputs == round(float(row["fit"]) * inputs), row
+        assert float(row["dormant_ratio"]) * hidden_units == round(float(row["dormant_ratio"]) * hidden_units), row
+        assert float(row["fit"]) > 2 / B.BenchConfig().classes, row  # 30 steps learn well above chance (0.1)
+    # Methods that cannot act within the first task's 30 steps (redo every 200 steps, shrink_perturb at
+    # task switches, continual_backprop after maturity 100) start from the same weights as the
+    # baseline, so their first task is the baseline's, exactly.
+    first = {r["method"]: r for r in rows if r["task"] == "0"}
+    for method in ("redo", "shrink_perturb", "continual_backprop"):
+        for key in ("fit", "loss", "dormant_ratio", "srank", "weight_norm"):
+            assert first[method][key] == first["baseline"][key], (method, key)
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert list(summary) == ALL_METHODS
     assert (out / "fit_per_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,3 +107,10 @@ def test_measure_diagnostics_cost_reports_fractions():
     assert out["fraction_at_schedule"] == pytest.approx(out["diagnostics_s"] / (10 * out["update_s"]))
     with pytest.raises(ValueError, match="encoder must be"):
         B.measure_diagnostics_cost(encoder="resnet")
+
+
+def test_cli_runs_the_benchmark_from_its_new_home(capsys):
+    from evergreen.cli import main
+
+    assert main(["bench", "plasticity", "--tasks", "0"]) == 2  # routed to evergreen.bench.plasticity.main
+    assert "tasks must be an integer >= 1, got 0" in capsys.readouterr().err
