@@ -1,22 +1,24 @@
-"""The acting loop, without Ray: vector env -> batched CPU inference -> epsilon-greedy -> n-step adder
--> batched inserts. Weights are pulled by version; every transition carries the version that acted.
+"""The acting loop, without Ray: vector env -> policy -> adder -> batched inserts.
+
+The loop knows no algorithm: the agent's ``Policy`` (acting network + exploration, see
+``actors.policy``) picks actions and the agent's ``Adder`` (see ``actors.adder``) turns steps into
+replay rows. Weights are pulled by version; every row carries the version of the policy that acted.
 
 Usage::
 
+    env = EnvConfig(id="CartPole-v1", num_envs=8)
+    spec = env_spec(env)
     actor = Actor(
-        env_config=EnvConfig(id="CartPole-v1", num_envs=8),
-        network_factory=lambda: build_q_network(...),      # any nn.Module: obs batch -> Q [B, A]
+        env_config=env,
+        policy=EpsilonGreedyPolicy(network=q_net, epsilon=ConstantEpsilon(0.05), seed=0),
+        adder=NStepAdder(spec, num_envs=8, n=3, gamma=0.99),
         insert=replay_client.insert,                       # called with dict[str, np.ndarray] columns
         weights_source=weights,                            # .latest_version() / .get(version), or None
-        n_step=3, gamma=0.99, actor_index=0, num_actors=1, insert_batch_size=256, seed=0,
+        insert_batch_size=256, seed=0,
     )
     stats = actor.run(1_000)          # 1000 vector steps (8000 env steps)
     stats.steps_per_second, stats.episode_returns["CartPole-v1"]
     actor.close()
-
-The network receives observations in the env's dtype (uint8 frames for Atari, float32 for control)
-unless ``obs_transform`` is given: scaling belongs to the network, which the learner also applies to
-replayed observations, so actor and learner cannot disagree about it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.adder import TRANSITION_FIELDS, NStepAdder, schema
+from actors.adder import Adder, EnvStep
 from actors.envs import EnvConfig, VectorEnv, make_vector_env
 from actors.inserter import AsyncInserter
-from actors.policy import ConstantEpsilon, EpsilonSchedule, apex_epsilon, epsilon_greedy
+from actors.policy import Policy
 
 __all__ = ["Actor", "ActorStats", "WeightsSource"]
 
@@ -62,8 +64,8 @@ class ActorStats:
     """How many times new weights were loaded."""
     policy_version: int = -1
     """Version of the weights acting at the end of the period (-1: the factory's initial weights)."""
-    epsilon: float = 0.0
-    """Exploration probability at the end of the period."""
+    exploration: dict[str, float] = field(default_factory=dict)
+    """The policy's exploration state at the end of the period (e.g. ``{"epsilon": 0.05}``)."""
     wall_s: float = 0.0
     """Seconds spent stepping in this period."""
     episode_returns: dict[str, np.ndarray] = field(default_factory=dict)
@@ -93,7 +95,7 @@ class ActorStats:
             insert_calls=self.insert_calls + other.insert_calls,
             weight_updates=self.weight_updates + other.weight_updates,
             policy_version=other.policy_version,
-            epsilon=other.epsilon,
+            exploration=dict(other.exploration),
             wall_s=self.wall_s + other.wall_s,
             episode_returns=returns,
             episode_lengths=lengths,
@@ -107,85 +109,73 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 
 class Actor:
-    """Steps a vector env with a CPU copy of the acting network and inserts n-step transitions.
+    """Steps a vector env with ``policy`` and inserts the rows ``adder`` makes, in batches.
 
-    ``epsilon`` is a schedule over this actor's env steps; None gives the Ape-X constant
-    ``apex_epsilon(index=actor_index, num_actors=num_actors)``. ``seed`` (None: ``env_config.seed``)
-    seeds the envs (env ``i`` gets ``seed + i``) and the exploration RNG. Weights are polled every
-    ``weights_poll_interval`` vector steps (and before the first step) and loaded when the version
-    changed. With ``async_inserts`` (default) each full batch is sent by a background thread while the
-    actor keeps stepping (:class:`actors.inserter.AsyncInserter`); ``run()`` returns only after every
-    batch it produced is stored.
+    ``seed`` (None: ``env_config.seed``) seeds the envs (env ``i`` gets ``seed + i``). Weights are
+    polled every ``weights_poll_interval`` vector steps (and before the first step) and handed to
+    the policy when the version changed. With ``async_inserts`` (default) each full batch is sent by
+    a background thread while the actor keeps stepping (:class:`actors.inserter.AsyncInserter`);
+    ``run()`` returns only after every batch it produced is stored. ``env_steps_offset`` starts
+    the policy's step count there (a resumed run continues its exploration schedule).
     """
 
     def __init__(
         self,
         *,
         env_config: EnvConfig,
-        network_factory: Callable[[], nn.Module],
+        policy: Policy,
+        adder: Adder,
         insert: Callable[[dict[str, np.ndarray]], Any],
         weights_source: WeightsSource | None = None,
-        n_step: int = 3,
-        gamma: float = 0.99,
-        epsilon: EpsilonSchedule | None = None,
         actor_index: int = 0,
-        num_actors: int = 1,
         insert_batch_size: int = 256,
         weights_poll_interval: int = 100,
         seed: int | None = None,
-        obs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        env_steps_offset: int = 0,
         torch_threads: int | None = 1,
         async_inserts: bool = True,
     ) -> None:
         if not isinstance(env_config, EnvConfig):
             raise ValueError(f"env_config must be an EnvConfig, got {type(env_config).__name__}")
-        if not callable(network_factory) or not callable(insert):
-            raise ValueError("network_factory and insert must be callables")
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must implement actors.policy.Policy (act, load_weights, describe), got {policy!r}")
+        if not isinstance(adder, Adder):
+            raise ValueError(f"adder must implement actors.adder.Adder (schema, add), got {adder!r}")
+        if not callable(insert):
+            raise ValueError(f"insert must be a callable taking column arrays, got {insert!r}")
         if weights_source is not None and not (
             callable(getattr(weights_source, "latest_version", None)) and callable(getattr(weights_source, "get", None))
         ):
             raise ValueError(
                 f"weights_source must have latest_version() and get(version), got {type(weights_source).__name__}"
             )
-        self.num_actors = _check_positive_int("num_actors", num_actors)
-        if isinstance(actor_index, bool) or not isinstance(actor_index, (int, np.integer)) or not (
-            0 <= actor_index < num_actors
-        ):
-            raise ValueError(f"Actor actor_index must be an integer in [0, {num_actors}), got {actor_index!r}")
+        if isinstance(actor_index, bool) or not isinstance(actor_index, (int, np.integer)) or actor_index < 0:
+            raise ValueError(f"Actor actor_index must be an integer >= 0, got {actor_index!r}")
         self.actor_index = int(actor_index)
         self.insert_batch_size = _check_positive_int("insert_batch_size", insert_batch_size)
         self.weights_poll_interval = _check_positive_int("weights_poll_interval", weights_poll_interval)
-        if epsilon is None:
-            epsilon = ConstantEpsilon(apex_epsilon(index=self.actor_index, num_actors=self.num_actors))
-        if not callable(epsilon):
-            raise ValueError(f"epsilon must be a schedule (step -> float) or None, got {epsilon!r}")
+        if isinstance(env_steps_offset, bool) or not isinstance(env_steps_offset, (int, np.integer)) or env_steps_offset < 0:
+            raise ValueError(f"Actor env_steps_offset must be an integer >= 0, got {env_steps_offset!r}")
         if seed is not None:
             env_config = env_config.replace(seed=seed)
         env_config.validate()
         self.env_config = env_config
         self.seed = env_config.seed
-        self._adder = NStepAdder(env_config.num_envs, n_step, gamma)  # validates n_step and gamma
         if torch_threads is not None:
             # Actors are one per core; intra-op threads would fight the other actors for it.
             torch.set_num_threads(_check_positive_int("torch_threads", torch_threads))
-
-        self._network = network_factory()
-        if not isinstance(self._network, nn.Module):
-            raise ValueError(f"network_factory must return an nn.Module, got {type(self._network).__name__}")
-        self._network.eval().requires_grad_(False)
+        self.policy = policy
+        self.adder = adder
         # By default one batch is sent in the background while the actor keeps stepping (actors.inserter).
         self._insert = AsyncInserter(insert) if async_inserts else insert
         self._weights = weights_source
-        self._epsilon = epsilon
-        self._obs_transform = obs_transform
-        self._rng = np.random.default_rng([self.seed, self.actor_index])
 
         self._env: VectorEnv = make_vector_env(env_config)
-        self._schema = schema(self._env.observation_shape, self._env.observation_dtype)
+        self._schema = adder.schema()
         self._obs: np.ndarray | None = None
         self._version = -1
         self._weight_updates = 0
-        self._total_env_steps = 0
+        self._total_env_steps = int(env_steps_offset)
         self._vector_steps = 0
         self._batch: dict[str, np.ndarray] = {}
         self._batch_rows = 0
@@ -202,7 +192,7 @@ class Actor:
 
     @property
     def network(self) -> nn.Module:
-        return self._network
+        return self.policy.network
 
     @property
     def policy_version(self) -> int:
@@ -245,7 +235,7 @@ class Actor:
         self._collect_episodes(stats)
         stats.policy_version = self._version
         stats.weight_updates = self._weight_updates - updates_before
-        stats.epsilon = float(self._epsilon(self._total_env_steps))
+        stats.exploration = self.policy.describe(env_steps=self._total_env_steps)
         self._recent = self._recent.merge(stats)
         return stats
 
@@ -253,7 +243,7 @@ class Actor:
         """Stats accumulated since the previous ``stats()`` call (then reset)."""
         recent = self._recent
         recent.policy_version = self._version
-        recent.epsilon = float(self._epsilon(self._total_env_steps))
+        recent.exploration = self.policy.describe(env_steps=self._total_env_steps)
         self._recent = ActorStats(actor_index=self.actor_index)
         return recent
 
@@ -265,11 +255,10 @@ class Actor:
         if latest < 0 or latest == self._version:
             return False
         state = self._weights.get(latest)
-        if isinstance(state, nn.Module):
-            # A whole network: the learner's architecture changed (e.g. plasticity injection added a head).
-            self._network = state.eval().requires_grad_(False)
-        else:
-            self._network.load_state_dict(state)
+        if state is None:
+            return False
+        # A state dict, or a whole network when the learner's architecture changed (e.g. an injected head).
+        self.policy.load_weights(state)
         self._version = latest
         self._weight_updates += 1
         return True
@@ -292,29 +281,16 @@ class Actor:
         if self._vector_steps % self.weights_poll_interval == 0:
             self.poll_weights()
         obs = self._obs
-        q = self._q_values(obs)
-        actions = epsilon_greedy(q, epsilon=self._epsilon(self._total_env_steps), rng=self._rng)
-        next_obs, reward, terminated, truncated, _ = self._env.step(actions)
-        rows = self._adder.add(obs, actions, reward, terminated, truncated, next_obs, self._version)
+        decision = self.policy.act(obs, env_steps=self._total_env_steps)
+        next_obs, reward, terminated, truncated, _ = self._env.step(decision.actions)
+        step = EnvStep(obs, decision.actions, reward, terminated, truncated, next_obs, self._version)
+        rows = self.adder.add(step, decision.extras)
         if rows is not None:
             self._buffer(rows)
         self._obs = next_obs
         self._vector_steps += 1
         self._total_env_steps += self._env.num_envs
         self._run_stats.env_steps += self._env.num_envs
-
-    def _q_values(self, obs: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(obs)
-            if self._obs_transform is not None:
-                x = self._obs_transform(x)
-            q = self._network(x)
-        if q.ndim != 2 or q.shape[0] != obs.shape[0] or q.shape[1] != self._env.num_actions:
-            raise ValueError(
-                f"network returned shape {tuple(q.shape)}, expected ({obs.shape[0]}, {self._env.num_actions}) "
-                f"Q-values for env {self.env_config.id!r}"
-            )
-        return q.float().numpy()
 
     def _drain_inserts(self) -> None:
         """Wait for the batch in flight, so a run's stats count only stored transitions."""
@@ -334,8 +310,8 @@ class Actor:
         while offset < total:
             take = min(total - offset, self.insert_batch_size - self._batch_rows)
             lo, hi = self._batch_rows, self._batch_rows + take
-            for name in TRANSITION_FIELDS:
-                self._batch[name][lo:hi] = rows[name][offset : offset + take]
+            for name, column in self._batch.items():
+                column[lo:hi] = rows[name][offset : offset + take]
             self._batch_rows = hi
             offset += take
             if self._batch_rows == self.insert_batch_size:

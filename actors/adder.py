@@ -1,6 +1,9 @@
-"""N-step adder: turns vectorized env steps into n-step transitions, as column arrays.
+"""Adders turn vectorized env steps into the rows an agent's replay table stores.
 
-Each emitted row is ``(obs, action, reward, discount, next_obs, policy_version)`` with
+An ``Adder`` declares the columns it writes (:meth:`Adder.schema`, the replay table's schema is made
+from it) and turns each :class:`EnvStep` plus the policy's extras into zero or more rows.
+
+The n-step adder emits rows ``(obs, action, reward, discount, next_obs, policy_version, *extras)`` with
 
     reward   = sum_{j<k} gamma^j r_{t+j}          (k = steps actually summed, 1 <= k <= n)
     discount = gamma^k * (1 - terminal)            (0 when the k-th step terminated the episode)
@@ -8,7 +11,8 @@ Each emitted row is ``(obs, action, reward, discount, next_obs, policy_version)`
 
 so that a learner's target is ``reward + discount * max_a Q(next_obs, a)`` regardless of whether the
 window was cut by an episode end. ``policy_version`` is the version of the policy that chose
-``action``.
+``action``; extras are those of the step that chose it. Actions are int64 scalars for discrete
+action spaces and float32 arrays for continuous ones.
 
 Episode ends (gymnasium NEXT_STEP autoreset): on ``terminated`` every pending transition of that env
 is flushed with discount 0; on ``truncated`` they are flushed with discount ``gamma^k``, bootstrapping
@@ -17,12 +21,14 @@ reward 0, action ignored); it produces no transition.
 
 Usage::
 
-    adder = NStepAdder(num_envs=8, n=3, gamma=0.99)
+    adder = NStepAdder(env.spec, num_envs=8, n=3, gamma=0.99)
+    adder.schema()                      # [("obs", float32, (4,)), ("action", int64, ()), ...]
     obs = env.reset()
     while True:
-        actions = policy(obs)
-        next_obs, reward, terminated, truncated, _ = env.step(actions)
-        rows = adder.add(obs, actions, reward, terminated, truncated, next_obs, policy_version=v)
+        decision = policy.act(obs, env_steps=t)
+        next_obs, reward, terminated, truncated, _ = env.step(decision.actions)
+        rows = adder.add(EnvStep(obs, decision.actions, reward, terminated, truncated, next_obs, version),
+                         decision.extras)
         if rows is not None:
             insert(rows)                # dict of column arrays, one row per transition
         obs = next_obs
@@ -30,43 +36,88 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["NStepAdder", "schema", "TRANSITION_FIELDS"]
+from actors.envs import BoxActions, DiscreteActions, EnvSpec
+
+__all__ = ["Adder", "EnvStep", "FieldSpec", "NStepAdder", "TRANSITION_FIELDS", "schema"]
 
 TRANSITION_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "policy_version")
 
+#: A column an adder writes: (name, dtype, per-row shape).
+FieldSpec = tuple[str, np.dtype, tuple[int, ...]]
 
-def schema(obs_shape: tuple[int, ...], obs_dtype: Any) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    """Field specs ``[(name, dtype, per-row shape), ...]`` of the adder's columns, in column order.
 
-    >>> [(n, str(d), s) for n, d, s in schema((4,), np.float32)][:3]
+@dataclass
+class EnvStep:
+    """One vector step of ``num_envs`` environments, as the actor loop hands it to an adder."""
+
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    next_obs: np.ndarray
+    policy_version: int | np.ndarray = 0
+
+
+@runtime_checkable
+class Adder(Protocol):
+    """Turns env steps into replay rows (see the module docstring)."""
+
+    def schema(self) -> list[FieldSpec]:
+        """The columns every emitted batch holds, in order."""
+        ...
+
+    def add(self, step: EnvStep, extras: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Record one vector step; return the rows that became ready (None if none)."""
+        ...
+
+
+def schema(spec: EnvSpec, extras: Sequence[FieldSpec] = ()) -> list[FieldSpec]:
+    """The n-step adder's columns for an env described by ``spec``, then ``extras``.
+
+    >>> from actors.envs import DiscreteActions
+    >>> [(n, str(d), s) for n, d, s in schema(EnvSpec((4,), np.dtype("float32"), DiscreteActions(2)))][:3]
     [('obs', 'float32', (4,)), ('action', 'int64', ()), ('reward', 'float32', ())]
     """
-    shape = tuple(int(d) for d in obs_shape)
-    if any(d <= 0 for d in shape):
-        raise ValueError(f"obs_shape must have positive dimensions, got {obs_shape!r}")
-    dtype = np.dtype(obs_dtype)
-    return [
+    shape = tuple(int(d) for d in spec.observation_shape)
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"observation shape must have positive dimensions, got {spec.observation_shape!r}")
+    if not isinstance(spec.actions, (DiscreteActions, BoxActions)):
+        raise ValueError(f"unknown action space {spec.actions!r}; expected DiscreteActions or BoxActions")
+    dtype = np.dtype(spec.observation_dtype)
+    fields: list[FieldSpec] = [
         ("obs", dtype, shape),
-        ("action", np.dtype(np.int64), ()),
+        ("action", spec.actions.dtype, tuple(spec.actions.shape)),
         ("reward", np.dtype(np.float32), ()),
         ("discount", np.dtype(np.float32), ()),
         ("next_obs", dtype, shape),
         ("policy_version", np.dtype(np.int64), ()),
     ]
+    names = {f[0] for f in fields}
+    for name, extra_dtype, extra_shape in extras:
+        if name in names:
+            raise ValueError(f"extra field {name!r} clashes with a transition field; choose another name")
+        names.add(name)
+        fields.append((name, np.dtype(extra_dtype), tuple(extra_shape)))
+    return fields
 
 
 class NStepAdder:
     """Vectorized n-step adder over ``num_envs`` environments (see the module docstring).
 
-    State per env is a ring of the last ``n`` (obs, action, reward, policy_version) held in
-    preallocated numpy arrays; nothing per transition is a Python object.
+    State per env is a ring of the last ``n`` (obs, action, reward, policy_version, extras) held in
+    preallocated numpy arrays; nothing per transition is a Python object. ``extras`` declares the
+    policy extras to store (name, dtype, per-row shape); the policy must return exactly those.
     """
 
-    def __init__(self, num_envs: int, n: int, gamma: float) -> None:
+    def __init__(self, spec: EnvSpec, *, num_envs: int, n: int, gamma: float,
+                 extras: Sequence[FieldSpec] = ()) -> None:
         for name, value in (("num_envs", num_envs), ("n", n)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"NStepAdder {name} must be an integer >= 1, got {value!r}")
@@ -77,26 +128,36 @@ class NStepAdder:
         self.gamma = float(gamma)
         # gamma^j for j = 0..n, in float64 so that sums are exact to float32 after the cast.
         self._powers = self.gamma ** np.arange(self.n + 1, dtype=np.float64)
-        self._obs_shape: tuple[int, ...] | None = None
-        self._obs_dtype: np.dtype | None = None
-        self._obs: np.ndarray | None = None  # [N, n, *obs_shape], allocated on the first add
-        self._action = np.zeros((self.num_envs, self.n), dtype=np.int64)
+        self._schema = schema(spec, extras)
+        self.spec = spec
+        self._obs_shape = tuple(spec.observation_shape)
+        self._obs_dtype = np.dtype(spec.observation_dtype)
+        self._action_shape = tuple(spec.actions.shape)
+        self._action_dtype = spec.actions.dtype
+        self._extras = [(name, np.dtype(d), tuple(shape)) for name, d, shape in extras]
+        self._obs = np.zeros((self.num_envs, self.n, *self._obs_shape), dtype=self._obs_dtype)
+        self._action = np.zeros((self.num_envs, self.n, *self._action_shape), dtype=self._action_dtype)
+        self._extra = {name: np.zeros((self.num_envs, self.n, *shape), dtype=d) for name, d, shape in self._extras}
         self._reward = np.zeros((self.num_envs, self.n), dtype=np.float64)
         self._version = np.zeros((self.num_envs, self.n), dtype=np.int64)
         self._pushed = np.zeros(self.num_envs, dtype=np.int64)  # steps pushed in the current episode
         self._count = np.zeros(self.num_envs, dtype=np.int64)  # pending (not yet emitted) steps
         self._skip = np.zeros(self.num_envs, dtype=bool)  # next add for this env is an autoreset step
 
+    def __setstate__(self, state: dict) -> None:
+        # Arrays unpickled from a zero-copy transport (Ray's object store) arrive read-only; this
+        # adder writes into its buffers, so it takes copies of its own.
+        self.__dict__.update({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
+        self._extra = {k: np.array(v) for k, v in self._extra.items()}
+
     @property
     def pending(self) -> np.ndarray:
         """Pending (not yet emitted) steps per env, int64 ``[num_envs]``."""
         return self._count.copy()
 
-    def schema(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-        """Field specs of emitted columns (known after the first ``add``)."""
-        if self._obs_shape is None:
-            raise RuntimeError("NStepAdder.schema() needs the observation shape: call add() first")
-        return schema(self._obs_shape, self._obs_dtype)
+    def schema(self) -> list[FieldSpec]:
+        """Field specs of emitted columns, in order."""
+        return list(self._schema)
 
     def reset(self) -> None:
         """Drop all pending steps (e.g. after the env was reset out of band)."""
@@ -104,24 +165,12 @@ class NStepAdder:
         self._count[:] = 0
         self._skip[:] = False
 
-    def add(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-        next_obs: np.ndarray,
-        policy_version: int | np.ndarray = 0,
-    ) -> dict[str, np.ndarray] | None:
+    def add(self, step: EnvStep, extras: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
         """Record one vector step; return the transitions that became ready (or None)."""
         obs, actions, rewards, terminated, truncated, next_obs, versions = self._check(
-            obs, actions, rewards, terminated, truncated, next_obs, policy_version
+            step.obs, step.action, step.reward, step.terminated, step.truncated, step.next_obs, step.policy_version
         )
-        if self._obs is None:
-            self._obs_shape = obs.shape[1:]
-            self._obs_dtype = obs.dtype
-            self._obs = np.zeros((self.num_envs, self.n, *obs.shape[1:]), dtype=obs.dtype)
+        extra_values = self._check_extras(extras or {})
 
         live = ~self._skip
         # An env whose episode ended on this step skips the next (autoreset) step.
@@ -134,6 +183,8 @@ class NStepAdder:
         self._action[envs, slots] = actions[envs]
         self._reward[envs, slots] = rewards[envs]
         self._version[envs, slots] = versions[envs]
+        for name, values in extra_values.items():
+            self._extra[name][envs, slots] = values[envs]
         self._pushed[envs] += 1
         self._count[envs] += 1
 
@@ -148,7 +199,7 @@ class NStepAdder:
             return None
         if len(parts) == 1:
             return parts[0]
-        return {name: np.concatenate([p[name] for p in parts]) for name in TRANSITION_FIELDS}
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _emit_full(self, envs: np.ndarray, next_obs: np.ndarray) -> dict[str, np.ndarray]:
         """The oldest pending step of each env in ``envs`` (all have ``n`` pending)."""
@@ -157,7 +208,7 @@ class NStepAdder:
         order = (oldest[:, None] + np.arange(n)[None, :]) % n  # [E, n] slots, oldest first
         rewards = np.take_along_axis(self._reward[envs], order, axis=1) @ self._powers[:n]
         self._count[envs] -= 1
-        return {
+        rows = {
             "obs": self._obs[envs, oldest],
             "action": self._action[envs, oldest],
             "reward": rewards.astype(np.float32),
@@ -165,6 +216,8 @@ class NStepAdder:
             "next_obs": np.ascontiguousarray(next_obs[envs]),
             "policy_version": self._version[envs, oldest],
         }
+        rows.update({name: buf[envs, oldest] for name, buf in self._extra.items()})
+        return rows
 
     def _emit_episode_end(self, env: int, final_obs: np.ndarray, terminal: bool) -> dict[str, np.ndarray]:
         """Every pending step of ``env``, oldest first; the episode ended on the newest one."""
@@ -182,7 +235,7 @@ class NStepAdder:
         discount = np.zeros(count, dtype=np.float32) if terminal else self._powers[steps].astype(np.float32)
         self._count[env] = 0
         self._pushed[env] = 0
-        return {
+        rows = {
             "obs": self._obs[env, slots],
             "action": self._action[env, slots],
             "reward": returns.astype(np.float32),
@@ -190,6 +243,8 @@ class NStepAdder:
             "next_obs": np.repeat(final_obs[None], count, axis=0),
             "policy_version": self._version[env, slots],
         }
+        rows.update({name: buf[env, slots] for name, buf in self._extra.items()})
+        return rows
 
     def _check(self, obs, actions, rewards, terminated, truncated, next_obs, policy_version):
         """Validate everything before any state changes, so a bad call leaves the adder untouched."""
@@ -203,15 +258,18 @@ class NStepAdder:
                 f"next_obs must match obs (shape {obs.shape}, dtype {obs.dtype}), "
                 f"got shape {next_obs.shape} dtype {next_obs.dtype}"
             )
-        if self._obs_shape is not None and (obs.shape[1:] != self._obs_shape or obs.dtype != self._obs_dtype):
+        if obs.shape[1:] != self._obs_shape or obs.dtype != self._obs_dtype:
             raise ValueError(
-                f"obs rows must have shape {self._obs_shape} dtype {self._obs_dtype} as before, "
+                f"obs rows must have shape {self._obs_shape} dtype {self._obs_dtype} (the env spec), "
                 f"got shape {obs.shape[1:]} dtype {obs.dtype}"
             )
         actions = np.asarray(actions)
-        if actions.shape != (n_env,) or actions.dtype.kind not in "iu":
+        want_kind = "iu" if self._action_dtype.kind in "iu" else "f"
+        if actions.shape != (n_env, *self._action_shape) or actions.dtype.kind not in want_kind:
+            kind = "integers" if want_kind == "iu" else "floats"
             raise ValueError(
-                f"actions must be integers of shape ({n_env},), got dtype {actions.dtype} shape {actions.shape}"
+                f"actions must be {kind} of shape {(n_env, *self._action_shape)}, "
+                f"got dtype {actions.dtype} shape {actions.shape}"
             )
         rewards = np.asarray(rewards)
         if rewards.shape != (n_env,) or rewards.dtype.kind not in "iuf":
@@ -233,4 +291,17 @@ class NStepAdder:
                 f"got dtype {versions.dtype} shape {versions.shape}"
             )
         versions = np.broadcast_to(versions.astype(np.int64), (n_env,))
-        return obs, actions.astype(np.int64), rewards.astype(np.float64), flags[0], flags[1], next_obs, versions
+        return (obs, actions.astype(self._action_dtype, copy=False), rewards.astype(np.float64), flags[0], flags[1],
+                next_obs, versions)
+
+    def _check_extras(self, extras: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        declared = [name for name, _, _ in self._extras]
+        if sorted(extras) != sorted(declared):
+            raise ValueError(f"policy extras {sorted(extras)} differ from the adder's declared extras {sorted(declared)}")
+        out = {}
+        for name, dtype, shape in self._extras:
+            value = np.asarray(extras[name])
+            if value.shape != (self.num_envs, *shape):
+                raise ValueError(f"extra {name!r} has shape {value.shape}; expected {(self.num_envs, *shape)}")
+            out[name] = value.astype(dtype, copy=False)
+        return out

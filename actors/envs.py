@@ -9,8 +9,18 @@ Episode statistics are kept here, on the *raw* reward: for Atari the ALE is alwa
 ``reward_clipping=False`` and clipping is applied by this wrapper to the training reward only, so
 reported returns are the real game score.
 
+Which code builds an environment is decided by one table, :data:`ENV_FAMILIES`: each family says
+which ids it takes and how to build their vector env. There is no list of allowed ids: any ALE game,
+and any id registered with gymnasium (classic control, Box2D, MuJoCo, your own registered envs) is
+accepted; an id no family takes is refused with the families listed. Adding a family (Procgen,
+DMC, ...) is one :class:`EnvFamily` entry.
+
+:func:`env_spec` describes an env without the caller stepping it: observation shape and dtype and
+the action space, discrete (:class:`DiscreteActions`) or a continuous box (:class:`BoxActions`).
+
 Usage::
 
+    spec = env_spec(EnvConfig(id="Pendulum-v1"))        # EnvSpec(obs (3,) float32, BoxActions((1,), -2, 2))
     env = make_vector_env(EnvConfig(id="CartPole-v1", num_envs=4, seed=0))
     obs = env.reset()                                   # [4, 4] float32
     obs, reward, terminated, truncated, info = env.step(np.zeros(4, dtype=np.int64))
@@ -22,16 +32,74 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["EnvConfig", "VectorEnv", "make_vector_env", "is_atari_id", "atari_game_name"]
+__all__ = [
+    "ENV_FAMILIES",
+    "BoxActions",
+    "DiscreteActions",
+    "EnvConfig",
+    "EnvFamily",
+    "EnvSpec",
+    "VectorEnv",
+    "atari_game_name",
+    "env_family",
+    "env_spec",
+    "is_atari_id",
+    "make_vector_env",
+]
 
-# Control tasks we know how to build, with the optional package each needs.
-_CONTROL_PREFIXES = ("CartPole", "Acrobot", "MountainCar", "LunarLander")
-_BOX2D_PREFIXES = ("LunarLander", "BipedalWalker", "CarRacing")
+
+@dataclass(frozen=True)
+class DiscreteActions:
+    """``n`` actions, numbered ``0 .. n-1`` (int64 scalars in replay)."""
+
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.int64)
+
+
+@dataclass(frozen=True)
+class BoxActions:
+    """Continuous actions: float32 arrays of ``shape`` with per-dimension bounds ``[low, high]``."""
+
+    shape: tuple[int, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What an agent needs to know about an env before it steps it."""
+
+    observation_shape: tuple[int, ...]
+    observation_dtype: np.dtype
+    actions: DiscreteActions | BoxActions
+
+    @property
+    def discrete(self) -> bool:
+        return isinstance(self.actions, DiscreteActions)
+
+    @property
+    def num_actions(self) -> int:
+        """Number of discrete actions; ValueError for a continuous action space."""
+        if not isinstance(self.actions, DiscreteActions):
+            raise ValueError(f"this env has continuous actions {self.actions}; it has no number of actions")
+        return self.actions.n
 
 
 @dataclass(frozen=True)
@@ -42,8 +110,8 @@ class EnvConfig:
     """
 
     id: str = "CartPole-v1"
-    """Environment id: a gymnasium control id ("CartPole-v1", "Acrobot-v1", "MountainCar-v0",
-    "LunarLander-v3"), an ALE id ("ALE/Pong-v5") or an ALE ROM name ("pong", "ms_pacman")."""
+    """Environment id: an ALE id ("ALE/Pong-v5") or ROM name ("pong"), or any gymnasium id
+    ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "LunarLander-v3", "HalfCheetah-v5")."""
     num_envs: int = 8
     """Number of environments stepped together in one process (the inference batch size)."""
     seed: int = 0
@@ -97,11 +165,7 @@ class EnvConfig:
         """Raise ValueError naming the first bad field."""
         if not isinstance(self.id, str) or not self.id:
             raise ValueError(f"EnvConfig.id must be a non-empty string, got {self.id!r}")
-        if not is_atari_id(self.id) and not self.id.startswith(_CONTROL_PREFIXES):
-            raise ValueError(
-                f"EnvConfig.id={self.id!r} is neither an ALE game (e.g. 'ALE/Pong-v5' or 'pong') "
-                f"nor a supported control task (ids starting with {', '.join(_CONTROL_PREFIXES)})"
-            )
+        env_family(self.id)  # raises, listing the families, for an id no family takes
         _check_int("num_envs", self.num_envs, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         if self.sticky_actions is not None and (
@@ -160,14 +224,21 @@ class VectorEnv:
     unclipped) and ``info["autoreset"]`` (bool: this step was an autoreset step for that env).
     """
 
-    def __init__(self, *, config: EnvConfig, env: Any, num_actions: int) -> None:
+    def __init__(self, *, config: EnvConfig, env: Any, actions: DiscreteActions | BoxActions) -> None:
         self.config = config
         self._env = env
         self.num_envs = config.num_envs
         space = env.single_observation_space
-        self.observation_shape: tuple[int, ...] = tuple(int(d) for d in space.shape)
-        self.observation_dtype: np.dtype = np.dtype(space.dtype)
-        self.num_actions = int(num_actions)
+        self.spec = EnvSpec(
+            observation_shape=tuple(int(d) for d in space.shape),
+            observation_dtype=np.dtype(space.dtype),
+            actions=actions,
+        )
+        self.observation_shape: tuple[int, ...] = self.spec.observation_shape
+        self.observation_dtype: np.dtype = self.spec.observation_dtype
+        if isinstance(actions, BoxActions):
+            self._low = np.asarray(actions.low, dtype=np.float32).reshape(actions.shape)
+            self._high = np.asarray(actions.high, dtype=np.float32).reshape(actions.shape)
         self._clip = config.clip_rewards
         self._episode_return = np.zeros(self.num_envs, dtype=np.float64)
         self._episode_length = np.zeros(self.num_envs, dtype=np.int64)
@@ -189,18 +260,9 @@ class VectorEnv:
         return np.ascontiguousarray(obs)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
-        """Step every env with ``actions`` (int, shape ``[N]``, each in ``[0, num_actions)``)."""
-        actions = np.asarray(actions)
-        if actions.shape != (self.num_envs,) or actions.dtype.kind not in "iu":
-            raise ValueError(
-                f"actions must be an integer array of shape ({self.num_envs},), "
-                f"got dtype {actions.dtype} shape {actions.shape}"
-            )
-        if actions.size and (actions.min() < 0 or actions.max() >= self.num_actions):
-            raise ValueError(
-                f"actions must lie in [0, {self.num_actions}), got min {actions.min()} max {actions.max()}"
-            )
-        obs, reward, terminated, truncated, info = self._env.step(actions.astype(np.int64, copy=False))
+        """Step every env with ``actions``: ints ``[N]`` in ``[0, n)``, or float32 ``[N, *shape]`` within the box."""
+        actions = self._checked_actions(actions)
+        obs, reward, terminated, truncated, info = self._env.step(actions)
         raw = np.asarray(reward, dtype=np.float32)
         terminated = np.asarray(terminated, dtype=bool)
         truncated = np.asarray(truncated, dtype=bool)
@@ -223,6 +285,38 @@ class VectorEnv:
         info["autoreset"] = autoreset
         train_reward = np.sign(raw).astype(np.float32) if self._clip else raw
         return np.ascontiguousarray(obs), train_reward, terminated, truncated, info
+
+    @property
+    def num_actions(self) -> int:
+        return self.spec.num_actions
+
+    def _checked_actions(self, actions: Any) -> np.ndarray:
+        """``actions`` as the dtype the env takes, or ValueError naming what is wrong (nothing is stepped)."""
+        actions = np.asarray(actions)
+        spec = self.spec.actions
+        if isinstance(spec, DiscreteActions):
+            if actions.shape != (self.num_envs,) or actions.dtype.kind not in "iu":
+                raise ValueError(
+                    f"actions must be an integer array of shape ({self.num_envs},), "
+                    f"got dtype {actions.dtype} shape {actions.shape}"
+                )
+            if actions.size and (actions.min() < 0 or actions.max() >= spec.n):
+                raise ValueError(f"actions must lie in [0, {spec.n}), got min {actions.min()} max {actions.max()}")
+            return actions.astype(np.int64, copy=False)
+        want = (self.num_envs, *spec.shape)
+        if actions.shape != want or actions.dtype.kind != "f":
+            raise ValueError(
+                f"actions must be a float array of shape {want}, got dtype {actions.dtype} shape {actions.shape}"
+            )
+        actions = actions.astype(np.float32, copy=False)
+        outside = ~np.isfinite(actions) | (actions < self._low) | (actions > self._high)
+        if outside.any():
+            env, *dim = np.argwhere(outside)[0].tolist()
+            raise ValueError(
+                f"actions[{env}] = {actions[env].tolist()} is outside the action box "
+                f"[{list(spec.low)}, {list(spec.high)}] (dimension {dim})"
+            )
+        return actions
 
     @property
     def current_episode_lengths(self) -> np.ndarray:
@@ -253,16 +347,59 @@ class VectorEnv:
         self.close()
 
 
+@dataclass(frozen=True)
+class EnvFamily:
+    """One kind of environment: which ids it takes and how to build their vector env."""
+
+    name: str
+    describe: str
+    """For error messages: which ids the family takes."""
+    accepts: Callable[[str], bool]
+    build: Callable[[EnvConfig, int], VectorEnv]
+    """``build(config, num_threads) -> VectorEnv``."""
+
+
+def _is_gymnasium_id(env_id: str) -> bool:
+    import gymnasium as gym
+
+    return not env_id.startswith("ALE/") and env_id in gym.registry
+
+
+#: Every env family, tried in order; the first whose ``accepts(id)`` holds builds the env.
+ENV_FAMILIES: tuple[EnvFamily, ...] = (
+    EnvFamily("atari", "ALE games: 'ALE/<Game>-v5' or a ROM name such as 'pong'",
+              accepts=is_atari_id, build=lambda config, threads: _make_atari(config, num_threads=threads)),
+    EnvFamily("gymnasium", "any id registered with gymnasium (classic control, Box2D, MuJoCo, ...)",
+              accepts=_is_gymnasium_id, build=lambda config, threads: _make_gymnasium(config)),
+)
+
+
+def env_family(env_id: str) -> EnvFamily:
+    """The family that builds ``env_id``; ValueError listing every family when none takes it."""
+    for family in ENV_FAMILIES:
+        if family.accepts(env_id):
+            return family
+    listing = "; ".join(f"{f.name}: {f.describe}" for f in ENV_FAMILIES)
+    raise ValueError(f"EnvConfig.id={env_id!r} is not an id of any env family ({listing})")
+
+
 def make_vector_env(config: EnvConfig, *, num_threads: int = 1) -> VectorEnv:
-    """Build the vector env described by ``config`` (validated first).
+    """Build the vector env described by ``config`` (validated first) with its family's builder.
 
     ``num_threads`` is the ALE worker-thread count (Atari only); the default 1 suits one actor per
     CPU core, which is how the actor pool places them.
     """
     config.validate()
-    if config.is_atari:
-        return _make_atari(config, num_threads=num_threads)
-    return _make_control(config)
+    return env_family(config.id).build(config, num_threads)
+
+
+def env_spec(config: EnvConfig) -> EnvSpec:
+    """Observation shape/dtype and action space of ``config``'s env, read off one throwaway env."""
+    env = make_vector_env(config.replace(num_envs=1))
+    try:
+        return env.spec
+    finally:
+        env.close()
 
 
 def _make_atari(config: EnvConfig, *, num_threads: int) -> VectorEnv:
@@ -288,23 +425,13 @@ def _make_atari(config: EnvConfig, *, num_threads: int) -> VectorEnv:
         # Clipped here instead, so that episode statistics see the real score.
         reward_clipping=False,
     )
-    return VectorEnv(config=config, env=env, num_actions=env.single_action_space.n)
+    return VectorEnv(config=config, env=env, actions=DiscreteActions(int(env.single_action_space.n)))
 
 
-def _make_control(config: EnvConfig) -> VectorEnv:
+def _make_gymnasium(config: EnvConfig) -> VectorEnv:
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-    if config.id.startswith(_BOX2D_PREFIXES):
-        try:
-            import Box2D  # noqa: F401
-        except ImportError as exc:
-            raise ValueError(
-                f"EnvConfig.id={config.id!r} needs Box2D, which is not installed; "
-                "install gymnasium[box2d] or choose CartPole/Acrobot/MountainCar"
-            ) from exc
-    if config.id not in gym.registry:
-        raise ValueError(f"EnvConfig.id={config.id!r} is not a registered gymnasium environment")
     p = config.repeat_action_probability
 
     def make_one() -> Any:
@@ -313,16 +440,24 @@ def _make_control(config: EnvConfig) -> VectorEnv:
             env = gym.wrappers.StickyAction(env, repeat_action_probability=p)
         return env
 
-    env = SyncVectorEnv([make_one for _ in range(config.num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
+    try:
+        env = SyncVectorEnv([make_one for _ in range(config.num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
+    except gym.error.DependencyNotInstalled as exc:
+        raise ValueError(f"EnvConfig.id={config.id!r} needs a package that is not installed: {exc}") from exc
     space = env.single_action_space
-    if not isinstance(space, gym.spaces.Discrete):
+    actions: DiscreteActions | BoxActions
+    if isinstance(space, gym.spaces.Discrete):
+        # A Discrete space may start at a non-zero offset; refuse rather than silently shift actions.
+        if int(space.start) != 0:
+            env.close()
+            raise ValueError(f"EnvConfig.id={config.id!r} has a Discrete space starting at {space.start}, expected 0")
+        actions = DiscreteActions(int(space.n))
+    elif isinstance(space, gym.spaces.Box) and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high)):
+        actions = BoxActions(shape=tuple(int(d) for d in space.shape), low=tuple(float(v) for v in space.low.reshape(-1)),
+                             high=tuple(float(v) for v in space.high.reshape(-1)))
+    else:
         env.close()
         raise ValueError(
-            f"EnvConfig.id={config.id!r} has action space {space}; actors need a discrete action space"
+            f"EnvConfig.id={config.id!r} has action space {space}; actors take a Discrete space or a bounded Box"
         )
-    # Discrete spaces may start at a non-zero offset; none of the supported tasks does, but refuse rather
-    # than silently shift actions.
-    if int(space.start) != 0:
-        env.close()
-        raise ValueError(f"EnvConfig.id={config.id!r} has a Discrete space starting at {space.start}, expected 0")
-    return VectorEnv(config=config, env=env, num_actions=space.n)
+    return VectorEnv(config=config, env=env, actions=actions)

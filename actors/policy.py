@@ -1,6 +1,15 @@
-"""Acting policy pieces: epsilon schedules, Ape-X per-actor epsilons, batched epsilon-greedy.
+"""Acting policies: the ``Policy`` interface, and the epsilon-greedy policy of value-based agents.
+
+A policy owns the acting network and its exploration: ``act(obs, env_steps=...)`` returns the
+actions for a batch of observations and any per-step extras (e.g. log-probabilities) that an adder
+may write to replay. The ``Actor`` loop loads new weights into it with ``load_weights``.
 
 Usage::
+
+    policy = EpsilonGreedyPolicy(network=q_net, epsilon=LinearEpsilon(start=1.0, end=0.01, steps=10_000), seed=0)
+    step = policy.act(obs, env_steps=2_000)           # PolicyStep(actions int64 [B], extras {})
+    policy.load_weights(state_dict)                   # or a whole nn.Module after an architecture change
+    policy.describe(env_steps=2_000)                  # {"epsilon": 0.802}
 
     schedule = LinearEpsilon(start=1.0, end=0.05, steps=100_000)
     schedule(50_000)                                  # 0.525
@@ -11,12 +20,18 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
+from torch import nn
 
 __all__ = [
+    "EpsilonGreedyPolicy",
+    "Policy",
+    "PolicyStep",
     "EpsilonSchedule",
     "LinearEpsilon",
     "ConstantEpsilon",
@@ -24,6 +39,35 @@ __all__ = [
     "apex_epsilons",
     "epsilon_greedy",
 ]
+
+
+@dataclass
+class PolicyStep:
+    """A policy's decision for a batch of observations."""
+
+    actions: np.ndarray
+    """``[B]`` int64 (discrete) or ``[B, *shape]`` float32 (continuous)."""
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-row values the adder may store next to the transition (log-probabilities, ...)."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The acting side of an agent: network + exploration, on the CPU of an actor process."""
+
+    network: nn.Module
+
+    def act(self, obs: np.ndarray, *, env_steps: int) -> PolicyStep:
+        """Actions for ``obs`` ``[B, *obs_shape]``; ``env_steps`` is this actor's env steps so far."""
+        ...
+
+    def load_weights(self, weights: Mapping[str, Any] | nn.Module) -> None:
+        """Take new learner weights: a state dict, or a whole network when the architecture changed."""
+        ...
+
+    def describe(self, *, env_steps: int) -> dict[str, float]:
+        """Exploration state for the actor's stats (e.g. ``{"epsilon": 0.05}``)."""
+        ...
 
 
 @runtime_checkable
@@ -124,3 +168,56 @@ def epsilon_greedy(q_values: np.ndarray, *, epsilon: float | np.ndarray, rng: np
     explore = rng.random(batch) < eps
     random_actions = rng.integers(0, num_actions, size=batch, dtype=np.int64)
     return np.where(explore, random_actions, greedy)
+
+
+class EpsilonGreedyPolicy:
+    """Greedy on the network's Q-values (QR heads: the quantile mean), random with probability epsilon.
+
+    The network receives observations in the env's dtype (uint8 frames stay uint8; scaling is the
+    network's, which the learner applies to replayed observations too) unless ``obs_transform`` is
+    given. ``epsilon`` is a schedule over this actor's env steps.
+    """
+
+    def __init__(
+        self,
+        *,
+        network: nn.Module,
+        epsilon: EpsilonSchedule,
+        seed: int | Any = 0,
+        obs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(network, nn.Module):
+            raise ValueError(f"network must be an nn.Module, got {type(network).__name__}")
+        if not callable(epsilon):
+            raise ValueError(f"epsilon must be a schedule (step -> float), got {epsilon!r}")
+        self.network = network.eval().requires_grad_(False)
+        self.epsilon = epsilon
+        self.obs_transform = obs_transform
+        self._rng = np.random.default_rng(seed)
+
+    def q_values(self, obs: np.ndarray) -> np.ndarray:
+        """``[B, A]`` float32 Q-values of ``obs``."""
+        with torch.inference_mode():
+            x = torch.from_numpy(obs)
+            if self.obs_transform is not None:
+                x = self.obs_transform(x)
+            q = self.network(x)
+        if q.ndim == 3:  # QR-DQN: [B, A, quantiles]
+            q = q.mean(dim=2)
+        if q.ndim != 2 or q.shape[0] != obs.shape[0]:
+            raise ValueError(f"network returned shape {tuple(q.shape)} for {obs.shape[0]} observations, "
+                             f"expected Q-values [{obs.shape[0]}, num_actions]")
+        return q.float().numpy()
+
+    def act(self, obs: np.ndarray, *, env_steps: int) -> PolicyStep:
+        actions = epsilon_greedy(self.q_values(obs), epsilon=self.epsilon(env_steps), rng=self._rng)
+        return PolicyStep(actions=actions)
+
+    def load_weights(self, weights: Mapping[str, Any] | nn.Module) -> None:
+        if isinstance(weights, nn.Module):
+            self.network = weights.eval().requires_grad_(False)
+        else:
+            self.network.load_state_dict(weights)
+
+    def describe(self, *, env_steps: int) -> dict[str, float]:
+        return {"epsilon": float(self.epsilon(env_steps))}

@@ -12,10 +12,10 @@ through the picklable ``insert`` callable in their kwargs; only small ``ActorSta
 Usage::
 
     ray.init()
-    def make_kwargs(index: int) -> dict:
-        return dict(env_config=EnvConfig(id="pong", num_envs=8), network_factory=factory,
-                    insert=ReplayClient(addresses, table="pong").insert, weights_source=weights,
-                    actor_index=index, num_actors=8, seed=1000 * index)
+    def make_kwargs(index: int) -> dict:               # keyword arguments of actors.actor.Actor
+        return dict(env_config=EnvConfig(id="pong", num_envs=8), policy=builder.make_policy(...),
+                    adder=builder.make_adder(), insert=ReplayClient(addresses, table="pong").insert,
+                    weights_source=weights, actor_index=index, seed=1000 * index)
     pool = ActorPool(8, make_kwargs, restart_backoff_s=1.0, max_restarts_per_window=5)
     pool.start()
     ...
@@ -71,6 +71,13 @@ class ActorProcess:
         import os
 
         return os.getpid()
+
+    def info(self) -> dict[str, Any]:
+        """Where this actor runs: its index, node id and pid."""
+        import os
+
+        return {"actor_index": self._actor.actor_index, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
 
     def close(self) -> None:
         """Insert buffered transitions and close the env (called before a graceful kill)."""
@@ -202,6 +209,19 @@ class ActorPool:
         """Ray handles of the running actors by index (for inspection and fault-injection tests)."""
         with self._lock:
             return {i: s.handle for i, s in sorted(self._slots.items()) if s.state == "running"}
+
+    def placement(self, *, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """``info()`` of every running actor (index, node id, pid); actors that do not answer are left out."""
+        handles = self.handles()
+        refs = [handle.info.remote() for handle in handles.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out = []
+        for ref in ready:
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayError:
+                continue
+        return sorted(out, key=lambda item: item["actor_index"])
 
     def start(self) -> None:
         """Create the actors and start the supervisor thread (idempotent)."""

@@ -6,7 +6,9 @@
 
 Presets are JSON files in ``configs/`` holding a partial tree on top of these defaults. The
 component configs (env, network, dqn) are the components' own dataclasses; the sections the
-system adds (replay, actors, learner, plasticity, telemetry) are defined here.
+system adds (replay, actors, learner, plasticity, ray and the per-component placement) are
+defined here. ``algorithm`` picks the agent builder (``evergreen.agents``), which validates the
+sections only it reads.
 """
 
 from __future__ import annotations
@@ -24,6 +26,27 @@ from learner.dqn import DQNConfig
 from learner.networks import NetworkConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Ray resources of one component's processes: where Ray may place them and what they reserve."""
+
+    num_cpus: float = 1.0
+    """Logical CPUs each process reserves (Ray's ``num_cpus``)."""
+    num_gpus: float = 0.0
+    """GPUs each process reserves (Ray's ``num_gpus``); the learner uses one when it has any."""
+    resources: dict = field(default_factory=dict)
+    """Custom Ray resources each process needs, e.g. {"replay": 1} to run only on nodes started with
+    --resources '{"replay": 4}'."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""
+    """Ray cluster to join: "" starts a local Ray for this run; "auto" or "ray://host:10001" joins one."""
+    num_cpus: int = 0
+    """Local Ray only: logical CPUs; 0 = enough for every component's placement (they share the cores)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,12 @@ class ReplayConfig:
     """Slack of the samples-per-insert limiter, in sampled rows; 0 picks max(10 batches, 1% capacity)."""
     storage: Literal["auto", "ring", "atari"] = "auto"
     """Storage layout: "atari" stores each frame once; "auto" picks it for image observations."""
+    checkpoint_dir: str = ""
+    """Where each shard checkpoints, on its node: a path with {shard} (and optionally {run}); "" = <run dir>/replay/shard-{shard}."""
+    host: str = "auto"
+    """Address shards bind: "auto" = 127.0.0.1 for a local run, the node's IP on a cluster."""
+    placement: Placement = field(default_factory=Placement)
+    """Ray resources of each shard process."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,8 @@ class ActorsConfig:
     """Crashes tolerated within restart_window_s before the run stops with an error."""
     restart_window_s: float = 300.0
     """Window over which crashes are counted for max_restarts."""
+    placement: Placement = field(default_factory=Placement)
+    """Ray resources of each actor process."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +126,13 @@ class LearnerConfig:
     device: str = "auto"
     """Torch device for the learner: "auto" (cuda if present), "cpu", "cuda", "cuda:1"."""
     num_threads: int = 0
-    """Torch intra-op threads for the learner; 0 = leave one core to actors and replay."""
+    """Torch intra-op threads for the learner; 0 = its placement's num_cpus (at least 1)."""
     log_every_s: float = 5.0
     """Seconds between progress lines and metrics-log records."""
+    checkpoint_dir: str = ""
+    """Where the learner writes checkpoints, on its node; "" = <run dir>/checkpoints."""
+    placement: Placement = field(default_factory=Placement)
+    """Ray resources of the learner process (num_gpus 1 on a GPU node)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +158,11 @@ class RunConfig:
     runs_dir: str = "runs"
     """Where run directories are created (and runs_dir/prometheus_targets, the Prometheus file_sd folder)."""
     telemetry_port: int = 0
-    """Port of the learner's Prometheus /metrics endpoint; 0 picks a free one (recorded in the run dir)."""
+    """Port of the run's Prometheus /metrics endpoint; 0 picks a free one (recorded in the run dir)."""
+    algorithm: str = "dqn"
+    """Agent builder (evergreen.agents): "dqn"."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray: local or an existing cluster."""
     env: EnvConfig = field(default_factory=EnvConfig)
     """Environment."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -141,9 +180,25 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every field and cross-field rule; raise ValueError naming the first bad value."""
-        for section in (self.env, self.network, self.dqn):
-            section.validate()
+        from evergreen.agents import AGENTS
+
+        _check(self.algorithm in AGENTS, "algorithm", self.algorithm, f"one of {sorted(AGENTS)}")
+        self.env.validate()
+        AGENTS[self.algorithm].validate(self)
         r, a, lrn, p = self.replay, self.actors, self.learner, self.plasticity
+        for name, placement in (("replay", r.placement), ("actors", a.placement), ("learner", lrn.placement)):
+            _check_placement(f"{name}.placement", placement)
+        _check(isinstance(self.ray.address, str), "ray.address", self.ray.address, 'a string: "", "auto" or "ray://host:port"')
+        _check(self.ray.num_cpus >= 0, "ray.num_cpus", self.ray.num_cpus, ">= 0")
+        if r.checkpoint_dir:
+            _check("{shard}" in r.checkpoint_dir or r.num_shards == 1, "replay.checkpoint_dir", r.checkpoint_dir,
+                   "a path containing {shard}, so that shards do not share a directory")
+            try:
+                r.checkpoint_dir.format(shard=0, run="run")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"replay.checkpoint_dir = {r.checkpoint_dir!r} is invalid: only {{shard}} and {{run}} "
+                                 f"may appear in braces ({exc})") from None
+        _check(bool(r.host), "replay.host", r.host, '"auto" or an address to bind')
         _check(r.num_shards >= 1, "replay.num_shards", r.num_shards, "an integer >= 1")
         _check(r.capacity >= r.num_shards * 2, "replay.capacity", r.capacity, f">= 2 * replay.num_shards ({r.num_shards})")
         _check(0.0 <= r.priority_exponent <= 1.0, "replay.priority_exponent", r.priority_exponent, "in [0, 1]")
@@ -190,14 +245,23 @@ class RunConfig:
         _check(p.probe_size >= 2, "plasticity.probe_size", p.probe_size, ">= 2")
         _check(0 <= self.telemetry_port <= 65535, "telemetry_port", self.telemetry_port, "a port in [0, 65535]")
         if p.interventions:
-            from plasticity.interventions import build_interventions
+            from plasticity.interventions import bind_interventions
 
-            build_interventions(p.interventions, p.options)  # raises with the valid names and options
+            # Raises with the valid names, options and (per intervention) networks.
+            bind_interventions(p.interventions, p.options, networks=AGENTS[self.algorithm].networks)
         if p.diagnostics:
             from plasticity.diagnostics import parse_names
 
             parse_names(p.diagnostics)  # raises with the valid names
         return self
+
+
+def _check_placement(name: str, placement: Placement) -> None:
+    _check(placement.num_cpus >= 0, f"{name}.num_cpus", placement.num_cpus, ">= 0")
+    _check(placement.num_gpus >= 0, f"{name}.num_gpus", placement.num_gpus, ">= 0")
+    ok = all(isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+             for k, v in placement.resources.items())
+    _check(ok, f"{name}.resources", placement.resources, 'an object of resource name -> amount > 0, e.g. {"replay": 1}')
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

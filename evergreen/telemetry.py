@@ -20,8 +20,8 @@ series until a value comes again, so a diverged loss is never shown as its last 
     evergreen_learner_updates_total                  counter   record ``updates``
     evergreen_learner_samples_total                  counter   updates * batch_size (only with batch_size)
     evergreen_learner_loss                           gauge     ``loss`` (interval mean)
-    evergreen_learner_td_error                       gauge     ``td_error``
-    evergreen_learner_q_value_mean                   gauge     ``q`` (DQN metric: mean Q of taken actions)
+    <the algorithm's own families>                   gauge     e.g. DQN: ``td_error`` -> evergreen_learner_td_error,
+                                                               ``q`` -> evergreen_learner_q_value_mean (``families=``)
     evergreen_learner_grad_norm                      gauge     ``grad_norm``
     evergreen_learner_learning_rate                  gauge     ``lr``
     evergreen_learner_updates_per_second             gauge     ``updates_per_s``
@@ -149,8 +149,6 @@ EVENT_WORDS = frozenset({"reset", "resets", "injection", "injections", "injected
 _FIXED = {
     "updates": ("evergreen_learner_updates", "Learner updates (optimizer steps), cumulative.", "counter"),
     "loss": ("evergreen_learner_loss", "Learner loss, mean over the log interval.", "gauge"),
-    "td_error": ("evergreen_learner_td_error", "Mean absolute TD error over the log interval.", "gauge"),
-    "q": ("evergreen_learner_q_value_mean", "Mean Q value of sampled batches over the log interval.", "gauge"),
     "grad_norm": ("evergreen_learner_grad_norm", "Gradient L2 norm, mean over the log interval.", "gauge"),
     "lr": ("evergreen_learner_learning_rate", "Optimizer learning rate.", "gauge"),
     "updates_per_s": ("evergreen_learner_updates_per_second", "Learner updates per second over the interval.",
@@ -272,7 +270,7 @@ class TelemetryExporter:
 
     def __init__(self, *, run: str, port: int = 0, host: str = "127.0.0.1", task: str = "default",
                  batch_size: int | None = None, return_buckets: Sequence[float] = RETURN_BUCKETS,
-                 length_buckets: Sequence[float] = LENGTH_BUCKETS):
+                 length_buckets: Sequence[float] = LENGTH_BUCKETS, families: Mapping[str, Any] | None = None):
         if not isinstance(run, str) or not run:
             raise ValueError(f"run={run!r}: expected a non-empty string (the run directory's name)")
         if not isinstance(task, str) or not task:
@@ -283,6 +281,13 @@ class TelemetryExporter:
                                        or batch_size <= 0):
             raise ValueError(f"batch_size={batch_size!r}: expected a positive int or None")
         self.run, self.host, self.batch_size = run, host, batch_size
+        # The algorithm's own metrics (an agent builder's telemetry_families: key -> family, help, kind).
+        self._fixed = dict(_FIXED)
+        for key, spec in (families or {}).items():
+            if not _NAME_OK.match(spec.family) or spec.kind not in ("gauge", "counter"):
+                raise ValueError(f"telemetry family for {key!r}: {spec!r}; expected a valid metric name and "
+                                 f"kind 'gauge' or 'counter'")
+            self._fixed[key] = (spec.family, spec.help, spec.kind)
         self._requested_port = port
         self._bounds = {_RETURN_HIST: self._check_buckets("return_buckets", return_buckets),
                         _LENGTH_HIST: self._check_buckets("length_buckets", length_buckets)}
@@ -378,8 +383,8 @@ class TelemetryExporter:
                 raise ValueError(f"metrics record key {key!r}: expected a non-empty string")
             if key in _SPECIAL:
                 continue
-            if key in _FIXED:
-                family, help_text, kind = _FIXED[key]
+            if key in self._fixed:
+                family, help_text, kind = self._fixed[key]
                 number = _number(key, value)
                 if kind == "counter":
                     self._set_counter(s, family, help_text, (run,), number, key, labelnames=("run",))

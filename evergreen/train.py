@@ -1,76 +1,64 @@
-"""`evergreen train`: every component of a local run, wired in one place.
+"""`evergreen train`: every component of a run, wired in one place, locally or on a Ray cluster.
 
     evergreen train --preset cartpole
     evergreen train --preset pong --plasticity layer_norm,weight_decay,redo --learner.total_env_steps 200000
+    evergreen train --preset cartpole --ray.address auto      # an existing cluster (e.g. KubeRay)
     evergreen train --resume runs/cartpole-20261121-193000
 
-The links, in the order ``Trainer.run`` makes them:
+The driver (this process) only coordinates: every component is a Ray actor with the resources
+its ``placement`` declares, and experience goes actors -> replay shards -> learner over gRPC, never
+through the driver or the object store. The links, in the order ``Trainer.run`` makes them:
 
-1. replay shards  — ``replay.launch.ShardProcess`` per shard (separate processes, port 0, each with a
-   checkpoint directory in the run dir, from which it restores on ``--resume``);
-2. Ray            — local, ``num_cpus`` from the machine, no dashboard; only the process/placement layer;
-3. weight store   — a Ray actor holding the latest (version, object ref) of the learner's weights;
-4. learner        — ``learner.dqn.DQN`` (plain PyTorch) with the run's plasticity interventions;
-5. actors         — ``actors.ray_actor.ActorPool``: each actor writes straight to replay over gRPC
-   (experience never passes through this process) and pulls weights by version;
-6. learner loop   — ``learner.loop.LearnerLoop``: a prefetch thread samples from replay, updates,
-   priorities go back to the owning shard, weights are published every K updates;
-7. bookkeeping    — progress line, metrics log (JSON lines), checkpoints every N seconds and at
-   the end (Ctrl-C included), plasticity diagnostics on a held-out probe batch.
+1. agent builder  — ``evergreen.agents``: the algorithm's replay schema, learner, policy, adder,
+   diagnostics and telemetry families, from the config and the env's spec;
+2. Ray            — local (with a watchdog that ends it if this process is killed), or a cluster;
+3. replay shards  — one ``replay.ray_shard.ShardActor`` per shard, each running a shard server on
+   its node, checkpointing to its directory (and restoring from it on ``--resume``);
+4. telemetry      — this process serves the run's ``/metrics`` (learner and actor statistics);
+5. weight store   — a Ray actor holding the latest (version, object ref) of the acting weights;
+6. learner        — ``learner.ray_learner.RayLearner``: algorithm, prefetching replay dataset,
+   updates, priority write-back, weight publishing, diagnostics, checkpoints; restored on ``--resume``;
+7. actors         — ``actors.ray_actor.ActorPool``: each actor writes straight to replay over gRPC
+   and pulls weights by version;
+8. coordination   — learner ``train`` calls kept queued, actor statistics polled, records, progress
+   line and checkpoints by ``evergreen.bookkeeping``; the run stops on its env-step budget, a solved
+   task, Ctrl-C/SIGTERM, or a component that failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
 import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from evergreen.bookkeeping import Bookkeeping, Summary
 from evergreen.config import RunConfig, load_config, read_config, save_config
 from evergreen.configtools import add_flags, apply_flags
 
+#: Seconds of learner work per ``train`` call; two calls are kept queued so the learner never idles.
+LEARNER_CHUNK_S = 0.25
+#: Seconds between polls of the actors' statistics.
+ACTOR_POLL_S = 0.5
 
-@dataclass
-class Summary:
-    run_dir: str
-    env_steps: int
-    updates: int
-    episodes: int
-    wall_seconds: float
-    mean_return_100: float | None
-    solved: bool
-    stopped_by: str
 
-    def format(self) -> str:
-        ret = "n/a" if self.mean_return_100 is None else f"{self.mean_return_100:.1f}"
-        return (
-            f"\n== evergreen train: {self.stopped_by}\n"
-            f"   run dir        {self.run_dir}\n"
-            f"   env steps      {self.env_steps:,}\n"
-            f"   updates        {self.updates:,}\n"
-            f"   episodes       {self.episodes:,}\n"
-            f"   mean return    {ret} (last 100 episodes){'  SOLVED' if self.solved else ''}\n"
-            f"   wall time      {self.wall_seconds:.0f} s\n"
-            f"   resume with    evergreen train --resume {self.run_dir}\n"
-        )
+class ComponentError(RuntimeError):
+    """A component of the run (learner, replay shard) failed; the run stops, its checkpoint intact."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evergreen train",
-        description="Train a DQN-family agent with Ray actors, a sharded gRPC replay service and a PyTorch learner.",
+        description="Train an agent with Ray actors, a sharded gRPC replay service and a PyTorch learner, "
+                    "locally or on a Ray cluster (--ray.address).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--preset", default="cartpole", help="a preset name from configs/ or a path to a JSON file")
@@ -117,41 +105,35 @@ def main(argv: list[str]) -> int:
               f"  the last checkpoint in {run_dir} is intact; fix the cause and resume with "
               f"evergreen train --resume {run_dir}", file=sys.stderr)
         return 1
+    except ComponentError as exc:
+        print(f"evergreen train: stopped: {exc}\n"
+              f"  the last checkpoint in {run_dir} is intact; fix the cause and resume with "
+              f"evergreen train --resume {run_dir}", file=sys.stderr)
+        return 1
     print(summary.format())
     return 0
 
 
-def env_spec(config: RunConfig) -> tuple[tuple[int, ...], str, int]:
-    """Observation shape, dtype and action count, read off one throwaway environment."""
-    from actors.envs import make_vector_env
-
-    env = make_vector_env(config.env.replace(num_envs=1))
-    try:
-        return tuple(env.observation_shape), np.dtype(env.observation_dtype).name, int(env.num_actions)
-    finally:
-        env.close()
-
-
 def default_error_buffer(config: RunConfig) -> float:
-    """Slack of the samples-per-insert limiter: room for several sample batches and insert calls.
+    """Slack of the samples-per-insert limiter, in sampled rows: a few sample batches or insert calls.
 
-    The limiter refuses calls that could never fit in its band (2 * error_buffer), and an actor's
-    insert call may carry a few batches' worth of rows at episode ends, hence the factor 4.
+    Small on purpose: the band bounds how far updates and env steps may drift apart (here a few
+    batches either way), so a fast learner and a slow one train on the same data per update. It
+    must hold one sample batch and one insert call (``insert_batch_size * spi`` sampled rows), or
+    the limiter would refuse calls that could never fit.
     """
     spi = config.replay.samples_per_insert
-    per_shard = config.replay.capacity // config.replay.num_shards
-    return float(max(10 * config.learner.batch_size, 4 * config.actors.insert_batch_size * spi, 0.01 * per_shard))
+    return float(max(4 * config.learner.batch_size, 2 * config.actors.insert_batch_size * spi))
 
 
-def table_config(config: RunConfig, *, obs_shape, obs_dtype) -> Any:
-    """The replay table every shard holds, with the schema the actors' adder writes."""
-    from actors.adder import schema as adder_schema
+def table_config(config: RunConfig, *, fields: list, obs_shape: tuple[int, ...], obs_dtype: Any) -> Any:
+    """The replay table every shard holds, with the columns the agent's adder writes."""
     from replay.schema import Field, Schema
     from replay.table import TableConfig
 
     r = config.replay
-    fields = tuple(Field(name=name, dtype=np.dtype(dtype).name, shape=tuple(shape))
-                   for name, dtype, shape in adder_schema(obs_shape, obs_dtype))
+    schema = Schema(fields=tuple(Field(name=name, dtype=np.dtype(dtype).name, shape=tuple(shape))
+                                 for name, dtype, shape in fields))
     storage = r.storage
     if storage == "auto":
         storage = "atari" if len(obs_shape) == 3 and np.dtype(obs_dtype) == np.uint8 else "ring"
@@ -160,7 +142,7 @@ def table_config(config: RunConfig, *, obs_shape, obs_dtype) -> Any:
     error_buffer = r.error_buffer or default_error_buffer(config)
     return TableConfig(
         name="replay",
-        schema=Schema(fields=fields),
+        schema=schema,
         capacity=per_shard,
         storage=storage,
         sampler=r.sampler,
@@ -172,50 +154,42 @@ def table_config(config: RunConfig, *, obs_shape, obs_dtype) -> Any:
     )
 
 
-def per_sample_td_loss(network: torch.nn.Module, batch: dict[str, torch.Tensor], *, algorithm: Any) -> torch.Tensor:
-    """Per-sample Huber TD loss of ``network`` on a replay batch, with the algorithm's target network.
-
-    The loss whose curvature (``hessian_max_eig``) and per-sample gradient agreement
-    (``grad_interference``) the diagnostics measure; distributional heads are reduced to their mean.
-    """
-    def q(net: torch.nn.Module, obs: torch.Tensor) -> torch.Tensor:
-        out = net(obs)
-        return out.mean(dim=-1) if out.dim() == 3 else out
-
-    action = batch["action"].long()
-    with torch.no_grad():
-        next_q = q(algorithm.target, batch["next_obs"])
-        best = q(network, batch["next_obs"]).argmax(dim=1, keepdim=True) if algorithm.config.double \
-            else next_q.argmax(dim=1, keepdim=True)
-        target = batch["reward"] + batch["discount"] * next_q.gather(1, best).squeeze(1)
-    taken = q(network, batch["obs"]).gather(1, action[:, None]).squeeze(1)
-    return torch.nn.functional.huber_loss(taken, target, reduction="none", delta=algorithm.config.huber_delta)
-
-
 class ReplayInserter:
-    """Picklable ``insert(columns)`` for one actor: routes by the actor's writer key."""
+    """Picklable ``insert(columns)`` for one actor: routes by the actor's writer key, waits out backpressure.
+
+    An insert the rate limiter holds back past the call's timeout (the learner is behind, or still
+    starting) is asked again: being held back is the limiter doing its job, not an actor failure.
+    """
 
     def __init__(self, client: Any, writer_key: str):
         self.client, self.writer_key = client, writer_key
 
     def __call__(self, columns: dict[str, np.ndarray]) -> Any:
-        return self.client.insert(columns, writer_key=self.writer_key)
+        from replay.errors import DeadlineExceeded
+
+        while True:
+            try:
+                return self.client.insert(columns, writer_key=self.writer_key)
+            except DeadlineExceeded:
+                continue
 
 
-def exploration_schedule(actors: Any, *, index: int, step_offset: int = 0) -> Any:
-    """Linear decay from epsilon_start to actor ``index``'s Ape-X epsilon, resumed at ``step_offset``."""
-    from actors.policy import ConstantEpsilon, LinearEpsilon, apex_epsilon
+def _resources(placement: Any) -> dict[str, Any]:
+    """Ray ``.options(...)`` for a component's placement."""
+    options: dict[str, Any] = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
+    if placement.resources:
+        options["resources"] = dict(placement.resources)
+    return options
 
-    end = apex_epsilon(index=index, num_actors=actors.num_actors, base=actors.epsilon_base, alpha=actors.epsilon_alpha)
-    remaining = actors.epsilon_decay_steps - step_offset
-    if remaining <= 0:
-        return ConstantEpsilon(end)
-    full = LinearEpsilon(start=actors.epsilon_start, end=end, steps=max(1, actors.epsilon_decay_steps))
-    return LinearEpsilon(start=full(step_offset), end=end, steps=remaining)
+
+def _ray_error(exc: BaseException) -> str:
+    """The last line of a Ray error: the component's own exception, without Ray's traceback wrapper."""
+    text = str(getattr(exc, "cause", None) or exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 class Trainer:
-    """One local training run; ``run()`` returns a Summary. See the module docstring for the wiring."""
+    """One training run; ``run()`` returns a Summary. See the module docstring for the wiring."""
 
     def __init__(self, config: RunConfig, *, run_dir: Path, resume: bool = False):
         self.config = config
@@ -223,8 +197,12 @@ class Trainer:
         self.resume = resume
         self._stop_reason: str | None = None
         self._shards: list[Any] = []
+        self._shard_endpoints: list[tuple[str, int | None]] = []
+        self._learner = None
         self._pool = None
         self._telemetry = None
+        self._guard = None
+        self._started_ray = False
         self._targets_dir = Path(config.runs_dir) / "prometheus_targets"
 
     def request_stop(self, reason: str) -> None:
@@ -233,108 +211,172 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------------
 
-    def _start_replay(self, table) -> Any:
+    def _start_ray(self) -> None:
+        import psutil
+        import ray
+
+        from evergreen.watchdog import ProcessGuard
+
+        cfg = self.config
+        if ray.is_initialized():  # e.g. a test that joined a cluster already
+            return
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, log_to_driver=True, configure_logging=False)
+        else:
+            before = {p.pid for p in psutil.Process().children(recursive=True)}
+            self._guard = ProcessGuard.start()
+            need = (cfg.replay.num_shards * cfg.replay.placement.num_cpus + cfg.learner.placement.num_cpus
+                    + cfg.actors.num_actors * cfg.actors.placement.num_cpus)
+            # Logical CPUs: enough for every component's reservation; they share the machine's cores.
+            ray.init(num_cpus=cfg.ray.num_cpus or max(int(np.ceil(need)), os.cpu_count() or 1),
+                     include_dashboard=False, log_to_driver=True, configure_logging=False)
+            self._guard.watch(p for p in psutil.Process().children(recursive=True) if p.pid not in before)
+        self._started_ray = True
+
+    def _start_replay(self, table: Any) -> Any:
+        import ray
+
         from replay.client import ReplayClient
-        from replay.launch import ShardProcess
+        from replay.ray_shard import ShardActor
 
-        for i in range(self.config.replay.num_shards):
-            shard = ShardProcess([table], checkpoint_dir=self.run_dir / "replay" / f"shard-{i}", shard_index=i,
-                                 metrics_port=0)
-            self._shards.append(shard)
-        return ReplayClient([s.address for s in self._shards], table=table.name)
+        r = self.config.replay
+        template = r.checkpoint_dir or str(self.run_dir / "replay" / "shard-{shard}")
+        for index in range(r.num_shards):
+            directory = template.format(shard=index, run=self.run_dir.name)
+            self._shards.append(ShardActor.options(**_resources(r.placement)).remote(
+                [table], checkpoint_dir=directory, shard_index=index, host=r.host,
+                cluster=bool(self.config.ray.address)))
+        try:
+            self._shard_endpoints = ray.get([s.endpoint.remote() for s in self._shards])
+        except ray.exceptions.RayError as exc:
+            raise ComponentError(f"a replay shard failed to start: {_ray_error(exc)}") from exc
+        return ReplayClient([address for address, _ in self._shard_endpoints], table=table.name)
 
-    def _start_telemetry(self) -> None:
-        """The learner's /metrics endpoint, and a Prometheus file_sd targets file naming every exporter."""
+    def _start_telemetry(self, builder: Any) -> None:
+        """The run's /metrics endpoint, and a Prometheus file_sd targets file naming every exporter."""
         from evergreen.telemetry import TelemetryExporter, write_targets
 
         cfg = self.config
         self._telemetry = TelemetryExporter(run=self.run_dir.name, task=cfg.env.id, batch_size=cfg.learner.batch_size,
-                                            port=cfg.telemetry_port)
+                                            port=cfg.telemetry_port, families=builder.telemetry_families)
         port = self._telemetry.start()
-        write_targets(self.run_dir, {"learner": port, "replay": [s.metrics_port for s in self._shards]},
+        write_targets(self.run_dir, {"learner": port, "replay": [mp for _, mp in self._shard_endpoints]},
                       sd_dir=self._targets_dir)
-        print(f"  metrics: learner http://127.0.0.1:{port}/metrics, replay "
-              + ", ".join(f"http://127.0.0.1:{s.metrics_port}/metrics" for s in self._shards))
+        print(f"  metrics: run http://127.0.0.1:{port}/metrics, replay "
+              + ", ".join(f"http://{address.rsplit(':', 1)[0]}:{mp}/metrics" for address, mp in self._shard_endpoints))
 
-    def _device(self) -> torch.device:
-        want = self.config.learner.device
-        if want == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(want)
+    def _start_learner(self, builder: Any, client: Any, publisher: Any) -> Any:
+        from learner.ray_learner import RayLearner
+
+        cfg, lrn = self.config, self.config.learner
+        self._learner = RayLearner.options(**_resources(lrn.placement)).remote(
+            make_algorithm=builder.make_algorithm, client=client, batch_size=lrn.batch_size,
+            prioritized=cfg.replay.sampler == "prioritized", publish=publisher,
+            checkpoint_dir=lrn.checkpoint_dir or str(self.run_dir / "checkpoints"),
+            publish_every=lrn.publish_every, beta_start=cfg.replay.importance_beta_start,
+            total_env_steps=lrn.total_env_steps,
+            # Pacing without a replay rate limiter; with one, the limiter ties updates to env steps.
+            updates_per_env_step=0.0 if cfg.replay.samples_per_insert else lrn.updates_per_env_step,
+            prefetch_batches=lrn.prefetch_batches,
+            make_diagnostics=builder.make_diagnostics if cfg.plasticity.diagnostics else None,
+            probe_size=cfg.plasticity.probe_size, device=lrn.device,
+            num_threads=lrn.num_threads or max(1, int(lrn.placement.num_cpus)),
+        )
+        return self._learner
+
+    def _start_actors(self, builder: Any, client: Any, store: Any, *, env_steps: int, episodes: int) -> Any:
+        from actors.ray_actor import ActorPool
+        from evergreen.weights import RayWeightSource
+
+        cfg, a = self.config, self.config.actors
+        weight_source = RayWeightSource(store)
+        # On resume, each actor's exploration schedule continues where the run left off.
+        step_offset = env_steps // max(1, a.num_actors)
+
+        def actor_kwargs(index: int) -> dict[str, Any]:
+            return dict(
+                env_config=cfg.env,
+                policy=builder.make_policy(actor_index=index, env_steps_offset=step_offset),
+                adder=builder.make_adder(),
+                insert=ReplayInserter(client, writer_key=f"actor-{index}"),
+                weights_source=weight_source,
+                actor_index=index, env_steps_offset=step_offset,
+                insert_batch_size=a.insert_batch_size, weights_poll_interval=a.weight_poll_steps,
+                seed=cfg.seed * 10_007 + index * 1_000 + episodes,
+            )
+
+        self._pool = ActorPool(a.num_actors, actor_kwargs, restart_backoff_s=a.restart_backoff_s,
+                               max_restarts_per_window=a.max_restarts, restart_window_s=a.restart_window_s,
+                               actor_options=_resources(a.placement))
+        self._pool.start()
+        return self._pool
+
+    def _record_placement(self) -> bool:
+        """Where every component runs (node ids, pids), in <run dir>/placement.json; True once all answered."""
+        import ray
+
+        try:
+            actors = self._pool.placement(timeout_s=1.0)
+            placement = {
+                "learner": ray.get(self._learner.info.remote(), timeout=10),
+                "replay": ray.get([s.info.remote() for s in self._shards], timeout=10),
+                "actors": actors,
+                "driver": {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()},
+            }
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            print(f"  placement: could not ask every component yet ({_ray_error(exc)})", file=sys.stderr)
+            return False
+        (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2, sort_keys=True) + "\n")
+        return len(actors) == self._pool.num_actors
+
+    # -- the run -----------------------------------------------------------------------------------
 
     def run(self) -> Summary:
         import ray
 
-        from actors.ray_actor import ActorPool
-        from evergreen.weights import RayWeightSource, WeightPublisher, WeightStore
-        from learner.checkpoint import load_latest_checkpoint
-        from learner.dqn import DQN
-        from learner.networks import build_network
-        from plasticity.interventions import build_interventions
+        from actors.envs import env_spec
+        from evergreen.agents import make_builder
+        from evergreen.weights import WeightPublisher, WeightStore
 
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             save_config(cfg, self.run_dir / "config.json")
-        obs_shape, obs_dtype, num_actions = env_spec(cfg)
-        table = table_config(cfg, obs_shape=obs_shape, obs_dtype=obs_dtype)
-        log = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in finally
+        spec = env_spec(cfg.env)
+        builder = make_builder(cfg, spec)
+        table = table_config(cfg, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
+                             obs_dtype=spec.observation_dtype)
         print(f"evergreen train: run dir {self.run_dir} ({'resuming' if self.resume else 'new run'}); "
-              f"env {cfg.env.id} obs {obs_shape} {obs_dtype}, {num_actions} actions")
-        cpus = os.cpu_count() or 2
-        if cfg.learner.num_threads:
-            torch.set_num_threads(cfg.learner.num_threads)
-        else:
-            torch.set_num_threads(max(1, cpus - 1))
+              f"algorithm {cfg.algorithm}, env {cfg.env.id} obs {spec.observation_shape} "
+              f"{spec.observation_dtype.name}, actions {spec.actions}")
         previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        books = None
         try:
+            self._start_ray()
+            print(f"  ray: {'cluster ' + cfg.ray.address if cfg.ray.address else 'local'}, "
+                  f"{ray.cluster_resources().get('CPU', 0):g} logical CPUs, {len(ray.nodes())} node(s)")
             client = self._start_replay(table)
-            self._start_telemetry()
-            ray.init(num_cpus=max(cpus, cfg.actors.num_actors + 1), include_dashboard=False,
-                     log_to_driver=True, configure_logging=False, ignore_reinit_error=True)
-            interventions = build_interventions(cfg.plasticity.interventions, cfg.plasticity.options) \
-                if cfg.plasticity.interventions else []
-            device = self._device()
-            algorithm = DQN(cfg.dqn, cfg.network, obs_shape=obs_shape, num_actions=num_actions,
-                            obs_dtype=obs_dtype, device=str(device), seed=cfg.seed, interventions=interventions)
-            counters = {"env_steps": 0, "updates": 0, "episodes": 0, "elapsed_s": 0.0}
-            returns: deque[float] = deque(maxlen=100)
-            if self.resume:
-                state = load_latest_checkpoint(self.run_dir / "checkpoints")
-                if state is None:
-                    raise RuntimeError(f"--resume {self.run_dir}: no learner checkpoint in {self.run_dir / 'checkpoints'}")
-                algorithm.load_state_dict(state["algorithm"])
-                counters.update(state["counters"])
-                returns.extend(state["recent_returns"])
-                print(f"  resumed at env step {counters['env_steps']:,}, update {counters['updates']:,}")
-            # Actors build the learner's architecture: the network config with the interventions' overrides.
-            network_factory = functools.partial(build_network, algorithm.network_config, obs_shape=obs_shape,
-                                                num_actions=num_actions, obs_dtype=obs_dtype)
+            self._start_telemetry(builder)
+            books = Bookkeeping(self.run_dir, telemetry=self._telemetry, stop_at_return=cfg.learner.stop_at_return)
             store = WeightStore.remote()
-            publisher = WeightPublisher(store, network=lambda: algorithm.online,
-                                        actor_keys=set(network_factory().state_dict()))
-            publisher(counters["updates"], algorithm.weights())
-            weight_source = RayWeightSource(store)
-            a = cfg.actors
-            # On resume, each actor's exploration schedule continues where the run left off.
-            step_offset = counters["env_steps"] // max(1, a.num_actors)
-
-            def actor_kwargs(index: int) -> dict[str, Any]:
-                return dict(
-                    env_config=cfg.env,
-                    network_factory=network_factory,
-                    insert=ReplayInserter(client, writer_key=f"actor-{index}"),
-                    weights_source=weight_source,
-                    n_step=a.n_step, gamma=a.gamma,
-                    epsilon=exploration_schedule(a, index=index, step_offset=step_offset),
-                    actor_index=index, num_actors=a.num_actors,
-                    insert_batch_size=a.insert_batch_size, weights_poll_interval=a.weight_poll_steps,
-                    seed=cfg.seed * 10_007 + index * 1_000 + counters["episodes"],
-                )
-
-            self._pool = ActorPool(a.num_actors, actor_kwargs, restart_backoff_s=a.restart_backoff_s,
-                                   max_restarts_per_window=a.max_restarts, restart_window_s=a.restart_window_s)
-            self._pool.start()
+            publisher = WeightPublisher(store, actor_keys=set(builder.acting_network().state_dict()))
+            learner = self._start_learner(builder, client, publisher)
+            try:
+                extra = ray.get(learner.restore.remote()) if self.resume else None
+            except ray.exceptions.RayError as exc:
+                raise ComponentError(f"the learner failed to start: {_ray_error(exc)}") from exc
+            if self.resume:
+                if extra is None:
+                    raise RuntimeError(f"--resume {self.run_dir}: no learner checkpoint in "
+                                       f"{cfg.learner.checkpoint_dir or self.run_dir / 'checkpoints'}")
+                books.resume_from(extra)
+                # What the learner holds after restoring: a test (or a user) can check it against the file.
+                (self.run_dir / "resumed.json").write_text(json.dumps(
+                    {"updates": books.counters["updates"], "env_steps": books.counters["env_steps"],
+                     "state_digest": extra["state_digest"]}) + "\n")
+                print(f"  resumed at env step {books.counters['env_steps']:,}, update {books.counters['updates']:,}")
+            self._start_actors(builder, client, store, env_steps=books.counters["env_steps"],
+                               episodes=books.counters["episodes"])
 
             def on_signal(signum, _frame):
                 name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -344,206 +386,94 @@ class Trainer:
             # checkpoint, and shut everything down in order.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, on_signal)
-            return self._learn(algorithm=algorithm, client=client, publisher=publisher, counters=counters,
-                               returns=returns, log=log, device=device)
+            return self._coordinate(books, client)
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             self._shutdown()
-            log.close()
+            if books is not None:
+                books.close()
 
-    # -- the loop ----------------------------------------------------------------------------------
+    def _coordinate(self, books: Bookkeeping, client: Any) -> Summary:
+        import ray
 
-    def _learn(self, *, algorithm, client, publisher, counters, returns, log, device) -> Summary:
-        from learner.checkpoint import save_checkpoint
-        from learner.loop import Batch, LearnerLoop, Prefetcher
-        from replay.errors import DeadlineExceeded
+        lrn = self.config.learner
+        learner, pool = self._learner, self._pool
+        inflight: deque = deque()
 
-        cfg, lrn = self.config, self.config.learner
-        total = lrn.total_env_steps
-        base_elapsed = counters["elapsed_s"]
-        t0 = time.time()
-        prioritized = cfg.replay.sampler == "prioritized"
+        def train_call():
+            return learner.train.remote(seconds=LEARNER_CHUNK_S, env_steps=books.counters["env_steps"])
 
-        def beta() -> float:
-            progress = min(1.0, counters["env_steps"] / total)
-            return cfg.replay.importance_beta_start + (1.0 - cfg.replay.importance_beta_start) * progress
-
-        def sample(timeout: float):
+        def take_report(ref) -> None:
             try:
-                return client.sample(lrn.batch_size, beta=beta(), timeout=timeout)
-            except DeadlineExceeded:
-                return None  # replay still filling, or the rate limiter holds the learner back
-
-        def convert(raw) -> Batch:
-            tensors = {k: torch.from_numpy(v).to(device, non_blocking=True)
-                       for k, v in raw.columns.items() if k != "policy_version"}
-            weights = torch.from_numpy(raw.weights).to(device) if prioritized else None
-            return Batch(tensors=tensors, keys=raw.keys, weights=weights,
-                         policy_version=raw.columns.get("policy_version"))
+                books.add_learner_report(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                raise ComponentError(f"the learner failed: {_ray_error(exc)}") from exc
 
         def poll_actors() -> Any:
-            self._pool.check()  # raises if an actor is crash-looping
-            stats = self._pool.stats()
-            counters["env_steps"] += stats.env_steps
-            counters["episodes"] += stats.num_episodes
-            for task_returns in stats.episode_returns.values():
-                returns.extend(float(r) for r in task_returns)
+            pool.check()  # raises if an actor is crash-looping
+            stats = pool.stats()
+            books.add_actor_stats(stats)
             return stats
 
-        diagnostics = self._wait_for_diagnostics(algorithm, client, poll_actors) if cfg.plasticity.diagnostics else None
-        prefetcher = Prefetcher(sample=sample, convert=convert, depth=lrn.prefetch_batches).start()
-        loop = LearnerLoop(algorithm=algorithm, prefetcher=prefetcher,
-                           update_priorities=client.update_priorities if prioritized else None,
-                           publish=publisher, publish_every=lrn.publish_every,
-                           diagnostics=diagnostics, start_updates=counters["updates"])
-        last_log = last_ckpt = last_poll = time.time()
-        last_steps, last_updates, last_wait = counters["env_steps"], counters["updates"], 0.0
-        window: dict[str, list[float]] = {}
-        interval_returns: list[float] = []
-        interval_episodes: dict[str, dict[str, list[float]]] = {}
-        stopped_by = "reached learner.total_env_steps"
-
         def checkpoint() -> None:
-            # The learner first: it is local and what --resume needs; replay shards can lose at most the
+            # The learner first: it is what --resume needs; replay shards can lose at most the
             # transitions since their previous checkpoint, which only costs a little data.
-            save_checkpoint(self.run_dir / "checkpoints", {
-                "algorithm": algorithm.state_dict(),
-                "counters": dict(counters, elapsed_s=base_elapsed + time.time() - t0),
-                "recent_returns": list(returns),
-            }, step=counters["updates"])
+            try:
+                ray.get(learner.checkpoint.remote(books.checkpoint_extra()))
+            except ray.exceptions.RayError as exc:
+                raise ComponentError(f"the learner checkpoint failed: {_ray_error(exc)}") from exc
             try:
                 client.checkpoint(timeout=120.0)
             except Exception as exc:  # noqa: BLE001 - reported; the run goes on / ends regardless
                 print(f"  replay checkpoint failed ({exc}); shards keep their previous checkpoint", file=sys.stderr)
 
-        def emit(now: float) -> None:
-            """One metrics-log record, progress line and telemetry update for the interval ending now."""
-            nonlocal last_log, last_steps, last_updates, last_wait, interval_episodes
-            dt = max(now - last_log, 1e-6)
-            record = self._record(counters, returns, interval_returns, window, loop, client, stats,
-                                  env_rate=(counters["env_steps"] - last_steps) / dt,
-                                  update_rate=(counters["updates"] - last_updates) / dt,
-                                  wait_fraction=(prefetcher.wait_seconds - last_wait) / dt,
-                                  elapsed=base_elapsed + now - t0)
-            log.write(json.dumps(record) + "\n")
-            print(self._progress_line(record), flush=True)
-            try:
-                self._telemetry.update(record, episodes_by_task=interval_episodes)
-            except ValueError as exc:  # a malformed metric must not stop a multi-day run
-                print(f"  telemetry: {exc}", file=sys.stderr)
-            window.clear()
-            interval_returns.clear()
-            interval_episodes = {}
-            last_log, last_steps, last_updates = now, counters["env_steps"], counters["updates"]
-            last_wait = prefetcher.wait_seconds
-
-        stats = None
+        inflight.extend(train_call() for _ in range(2))
+        stats = poll_actors()
+        placement_recorded = False
+        last_log = last_ckpt = last_poll = time.time()
+        stopped_by = "reached learner.total_env_steps"
         try:
             while True:
+                ready, _ = ray.wait([inflight[0]], timeout=ACTOR_POLL_S)
+                if ready:
+                    take_report(inflight.popleft())
+                    inflight.append(train_call())
                 now = time.time()
-                if stats is None or now - last_poll >= 0.5:
+                if now - last_poll >= ACTOR_POLL_S:
                     stats = poll_actors()
-                    for task, task_returns in stats.episode_returns.items():
-                        interval_returns.extend(float(r) for r in task_returns)
-                        into = interval_episodes.setdefault(task, {"returns": [], "lengths": []})
-                        into["returns"].extend(float(r) for r in task_returns)
-                        into["lengths"].extend(float(n) for n in stats.episode_lengths.get(task, ()))
                     last_poll = now
-                if counters["env_steps"] >= total:
+                if books.counters["env_steps"] >= lrn.total_env_steps:
                     break
-                if lrn.stop_at_return is not None and len(returns) >= 100 and np.mean(returns) >= lrn.stop_at_return:
-                    stopped_by = f"solved: mean return of the last 100 episodes {np.mean(returns):.1f} >= {lrn.stop_at_return}"
+                if books.solved:
+                    stopped_by = (f"solved: mean return of the last 100 episodes {books.mean_return:.1f} "
+                                  f">= {lrn.stop_at_return}")
                     break
                 if self._stop_reason:
                     stopped_by = self._stop_reason
                     break
-                # Pacing without a replay rate limiter: keep updates near updates_per_env_step * env steps.
-                ahead = (lrn.updates_per_env_step > 0 and not cfg.replay.samples_per_insert
-                         and counters["updates"] >= lrn.updates_per_env_step * counters["env_steps"])
-                if ahead:
-                    time.sleep(0.005)
-                else:
-                    metrics = loop.step(timeout=0.2)
-                    if metrics is not None:
-                        counters["updates"] = loop.counters.updates
-                        for k, v in metrics.items():
-                            window.setdefault(k, []).append(float(v))
                 if now - last_log >= lrn.log_every_s:
-                    emit(now)
+                    books.emit(replay_info=client.info(), pool_stats=stats)
+                    if not placement_recorded and stats.running == pool.num_actors:
+                        placement_recorded = self._record_placement()
+                    if self._guard is not None:
+                        self._guard.watch_descendants()  # worker processes started since (actors, restarts)
+                    last_log = now
                 if now - last_ckpt >= lrn.checkpoint_every_s:
                     checkpoint()
                     last_ckpt = now
-            emit(time.time())  # the log ends on the run's final state
         finally:
-            loop.close()
+            while inflight:  # let the queued learner calls finish, so the counts are final
+                take_report(inflight.popleft())
+        books.emit(replay_info=client.info(), pool_stats=stats)  # the log ends on the run's final state
         checkpoint()
-        c = loop.counters
-        if c.update_seconds > 0:
-            print(f"  learner: {c.update_seconds:.1f} s in updates, {c.diagnostics_seconds:.2f} s in diagnostics "
-                  f"({100 * c.diagnostics_seconds / c.update_seconds:.1f}% of update time), "
-                  f"{prefetcher.wait_seconds:.1f} s waiting on replay")
-        mean_return = float(np.mean(returns)) if returns else None
-        solved = bool(lrn.stop_at_return is not None and len(returns) >= 100 and mean_return >= lrn.stop_at_return)
-        return Summary(run_dir=str(self.run_dir), env_steps=counters["env_steps"], updates=counters["updates"],
-                       episodes=counters["episodes"], wall_seconds=time.time() - t0 + base_elapsed,
-                       mean_return_100=mean_return, solved=solved, stopped_by=stopped_by)
-
-    def _wait_for_diagnostics(self, algorithm, client, poll_actors):
-        """Diagnostics on a held-out probe batch: sampled once from replay when it first can be."""
-        from plasticity.diagnostics import Diagnostics
-        from replay.errors import DeadlineExceeded
-
-        p = self.config.plasticity
-        while True:
-            poll_actors()
-            if self._stop_reason:
-                return None
-            try:
-                raw = client.sample(p.probe_size, beta=1.0, timeout=1.0)
-                break
-            except DeadlineExceeded:
-                continue
-        probe = torch.from_numpy(raw.columns["obs"]).to(algorithm.device)
-        algorithm.set_probe(probe)
-        return Diagnostics(algorithm.online, names=p.diagnostics, every=p.diagnostics_every, probe_obs=probe,
-                           loss_fn=functools.partial(per_sample_td_loss, algorithm=algorithm))
-
-    def _record(self, counters, returns, interval_returns, window, loop, client, stats, *,
-                env_rate, update_rate, wait_fraction, elapsed):
-        info = client.info()
-        record: dict[str, Any] = {
-            "time": time.time(), "elapsed_s": round(elapsed, 2),
-            "env_steps": counters["env_steps"], "updates": counters["updates"], "episodes": counters["episodes"],
-            "env_steps_per_s": round(env_rate, 1), "updates_per_s": round(update_rate, 2),
-            "return_mean_100": float(np.mean(returns)) if returns else None,
-            "return_recent": float(np.mean(interval_returns)) if interval_returns else None,
-            "replay_size": int(sum(i.size for i in info)),
-            "replay_inserts": int(sum(i.inserts for i in info)),
-            "learner_wait_fraction": round(min(1.0, wait_fraction), 4),
-            "policy_lag_updates": loop.take_policy_lag(),
-            # Learner version minus the oldest version any actor acted with in this interval.
-            "actor_policy_lag_updates": (loop.counters.published_version - stats.min_policy_version
-                                         if stats.min_policy_version >= 0 else None),
-            "actor_restarts": stats.restarts_total, "num_actors": stats.num_actors,
-            "actors_running": stats.running,
-        }
-        for key, values in window.items():
-            record[key] = float(np.mean(values)) if values and all(math.isfinite(v) for v in values) else None
-        record.update(loop.last_diagnostics)
-        return record
-
-    @staticmethod
-    def _progress_line(r: dict[str, Any]) -> str:
-        ret = "   n/a" if r["return_mean_100"] is None else f"{r['return_mean_100']:6.1f}"
-        lag = "n/a" if r["policy_lag_updates"] is None else f"{r['policy_lag_updates']:.0f}"
-        loss = "n/a" if r.get("loss") is None else f"{r['loss']:.4f}"
-        return (f"[{r['elapsed_s']:7.1f}s] env {r['env_steps']:>9,} ({r['env_steps_per_s']:6.0f}/s) | "
-                f"upd {r['updates']:>8,} ({r['updates_per_s']:5.1f}/s) | return(100) {ret} | "
-                f"episodes {r['episodes']:,} | replay {r['replay_size']:,} | lag {lag} | "
-                f"wait {100 * r['learner_wait_fraction']:.0f}% | loss {loss}")
+        line = books.learner_time_line()
+        if line:
+            print(line)
+        return books.summary(stopped_by=stopped_by)
 
     def _shutdown(self) -> None:
+        """Stop everything this run started, in order: telemetry, actors, learner, shards, Ray."""
         import ray
 
         from evergreen.telemetry import clear_targets
@@ -551,13 +481,24 @@ class Trainer:
         if self._telemetry is not None:
             self._telemetry.stop()
             clear_targets(self.run_dir, sd_dir=self._targets_dir)
-
         if self._pool is not None:
             try:
                 self._pool.stop()
             except Exception as exc:  # noqa: BLE001 - shutting down anyway; say so
                 print(f"  (actor pool stop: {exc})", file=sys.stderr)
+        if self._learner is not None:
+            try:
+                ray.get(self._learner.close.remote(), timeout=30)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  (learner stop: {_ray_error(exc)})", file=sys.stderr)
+            ray.kill(self._learner)
         for shard in self._shards:
-            shard.stop()
-        if ray.is_initialized():
+            try:
+                ray.get(shard.stop.remote(), timeout=120)  # SIGTERM: the shard checkpoints and exits
+            except Exception as exc:  # noqa: BLE001
+                print(f"  (replay shard stop: {_ray_error(exc)})", file=sys.stderr)
+            ray.kill(shard)
+        if self._started_ray and ray.is_initialized():
             ray.shutdown()
+        if self._guard is not None:
+            self._guard.release()

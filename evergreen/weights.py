@@ -6,8 +6,8 @@ and fetch the weights only when it changed. Weights never pass through the drive
 and experience never passes through Ray at all (it goes to replay over gRPC).
 
     store = WeightStore.options(name="weights").remote()
-    publisher = WeightPublisher(store)
-    publisher(version=120, weights=dqn.weights())          # learner side
+    publisher = WeightPublisher(store, actor_keys=set(actor_network.state_dict()))   # picklable
+    publisher(120, dqn.acting_weights(), dqn.acting_network())   # learner side
     source = RayWeightSource(store)                        # picklable; give it to actors
     if source.latest_version() > mine: state = source.get(source.latest_version())
 """
@@ -40,25 +40,31 @@ class WeightStore:
 
 
 class WeightPublisher:
-    """Learner side: ``publisher(version, weights)``; keeps the last ref alive until the next publish.
+    """Learner side: ``publisher(version, weights, network)``; keeps the last ref alive until the next publish.
 
     Actors build their network once from the run config, so they can load a state dict only while
     its keys match that architecture. When an intervention changes the architecture during the run
-    (plasticity injection adds heads), the publisher sends the whole network (``network()``, moved
-    to the CPU) instead, and actors replace theirs.
+    (plasticity injection adds heads), the publisher sends the whole ``network`` (a CPU copy)
+    instead, and actors replace theirs. Picklable before its first use, so the driver can build it
+    and hand it to the learner process.
     """
 
-    def __init__(self, store: Any, *, network: Any = None, actor_keys: set[str] | None = None):
+    def __init__(self, store: Any, *, actor_keys: set[str] | None = None):
         self.store = store
-        self.network = network
         self._keys = actor_keys  # the state-dict keys of the network the actors build
         self._last_ref = None
 
-    def __call__(self, version: int, weights: dict[str, Any]) -> None:
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self.store, "keys": self._keys}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["store"], actor_keys=state["keys"])
+
+    def __call__(self, version: int, weights: dict[str, Any], network: Any = None) -> None:
         if self._keys is None:
             self._keys = set(weights)
-        if set(weights) != self._keys and self.network is not None:
-            payload: Any = copy.deepcopy(self.network()).cpu()
+        if set(weights) != self._keys and network is not None:
+            payload: Any = copy.deepcopy(network).cpu()
         else:
             payload = {k: v.detach().cpu() for k, v in weights.items()}
         ref = ray.put(payload)

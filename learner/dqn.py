@@ -26,15 +26,23 @@ net), backward, gradient clipping, Adam step, ``ctx.step += 1``, every intervent
 target is updated *after* the interventions so that it copies the weights they leave (projected,
 clipped or reset), never the transient pre-intervention weights.
 
+DQN implements :class:`learner.core.Algorithm`; its one network is named ``"q"``.
+
+Hot path (CPU and GPU): the batch is validated on the host before it is moved (no device sync for
+the checks), the parameter lists are cached (refreshed when an intervention changes the module
+tree), Adam is fused where the device supports it (else multi-tensor), the Polyak target update is
+one ``_foreach_lerp_``, and priorities and every scalar metric come back in one transfer.
+
 Example::
 
     dqn = DQN(DQNConfig(), NetworkConfig(encoder="nature_cnn"), obs_shape=(4, 84, 84), num_actions=18,
-              obs_dtype="uint8", device="cuda", seed=0, interventions=build_interventions("redo", {}))
+              obs_dtype="uint8", device="cuda", seed=0,
+              interventions=bind_interventions("redo", {}, networks=DQN.NETWORKS))
     dqn.set_probe(probe_obs)
     result = dqn.update(batch, weights=importance_weights)
     client.update_priorities(keys, result.priorities)
     print(result.metrics["loss"], result.metrics["q"])
-    publish(dqn.weights())
+    publish(dqn.acting_weights())
 """
 
 from __future__ import annotations
@@ -49,11 +57,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from learner.core import UpdateResult
 from learner.networks import NetworkConfig, QNetwork, build_network, torch_obs_dtype
-from plasticity.base import Intervention, InterventionContext, network_overrides
+from plasticity.base import Intervention, InterventionContext, InterventionSet, NetworkSlot, structure_version
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs")
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -110,24 +119,18 @@ def _positive(name: str, value: object, suffix: str = "") -> None:
         raise ValueError(f"{name} must be a finite number > 0{suffix}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class UpdateResult:
-    """What one update returns: per-sample priorities (batch order) and scalar metrics."""
-
-    priorities: np.ndarray
-    """``[B]`` float32: |TD error| (QR-DQN: the sample's quantile Huber loss averaged over both quantile axes)."""
-    metrics: dict[str, float]
-    """loss, td_loss, td_error, q, grad_norm, lr, step, target_updated, and ``<intervention>/...`` entries."""
-
-
 class DQN:
     """Online and target Q-networks, Adam, interventions; one :meth:`update` per batch.
 
-    ``network_config`` is combined with the interventions' build-time overrides
-    (:func:`plasticity.base.network_overrides`); the result is :attr:`network_config`, which is
-    what actors must build to load :meth:`weights`. Networks are initialized from ``seed`` under a
-    forked RNG (the global torch RNG is left alone); ``ctx.generator`` lives on ``device`` and is
-    seeded from ``seed`` as well, so DDP ranks built with one seed make identical decisions.
+    ``network_config`` is combined with the interventions' build-time overrides for the ``"q"``
+    network; the result is :attr:`network_config`, which is what actors must build to load
+    :meth:`acting_weights`. Networks are initialized from ``seed`` under a forked RNG (the global
+    torch RNG is left alone); ``ctx.generator`` lives on ``device`` and is seeded from ``seed`` as
+    well, so DDP ranks built with one seed make identical decisions.
+
+    ``interventions``: an :class:`plasticity.base.InterventionSet` (from
+    :func:`plasticity.interventions.bind_interventions` with ``networks=DQN.NETWORKS``), or a plain
+    list of interventions, which are all bound to ``"q"``.
 
     Data-parallel use (one DQN per rank, each sampling its own batches): ``grad_sync(grads)`` is
     called after backward and before clipping with the gradient tensors, to average them across
@@ -137,6 +140,9 @@ class DQN:
 
     Example: see the module docstring.
     """
+
+    #: The plastic networks this algorithm trains (what interventions may target).
+    NETWORKS = ("q",)
 
     def __init__(
         self,
@@ -148,18 +154,22 @@ class DQN:
         obs_dtype: str,
         device: str | torch.device = "cpu",
         seed: int = 0,
-        interventions: Sequence[Intervention] = (),
+        interventions: InterventionSet | Sequence[Intervention] = (),
         grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
         all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         config.validate()
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        interventions = list(interventions)
-        for iv in interventions:
-            if not isinstance(iv, Intervention):
-                raise ValueError(f"interventions must be plasticity.base.Intervention instances, got {iv!r}")
-        overrides = network_overrides(interventions)
+        if not isinstance(interventions, InterventionSet):
+            listed = list(interventions)
+            for iv in listed:
+                if not isinstance(iv, Intervention):
+                    raise ValueError(f"interventions must be plasticity.base.Intervention instances, got {iv!r}")
+            interventions = InterventionSet([("q", iv) for iv in listed], networks=self.NETWORKS)
+        if set(interventions.networks) - set(self.NETWORKS):
+            raise ValueError(f"interventions target networks {list(interventions.networks)}; DQN has {list(self.NETWORKS)}")
+        overrides = interventions.network_overrides("q")
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(NetworkConfig)})
         if unknown:
             raise ValueError(f"interventions override unknown network fields {unknown}")
@@ -179,17 +189,14 @@ class DQN:
         self._obs_torch_dtype = torch_obs_dtype(obs_dtype)
         self.online: QNetwork = online.to(self.device)
         self.target: QNetwork = copy.deepcopy(self.online).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.lr, eps=config.adam_eps)
-        self.ctx = InterventionContext(
-            network=self.online,
-            optimizer=self.optimizer,
+        self.optimizer = _adam(self.online.parameters(), lr=config.lr, eps=config.adam_eps, device=self.device)
+        self.ctx = InterventionContext.of(
+            {"q": NetworkSlot(self.online, self.optimizer, self.target)},
             generator=torch.Generator(device=self.device).manual_seed(seed),
-            target_network=self.target,
         )
         if all_reduce_mean is not None:
             self.ctx.all_reduce_mean = all_reduce_mean
         self._grad_sync = grad_sync
-        self._act_rng = np.random.default_rng(seed)
         self._probe: torch.Tensor | None = None
         self._quantile_tau = (
             (torch.arange(self.online.num_quantiles, dtype=torch.float32, device=self.device) + 0.5)
@@ -197,8 +204,8 @@ class DQN:
             if self.online.num_quantiles
             else None
         )
-        for iv in self.interventions:
-            iv.setup(self.ctx)
+        self.interventions.setup(self.ctx)
+        self._cache_parameters()
 
     # ------------------------------------------------------------------ properties
 
@@ -210,6 +217,28 @@ class DQN:
     @property
     def distributional(self) -> bool:
         return self.online.num_quantiles is not None
+
+    def networks(self) -> dict[str, NetworkSlot]:
+        """``{"q": NetworkSlot(online, optimizer, target)}``."""
+        return dict(self.ctx.networks)
+
+    def _cache_parameters(self) -> None:
+        # Iterating module parameters walks the module tree (~tens of microseconds a call); the hot
+        # path reads these lists instead, rebuilt whenever an intervention changes the tree.
+        self._online_params = list(self.online.parameters())
+        self._target_params = list(self.target.parameters())
+        self._online_buffers = list(self.online.buffers())
+        self._target_buffers = list(self.target.buffers())
+        if len(self._online_params) != len(self._target_params):
+            raise RuntimeError(
+                f"online ({len(self._online_params)}) and target ({len(self._target_params)}) networks have "
+                "different parameter counts; an intervention changed one without the other"
+            )
+        self._structure = structure_version(self.ctx)
+
+    def _refresh_if_restructured(self) -> None:
+        if structure_version(self.ctx) != self._structure:
+            self._cache_parameters()
 
     # ------------------------------------------------------------------ batches
 
@@ -223,7 +252,11 @@ class DQN:
     def _prepare(
         self, batch: Mapping[str, Any], weights: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Validate the whole batch before anything is touched, then move it to the device."""
+        """Validate the whole batch before anything is touched, then move it to the device.
+
+        Value checks run where the batch is: on host tensors (what the replay dataset hands over)
+        they cost no device synchronization.
+        """
         missing = [k for k in BATCH_FIELDS if k not in batch]
         if missing:
             raise ValueError(f"batch lacks fields {missing}; expected {list(BATCH_FIELDS)}, got {sorted(batch)}")
@@ -251,19 +284,17 @@ class DQN:
             w = self._tensor("weights", weights)
             if tuple(w.shape) != (size,) or not w.is_floating_point():
                 raise ValueError(f"weights must be a float array of shape ({size},), got {w.dtype} {tuple(w.shape)}")
-        # One host sync for all value checks (action range, finite non-negative weights).
         action = t["action"]
-        bad = torch.stack([(action < 0).any(), (action >= self.num_actions).any()])
-        if w is not None:
-            bad = torch.cat([bad.to(w.device), torch.stack([(w < 0).any(), ~torch.isfinite(w).all()])])
-        flags = bad.tolist()
-        if flags[0] or flags[1]:
+        # min/max in one reduction each; on host tensors these are plain reads.
+        low, high = torch.aminmax(action)
+        if int(low) < 0 or int(high) >= self.num_actions:
             raise ValueError(
-                f"batch['action'] holds values outside [0, {self.num_actions}): "
-                f"min {int(action.min())}, max {int(action.max())}"
+                f"batch['action'] holds values outside [0, {self.num_actions}): min {int(low)}, max {int(high)}"
             )
-        if w is not None and (flags[2] or flags[3]):
-            raise ValueError(f"weights must be finite and >= 0, got min {float(w.min())}, max {float(w.max())}")
+        if w is not None:
+            w_low, w_high = torch.aminmax(w)
+            if not (bool(torch.isfinite(w_high)) and float(w_low) >= 0):
+                raise ValueError(f"weights must be finite and >= 0, got min {float(w_low)}, max {float(w_high)}")
         dev = self.device
         return (
             t["obs"].to(dev, non_blocking=True),
@@ -274,14 +305,10 @@ class DQN:
             None if w is None else w.to(dev, torch.float32, non_blocking=True),
         )
 
-    # ------------------------------------------------------------------ the update
+    # ------------------------------------------------------------------ the loss
 
-    def update(self, batch: Mapping[str, torch.Tensor | np.ndarray], *, weights: Any = None) -> UpdateResult:
-        """One gradient step on ``batch`` (fields: see the module docstring); ``weights``: importance weights [B].
-
-        A malformed batch raises ValueError before any state changes.
-        """
-        obs, action, reward, discount, next_obs, w = self._prepare(batch, weights)
+    def _td_loss(self, obs, action, reward, discount, next_obs):
+        """(per-sample loss [B] with grad, priorities [B], |TD| [B], Q of taken actions [B], features)."""
         cfg = self.config
         features = self.online.encoder(obs)
         out = self.online.head(features)
@@ -298,21 +325,33 @@ class DQN:
             per_sample = nn.functional.huber_loss(q_taken, target, reduction="none", delta=cfg.huber_delta)
             td_error = (target - q_taken).detach().abs()
             priorities = td_error
-        td_loss = (per_sample * w).mean() if w is not None else per_sample.mean()
+        return per_sample, priorities, td_error, q_taken, features
 
-        loss = td_loss
-        names, terms = [], []
-        for iv in self.interventions:
-            term = iv.loss(self.ctx, obs=obs, features=features)
-            if term is not None:
-                loss = loss + term
-                names.append(f"{iv.name}/loss")
-                terms.append(term.detach().reshape(()).float())
+    def per_sample_loss(self, batch: Mapping[str, Any], *, network: str | None = None) -> torch.Tensor:
+        """``[B]`` per-sample TD loss the update trains (Huber; QR-DQN: the quantile Huber loss), with grad."""
+        if network not in (None, "q"):
+            raise ValueError(f"DQN has one network, 'q'; got network={network!r}")
+        obs, action, reward, discount, next_obs, _ = self._prepare(batch, None)
+        return self._td_loss(obs, action, reward, discount, next_obs)[0]
+
+    # ------------------------------------------------------------------ the update
+
+    def update(self, batch: Mapping[str, torch.Tensor | np.ndarray], *, weights: Any = None) -> UpdateResult:
+        """One gradient step on ``batch`` (fields: see the module docstring); ``weights``: importance weights [B].
+
+        A malformed batch raises ValueError before any state changes.
+        """
+        obs, action, reward, discount, next_obs, w = self._prepare(batch, weights)
+        cfg = self.config
+        per_sample, priorities, td_error, q_taken, features = self._td_loss(obs, action, reward, discount, next_obs)
+        td_loss = (per_sample * w).mean() if w is not None else per_sample.mean()
+        extra, terms = self.interventions.loss(self.ctx, "q", obs=obs, features=features)
+        loss = td_loss if extra is None else td_loss + extra
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Frozen parameters (e.g. an injected head's frozen copies) have no gradient and are skipped.
-        params = [p for p in self.online.parameters() if p.grad is not None]
+        params = [p for p in self._online_params if p.grad is not None]
         if self._grad_sync is not None:
             self._grad_sync([p.grad for p in params])
         if cfg.max_grad_norm is not None:
@@ -322,23 +361,23 @@ class DQN:
         self.optimizer.step()
         self.ctx.step += 1
 
-        metrics: dict[str, float] = {}
-        for iv in self.interventions:
-            metrics.update(iv.after_step(self.ctx, probe_obs=self._probe))
+        metrics: dict[str, float] = self.interventions.after_step(self.ctx, probe_obs=self._probe)
+        self._refresh_if_restructured()
         target_updated = self._update_target()
 
         scalars = torch.stack(
-            [loss.detach(), td_loss.detach(), td_error.mean(), q_taken.detach().mean(), grad_norm.detach(), *terms]
+            [loss.detach(), td_loss.detach(), td_error.mean(), q_taken.detach().mean(), grad_norm.detach(),
+             *terms.values()]
         ).float()
         # One device->host transfer for priorities and every scalar metric.
         packed = torch.cat([priorities.float(), scalars]).cpu().numpy()
         size = priorities.shape[0]
         values = packed[size:].tolist()
-        metrics.update(zip(["loss", "td_loss", "td_error", "q", "grad_norm", *names], values, strict=True))
+        metrics.update(zip(["loss", "td_loss", "td_error", "q", "grad_norm", *terms], values, strict=True))
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["step"] = float(self.ctx.step)
         metrics["target_updated"] = float(target_updated)
-        return UpdateResult(priorities=packed[:size].copy(), metrics=metrics)
+        return UpdateResult(metrics=metrics, priorities=packed[:size].copy())
 
     def _quantile_loss(
         self,
@@ -377,18 +416,12 @@ class DQN:
             self.target.load_state_dict(self.online.state_dict())
             return True
         with torch.no_grad():
-            online, target = list(self.online.parameters()), list(self.target.parameters())
-            if len(online) != len(target):
-                raise RuntimeError(
-                    f"online ({len(online)}) and target ({len(target)}) networks have different parameter counts; "
-                    "an intervention changed one without the other"
-                )
-            torch._foreach_lerp_(target, online, self.config.tau)
-            for t_buf, o_buf in zip(self.target.buffers(), self.online.buffers(), strict=True):
-                t_buf.copy_(o_buf)
+            torch._foreach_lerp_(self._target_params, self._online_params, self.config.tau)
+            if self._target_buffers:
+                torch._foreach_copy_(self._target_buffers, self._online_buffers)
         return True
 
-    # ------------------------------------------------------------------ acting, probes, task switches
+    # ------------------------------------------------------------------ probes and task switches
 
     def set_probe(self, obs: torch.Tensor | np.ndarray | None) -> None:
         """The probe batch ``[P, *obs_shape]`` handed to ``after_step`` (None: no probe). Not checkpointed."""
@@ -402,38 +435,22 @@ class DQN:
             raise ValueError(f"probe obs has dtype {probe.dtype}; expected {self.obs_dtype}")
         self._probe = probe.to(self.device)
 
-    @torch.no_grad()
-    def q_values(self, obs: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Online Q-values ``[B, A]`` (QR: the mean over quantiles)."""
-        out = self.online(self._tensor("obs", obs).to(self.device))
-        return out.mean(dim=2) if self.distributional else out
-
-    def act(self, obs: torch.Tensor | np.ndarray, epsilon: float) -> np.ndarray:
-        """Epsilon-greedy actions ``[B]`` (int64) for observations ``[B, *obs_shape]``."""
-        if not _is_number(epsilon) or not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
-        tensor = self._tensor("obs", obs)
-        if tuple(tensor.shape[1:]) != self.obs_shape:
-            raise ValueError(f"obs has shape {tuple(tensor.shape)}; expected (B, {', '.join(map(str, self.obs_shape))})")
-        greedy = self.q_values(tensor).argmax(dim=1).cpu().numpy()
-        size = greedy.shape[0]
-        explore = self._act_rng.random(size) < epsilon
-        random_actions = self._act_rng.integers(self.num_actions, size=size)
-        return np.where(explore, random_actions, greedy).astype(np.int64)
-
-    def task_switch(self, *, task: int | None = None) -> dict[str, float]:
+    def task_switch(self, task: int | None = None) -> dict[str, float]:
         """Tell the interventions that the task changed (``ctx.task`` becomes ``task`` or ``task + 1``)."""
         if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
             raise ValueError(f"task must be an integer >= 0, got {task!r}")
         self.ctx.task = self.ctx.task + 1 if task is None else task
-        metrics: dict[str, float] = {}
-        for iv in self.interventions:
-            metrics.update(iv.on_task_switch(self.ctx))
+        metrics = self.interventions.on_task_switch(self.ctx)
+        self._refresh_if_restructured()
         return metrics
 
     # ------------------------------------------------------------------ weights and checkpoints
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def acting_network(self) -> QNetwork:
+        """The live online network (what actors act with)."""
+        return self.online
+
+    def acting_weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the online network's state_dict, for actors built from :attr:`network_config`."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.online.state_dict().items()}
 
@@ -452,27 +469,26 @@ class DQN:
             "optimizer": self.optimizer.state_dict(),
             "step": self.ctx.step,
             "task": self.ctx.task,
-            "interventions": [{"name": iv.name, "state": iv.state_dict()} for iv in self.interventions],
+            "interventions": self.interventions.state_dict(),
             "generator": self.ctx.generator.get_state(),
-            "act_rng": copy.deepcopy(self._act_rng.bit_generator.state),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; on any error the previous state is put back and ValueError raised."""
-        expected = {"format", "online", "target", "optimizer", "step", "task", "interventions", "generator", "act_rng"}
+        expected = {"format", "online", "target", "optimizer", "step", "task", "interventions", "generator"}
         if not isinstance(state, Mapping) or set(state) != expected:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"DQN state must have keys {sorted(expected)}, got {got}")
         if state["format"] != _STATE_FORMAT:
             raise ValueError(f"DQN state format {state['format']!r} is not supported (expected {_STATE_FORMAT})")
         entries = state["interventions"]
-        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and set(e) == {"name", "state"} for e in entries):
-            raise ValueError(f"DQN state 'interventions' must be a list of {{name, state}} entries, got {entries!r}")
-        names = [entry["name"] for entry in entries]
-        if names != [iv.name for iv in self.interventions]:
-            raise ValueError(
-                f"checkpoint interventions {names} differ from this learner's {[iv.name for iv in self.interventions]}"
-            )
+        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and set(e) == {"name", "network", "state"}
+                                                     for e in entries):
+            raise ValueError(f"DQN state 'interventions' must be a list of {{name, network, state}} entries, got {entries!r}")
+        saved = [(e["network"], e["name"]) for e in entries]
+        mine = [(network, iv.name) for network, iv in self.interventions]
+        if saved != mine:
+            raise ValueError(f"checkpoint interventions {saved} differ from this learner's {mine} (network, name)")
         backup = copy.deepcopy(self.state_dict())
         try:
             self._apply_state(state)
@@ -483,15 +499,23 @@ class DQN:
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         # Interventions first: one that changes the network's structure (e.g. a head injection)
         # rebuilds it before the networks' and optimizer's tensors are loaded into that structure.
-        for iv, entry in zip(self.interventions, state["interventions"], strict=True):
-            iv.load_state_dict(entry["state"])
+        self.interventions.load_state_dict(state["interventions"])
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ctx.step = int(state["step"])
         self.ctx.task = int(state["task"])
         self.ctx.generator.set_state(state["generator"])
-        self._act_rng.bit_generator.state = copy.deepcopy(state["act_rng"])
+        self._cache_parameters()
+
+
+def _adam(params, *, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with the fastest implementation the device has: fused (CPU and CUDA), else multi-tensor."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    except (RuntimeError, ValueError):  # e.g. a device without a fused kernel
+        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=device.type != "cpu")
 
 
 __all__ = ["BATCH_FIELDS", "DQN", "DQNConfig", "UpdateResult"]

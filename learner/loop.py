@@ -1,13 +1,13 @@
 """The learner loop: prefetch, update, priority write-back, weight publishing, diagnostics.
 
 Transport-free: it is handed callables, so it runs the same against a gRPC replay client, an
-in-process table or a test double. The wiring in ``evergreen/train.py`` passes the real ones::
+in-process table or a test double. ``learner.service.LearnerService`` passes the real ones::
 
-    prefetcher = Prefetcher(sample=lambda timeout: client.sample(64, beta=beta(), timeout=timeout),
-                            convert=to_tensors, depth=4).start()
+    dataset = ReplayDataset(client, batch_size=64, prioritized=True)
+    prefetcher = Prefetcher(sample=dataset.sample, depth=4).start()
     loop = LearnerLoop(algorithm=dqn, prefetcher=prefetcher,
                        update_priorities=client.update_priorities,
-                       publish=store.publish, publish_every=50)
+                       publish=publisher, publish_every=50)     # publisher(version, weights, network)
     while not done:
         metrics = loop.step()           # one update; never waits on the network unless replay is empty
     loop.close()
@@ -18,29 +18,23 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from learner.dataset import Batch
 
-@dataclass
-class Batch:
-    """One sampled batch, ready for the algorithm."""
-
-    tensors: dict[str, torch.Tensor]
-    keys: np.ndarray
-    weights: torch.Tensor | None
-    policy_version: np.ndarray | None = None
+__all__ = ["Batch", "LearnerLoop", "LoopCounters", "Prefetcher"]
 
 
 class Prefetcher:
-    """A background thread that keeps ``depth`` converted batches ready.
+    """A background thread that keeps ``depth`` batches ready.
 
-    ``sample(timeout_s)`` returns a raw batch or ``None`` when nothing could be sampled within the
-    timeout (replay still filling, or the rate limiter holding the learner back); the thread
+    ``sample(timeout_s)`` returns a :class:`Batch` or ``None`` when nothing could be sampled within
+    the timeout (replay still filling, or the rate limiter holding the learner back); the thread
     retries, which keeps it responsive to ``stop()``. Any other exception is re-raised in the
     consumer on the next ``get`` so that failures are not swallowed by the thread.
     """
@@ -48,14 +42,13 @@ class Prefetcher:
     def __init__(
         self,
         *,
-        sample: Callable[[float], Any | None],
-        convert: Callable[[Any], Batch],
+        sample: Callable[[float], Batch | None],
         depth: int = 4,
         poll_timeout_s: float = 0.5,
     ):
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
-        self._sample, self._convert, self._poll = sample, convert, poll_timeout_s
+        self._sample, self._poll = sample, poll_timeout_s
         self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
@@ -69,10 +62,9 @@ class Prefetcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                raw = self._sample(self._poll)
-                if raw is None:
+                item: Batch | BaseException | None = self._sample(self._poll)
+                if item is None:
                     continue
-                item: Batch | BaseException = self._convert(raw)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
                 item = exc
             while not self._stop.is_set():
@@ -144,12 +136,16 @@ class LoopCounters:
 class LearnerLoop:
     """One ``step()`` = take a prefetched batch, update, write priorities back, maybe publish.
 
-    ``publish(version, weights)`` is called with ``version`` = the number of updates so far, so a
-    transition's ``policy_version`` and the learner's version subtract to the policy lag in updates.
-    ``diagnostics`` (optional) is an object with ``before_step()`` and ``after_step() -> dict`` —
-    :class:`plasticity.diagnostics.Diagnostics`, which keeps its own schedule and needs the snapshot
-    right before the update to measure the effective learning rate. Its wall time is accounted
-    separately so its cost relative to updates can be reported.
+    ``algorithm`` is a :class:`learner.core.Algorithm`. ``publish(version, weights, network)`` is
+    called with ``version`` = the number of updates so far, so a transition's ``policy_version`` and
+    the learner's version subtract to the policy lag in updates, with the acting network's CPU state
+    dict and the live acting network (sent whole when its architecture changed).
+    ``diagnostics`` (optional) maps network names to objects with ``before_step()`` and
+    ``after_step(loss_batch=...) -> dict`` (:class:`plasticity.diagnostics.Diagnostics`, which keeps
+    its own schedule and needs the snapshot right before the update to measure the effective
+    learning rate); with more than one network the keys carry the network name
+    (``diag/critic/srank``). Their wall time is accounted separately so their cost relative to
+    updates can be reported.
     """
 
     def __init__(
@@ -158,16 +154,16 @@ class LearnerLoop:
         algorithm: Any,
         prefetcher: Prefetcher,
         update_priorities: Callable[[np.ndarray, np.ndarray], Any] | None,
-        publish: Callable[[int, dict[str, torch.Tensor]], Any],
+        publish: Callable[[int, dict[str, torch.Tensor], torch.nn.Module], Any],
         publish_every: int = 50,
-        diagnostics: Any | None = None,
+        diagnostics: Mapping[str, Any] | None = None,
         start_updates: int = 0,
     ):
         self.algorithm = algorithm
         self.prefetcher = prefetcher
         self.publish_fn = publish
         self.publish_every = publish_every
-        self.diagnostics = diagnostics
+        self.diagnostics = dict(diagnostics or {})
         self.counters = LoopCounters(updates=start_updates, published_version=start_updates)
         self._priorities = _BackgroundCalls("priority-updates") if update_priorities else None
         self._update_priorities = update_priorities
@@ -175,7 +171,7 @@ class LearnerLoop:
 
     def publish(self) -> None:
         self.counters.published_version = self.counters.updates
-        self.publish_fn(self.counters.updates, self.algorithm.weights())
+        self.publish_fn(self.counters.updates, self.algorithm.acting_weights(), self.algorithm.acting_network())
 
     def step(self, *, timeout: float | None = 1.0) -> dict[str, float] | None:
         """One update; None if no batch arrived within ``timeout`` (replay filling or rate-limited)."""
@@ -184,15 +180,16 @@ class LearnerLoop:
         batch = self.prefetcher.get(timeout=timeout)
         if batch is None:
             return None
-        if self.diagnostics is not None:
+        if self.diagnostics:
             start = time.perf_counter()
-            self.diagnostics.before_step()
+            for diagnostics in self.diagnostics.values():
+                diagnostics.before_step()
             self.counters.diagnostics_seconds += time.perf_counter() - start
         start = time.perf_counter()
         result = self.algorithm.update(batch.tensors, weights=batch.weights)
         self.counters.update_seconds += time.perf_counter() - start
         self.counters.updates += 1
-        if self._priorities is not None:
+        if self._priorities is not None and result.priorities is not None:
             self._priorities.submit(self._update_priorities, batch.keys, np.asarray(result.priorities, dtype=np.float64))
         if batch.policy_version is not None and len(batch.policy_version):
             lag = self.counters.published_version - float(np.mean(batch.policy_version))
@@ -201,14 +198,19 @@ class LearnerLoop:
         if self.counters.updates % self.publish_every == 0:
             self.publish()
         metrics = dict(result.metrics)
-        if self.diagnostics is not None:
+        if self.diagnostics:
             start = time.perf_counter()
-            # The batch just trained on doubles as the loss batch of curvature/interference diagnostics.
-            measured = self.diagnostics.after_step(loss_batch=batch.tensors)
+            prefixed = len(self.diagnostics) > 1
+            measured_now: dict[str, float] = {}
+            for name, diagnostics in self.diagnostics.items():
+                # The batch just trained on doubles as the loss batch of curvature/interference diagnostics.
+                measured = diagnostics.after_step(loss_batch=batch.tensors)
+                prefix = f"diag/{name}/" if prefixed else "diag/"
+                measured_now.update({f"{prefix}{k}": float(v) for k, v in measured.items()})
             self.counters.diagnostics_seconds += time.perf_counter() - start
-            if measured:
-                self.last_diagnostics = {f"diag/{k}": float(v) for k, v in measured.items()}
-                metrics.update(self.last_diagnostics)
+            if measured_now:
+                self.last_diagnostics = measured_now
+                metrics.update(measured_now)
         return metrics
 
     def take_policy_lag(self) -> float | None:

@@ -6,6 +6,10 @@ Example::
     overrides = network_overrides(ivs)      # {"norm": "layer_norm"}
     print(format_help())                    # every name, its summary and its options with defaults
 
+    # What an algorithm uses: one instance per (intervention, target network), default every network.
+    bound = bind_interventions("redo,reset", {"reset": {"networks": ["critic"]}}, networks=("actor", "critic"))
+    bound.names                             # ['redo', 'redo', 'reset']
+
 Options are the keyword-only constructor arguments of each class, typed by their annotations;
 unknown names, unknown options and ill-typed values are refused with the valid choices listed.
 Integers are accepted for float options; nothing else is converted (no string parsing).
@@ -19,7 +23,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from plasticity.base import Intervention, network_overrides
+from plasticity.base import Intervention, InterventionSet, network_overrides
 from plasticity.interventions.activation_swaps import (
     CReLUActivation,
     FourierActivation,
@@ -175,6 +179,51 @@ def build_interventions(
     return built
 
 
+#: The option every intervention takes besides its own: which of the algorithm's networks it acts on.
+NETWORKS_OPTION = "networks"
+
+
+def bind_interventions(
+    spec: str | Sequence[str],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    networks: Sequence[str],
+) -> InterventionSet:
+    """Build ``spec``'s interventions once per target network and bind them (see :class:`InterventionSet`).
+
+    ``networks`` are the algorithm's plastic networks (those with hidden layers), e.g. ``("q",)``.
+    An intervention's ``networks`` option (a list of those names) narrows its targets; by default
+    it acts on all of them. Hooks run in ``spec`` order, and within one intervention in ``networks``
+    order.
+    """
+    networks = tuple(networks)
+    if not networks or not all(isinstance(n, str) and n for n in networks):
+        raise ValueError(f"networks must be a non-empty list of network names, got {networks!r}")
+    options = {name: dict(opts) if isinstance(opts, Mapping) else opts for name, opts in (options or {}).items()}
+    targets: dict[str, tuple[str, ...]] = {}
+    for name, opts in options.items():
+        if not isinstance(opts, dict) or NETWORKS_OPTION not in opts:
+            continue
+        chosen = opts.pop(NETWORKS_OPTION)
+        if isinstance(chosen, str):
+            chosen = [chosen]
+        if not isinstance(chosen, (list, tuple)) or not chosen or not all(isinstance(c, str) for c in chosen):
+            raise ValueError(f"{name}: option 'networks' must be a non-empty list of network names, got {chosen!r}")
+        unknown = [c for c in chosen if c not in networks]
+        if unknown:
+            raise ValueError(f"{name}: option 'networks' names {unknown}; this algorithm's networks are {list(networks)}")
+        targets[name] = tuple(n for n in networks if n in chosen)
+    names = [iv.name for iv in build_interventions(spec, options)]  # validates names and options once
+    bound = []
+    for name in names:
+        for network in targets.get(name, networks):
+            bound.append((network, build_interventions([name], {name: options.get(name) or {}})[0]))
+    result = InterventionSet(bound, networks=networks)
+    for network in networks:
+        result.network_overrides(network)  # refuse conflicting build-time overrides before anything is built
+    return result
+
+
 def describe() -> dict[str, dict[str, Any]]:
     """name -> {"summary": one line, "options": {option: {"type": str, "default": value}}}."""
     out = {}
@@ -194,7 +243,18 @@ def format_help() -> str:
         lines.append(f"{name}: {info['summary']}")
         for option, meta in info["options"].items():
             lines.append(f"    {option} ({meta['type']}) = {meta['default']!r}")
+    lines.append(f"every intervention also takes {NETWORKS_OPTION!r}: the networks it acts on "
+                 "(default: all of the algorithm's networks with hidden layers)")
     return "\n".join(lines)
 
 
-__all__ = ["INTERVENTIONS", "Intervention", "build_interventions", "describe", "format_help", "network_overrides"]
+__all__ = [
+    "INTERVENTIONS",
+    "Intervention",
+    "InterventionSet",
+    "bind_interventions",
+    "build_interventions",
+    "describe",
+    "format_help",
+    "network_overrides",
+]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plasticity.base import Intervention, InterventionContext
+from plasticity.base import Intervention, InterventionContext, mark_structure_changed
 from plasticity.interventions._common import check_number, fresh_parameters, parametrized_modules
 from plasticity.optim_state import add_parameters
 
@@ -98,7 +98,7 @@ class PlasticityInjection(Intervention):
             _freeze(ctx.target_network.head)
             ctx.target_network.head = InjectedHead(ctx.target_network.head, target_fresh, target_frozen)
         self.injections += 1
-        ctx.shared["network_structure_changed"] = True
+        mark_structure_changed(ctx)
         return {f"{self.name}/injected": 1.0}
 
     def restore(self, ctx: InterventionContext) -> None:

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+from evergreen.agents import DQNBuilder
 from evergreen.telemetry import TelemetryExporter, write_targets
 from tests.e2e.conftest import api, dashboard_and_alert_exprs, free_port, query, wait_for
 
@@ -72,7 +73,7 @@ def replay_shard(tmp_path):
 def test_prometheus_scrapes_the_exporter_and_every_expression_returns_series(tmp_path, prometheus, replay_shard):
     port, sd_dir = prometheus
     shard, client = replay_shard
-    exporter = TelemetryExporter(run=RUN, task="CartPole-v1", batch_size=32)
+    exporter = TelemetryExporter(run=RUN, task="CartPole-v1", batch_size=32, families=DQNBuilder.telemetry_families)
     exporter.start()
     try:
         run_dir = tmp_path / "runs" / RUN

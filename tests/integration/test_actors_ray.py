@@ -3,7 +3,6 @@ resize adds and retires actors, and a crash loop is given up on with a surfaced 
 
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
@@ -13,9 +12,12 @@ ray = pytest.importorskip("ray")
 
 from torch import nn  # noqa: E402
 
-from actors.envs import EnvConfig  # noqa: E402
-from actors.policy import ConstantEpsilon  # noqa: E402
-from actors.ray_actor import ActorPool, ActorPoolError, ActorProcess, RayActor  # noqa: E402
+from actors.adder import NStepAdder  # noqa: E402
+from actors.envs import DiscreteActions, EnvConfig, EnvSpec  # noqa: E402
+from actors.policy import ConstantEpsilon, EpsilonGreedyPolicy  # noqa: E402
+from actors.ray_actor import ActorPool, ActorPoolError, RayActor  # noqa: E402
+
+CARTPOLE = EnvSpec((4,), np.dtype(np.float32), DiscreteActions(2))
 
 
 @ray.remote(num_cpus=0)
@@ -75,11 +77,10 @@ def make_kwargs_factory(recorder):
         return dict(
             env_config=EnvConfig(id="CartPole-v1", num_envs=2),
             # A linear Q-function: picklable by reference to torch, no test code needed in the worker.
-            network_factory=functools.partial(nn.Linear, 4, 2),
+            policy=EpsilonGreedyPolicy(network=nn.Linear(4, 2), epsilon=ConstantEpsilon(0.5), seed=index),
+            adder=NStepAdder(CARTPOLE, num_envs=2, n=1, gamma=0.99),
             insert=RecordingInsert(recorder, index),
-            n_step=1,
-            gamma=0.99,
-            epsilon=ConstantEpsilon(0.5),
+            actor_index=index,
             insert_batch_size=16,
             seed=100 * index,
         )
@@ -97,10 +98,12 @@ def test_ray_actor_runs_and_reports_stats():
         assert rows[0] == stats.transitions > 0
         recent = ray.get(handle.stats.remote())
         assert recent.env_steps == 100 and recent.transitions == stats.transitions
-        assert isinstance(ray.get(handle.ping.remote()), int)
+        pid = ray.get(handle.ping.remote())
+        info = ray.get(handle.info.remote())
+        assert info == {"actor_index": 0, "node_id": ray.get_runtime_context().get_node_id(), "pid": pid}
+        assert set(rows_pids := ray.get(recorder.snapshot.remote())[1]) == {0} and rows_pids[0] == [pid]
     finally:
         ray.kill(handle)
-    assert ActorProcess.__name__ == "ActorProcess"
 
 
 def test_pool_restarts_killed_actor_and_resizes():
@@ -135,6 +138,7 @@ def test_pool_restarts_killed_actor_and_resizes():
         wait_for(lambda: pool.running == 3 and 2 in rows(), what="third actor inserting")
         pool.resize(1)
         wait_for(lambda: pool.running == 1 and list(pool.handles()) == [0], what="retirement of actors 1 and 2")
+        assert [a["actor_index"] for a in pool.placement()] == [0]
         stats = pool.stats()
         assert stats.num_actors == 1 and stats.running == 1 and stats.restarts_total == 1
         assert stats.env_steps > 0 and stats.steps_per_second > 0
@@ -147,8 +151,9 @@ def test_pool_restarts_killed_actor_and_resizes():
 def test_pool_gives_up_on_a_crash_loop():
     def broken(index):
         # The env id is invalid: Actor.__init__ raises inside the worker on every start.
-        return dict(env_config=EnvConfig(id="NoSuchEnv-v0"), network_factory=functools.partial(nn.Linear, 4, 2),
-                    insert=print)
+        return dict(env_config=EnvConfig(id="NoSuchEnv-v0"),
+                    policy=EpsilonGreedyPolicy(network=nn.Linear(4, 2), epsilon=ConstantEpsilon(0.5)),
+                    adder=NStepAdder(CARTPOLE, num_envs=1, n=1, gamma=0.99), insert=print)
 
     pool = ActorPool(1, broken, restart_backoff_s=0.05, max_restarts_per_window=1, restart_window_s=60.0,
                      actor_options={"num_cpus": 0.5})

@@ -13,7 +13,7 @@ import pytest
 
 from evergreen.config import load_config, read_config
 from evergreen.train import Trainer, main
-from learner.checkpoint import load_latest_checkpoint
+from learner.checkpoint import load_latest_checkpoint, state_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +50,12 @@ def test_cartpole_runs_checkpoints_and_resumes(tmp_path):
     # Resume with a larger budget: counters, learner and replay continue.
     target = first.env_steps + 1500  # the first run may overshoot its budget by up to one actor chunk
     assert main(["--resume", str(run_dir), "--learner.total_env_steps", str(target)]) == 0
+    # The resumed learner held exactly the checkpoint's state: weights, Adam moments and step
+    # counts, intervention state and the RNG (the digest covers every tensor and number in it).
+    resumed_from = json.loads((run_dir / "resumed.json").read_text())
+    assert resumed_from["updates"] == first.updates and resumed_from["env_steps"] == first.env_steps
+    assert resumed_from["state_digest"] == state_digest(state["algorithm"])
+    assert state["algorithm"]["step"] == first.updates
     state2 = load_latest_checkpoint(run_dir / "checkpoints")
     assert state2["counters"]["env_steps"] >= target
     assert state2["counters"]["updates"] > first.updates

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from actors.actor import Actor, ActorStats
-from actors.adder import TRANSITION_FIELDS, schema
-from actors.envs import EnvConfig
-from actors.policy import ConstantEpsilon
+from actors.adder import TRANSITION_FIELDS, NStepAdder
+from actors.envs import EnvConfig, env_spec
+from actors.policy import ConstantEpsilon, EpsilonGreedyPolicy, PolicyStep, apex_epsilon
 
 
 def mlp_factory() -> nn.Module:
@@ -47,6 +47,14 @@ class VersionedWeights:
         return self.versions[version]
 
 
+def policy(network_factory=mlp_factory, epsilon=0.0, seed=0) -> EpsilonGreedyPolicy:
+    return EpsilonGreedyPolicy(network=network_factory(), epsilon=ConstantEpsilon(epsilon), seed=seed)
+
+
+def adder(env: EnvConfig, n: int = 3, gamma: float = 0.9) -> NStepAdder:
+    return NStepAdder(env_spec(env), num_envs=env.num_envs, n=n, gamma=gamma)
+
+
 def prefer_action(action: int) -> dict[str, torch.Tensor]:
     """Weights under which the greedy action is always ``action``."""
     state = {k: torch.zeros_like(v) for k, v in mlp_factory().state_dict().items()}
@@ -58,14 +66,13 @@ def test_actor_runs_cartpole_inserts_batches_and_follows_weight_versions():
     inserter = RecordingInserter()
     weights = VersionedWeights()
     weights.publish(0, prefer_action(0))
+    env = EnvConfig(id="CartPole-v1", num_envs=4, seed=3)
     actor = Actor(
-        env_config=EnvConfig(id="CartPole-v1", num_envs=4, seed=3),
-        network_factory=mlp_factory,
+        env_config=env,
+        policy=policy(),
+        adder=adder(env, n=3, gamma=0.9),
         insert=inserter,
         weights_source=weights,
-        n_step=3,
-        gamma=0.9,
-        epsilon=ConstantEpsilon(0.0),
         insert_batch_size=32,
         weights_poll_interval=50,
     )
@@ -82,13 +89,13 @@ def test_actor_runs_cartpole_inserts_batches_and_follows_weight_versions():
         assert 0 < inserter.batches[-1]["action"].shape[0] <= 32
         # Each non-autoreset step becomes one transition unless still pending in the adder.
         lengths = stats.episode_lengths["CartPole-v1"]
-        pending = int(actor._adder.pending.sum())
+        pending = int(actor.adder.pending.sum())
         assert rows + pending == int(lengths.sum() + actor.env.current_episode_lengths.sum())
         # CartPole pays +1 per step: the undiscounted return equals the length.
         np.testing.assert_array_equal(stats.episode_returns["CartPole-v1"], lengths.astype(np.float64))
         assert stats.num_episodes == lengths.size > 0
 
-        specs = schema((4,), np.float32)
+        specs = actor.adder.schema()
         for batch in inserter.batches:
             assert list(batch) == list(TRANSITION_FIELDS)
             n = batch["action"].shape[0]
@@ -132,35 +139,61 @@ def test_actor_runs_cartpole_inserts_batches_and_follows_weight_versions():
         actor.run(1)
 
 
-def test_actor_without_weights_source_uses_apex_epsilon_and_version_minus_one():
+def test_actor_without_weights_source_reports_the_policy_exploration_and_version_minus_one():
     inserter = RecordingInserter()
-    actor = Actor(
-        env_config=EnvConfig(id="CartPole-v1", num_envs=2),
-        network_factory=mlp_factory,
-        insert=inserter,
-        n_step=1,
-        gamma=0.99,
-        actor_index=1,
-        num_actors=3,
-        insert_batch_size=7,
-        seed=9,
-    )
+    env = EnvConfig(id="CartPole-v1", num_envs=2)
+    eps = apex_epsilon(index=1, num_actors=3)
+    actor = Actor(env_config=env, policy=policy(epsilon=eps), adder=adder(env, n=1, gamma=0.99), insert=inserter,
+                  actor_index=1, insert_batch_size=7, seed=9)
     try:
         stats = actor.run(30)
         assert actor.seed == 9 and actor.env_config.seed == 9
-        assert stats.epsilon == pytest.approx(0.4**4.5, rel=1e-12)
+        assert stats.exploration == {"epsilon": pytest.approx(0.4**4.5, rel=1e-12)}
         np.testing.assert_array_equal(inserter.column("policy_version"), -1)
         assert stats.transitions == inserter.column("action").shape[0] > 0
     finally:
         actor.close()
 
 
+class ScriptedPolicy:
+    """A Policy that plays a fixed action and hands the adder one extra per row."""
+
+    def __init__(self):
+        self.network = mlp_factory()
+        self.seen_steps: list[int] = []
+
+    def act(self, obs, *, env_steps):
+        self.seen_steps.append(env_steps)
+        return PolicyStep(actions=np.ones(obs.shape[0], np.int64), extras={"tag": np.full(obs.shape[0], env_steps)})
+
+    def load_weights(self, weights):
+        raise AssertionError("no weights source")
+
+    def describe(self, *, env_steps):
+        return {"scripted": 1.0}
+
+
+def test_actor_drives_any_policy_and_adder_and_resumes_the_step_count():
+    inserter = RecordingInserter()
+    env = EnvConfig(id="CartPole-v1", num_envs=2)
+    scripted = ScriptedPolicy()
+    extras = NStepAdder(env_spec(env), num_envs=2, n=1, gamma=0.9, extras=[("tag", np.int64, ())])
+    actor = Actor(env_config=env, policy=scripted, adder=extras, insert=inserter, insert_batch_size=4,
+                  env_steps_offset=1000, async_inserts=False)
+    try:
+        stats = actor.run(5)
+        assert scripted.seen_steps == [1000, 1002, 1004, 1006, 1008] and actor.total_env_steps == 1010
+        assert stats.exploration == {"scripted": 1.0}
+        assert list(inserter.batches[0]) == [*TRANSITION_FIELDS, "tag"]
+        np.testing.assert_array_equal(inserter.column("action"), 1)
+        np.testing.assert_array_equal(np.unique(inserter.column("tag")), [1000, 1002, 1004, 1006, 1008])
+    finally:
+        actor.close()
+
+
 def test_actor_time_bounded_run():
-    actor = Actor(
-        env_config=EnvConfig(id="CartPole-v1", num_envs=2),
-        network_factory=mlp_factory,
-        insert=lambda columns: None,
-    )
+    env = EnvConfig(id="CartPole-v1", num_envs=2)
+    actor = Actor(env_config=env, policy=policy(), adder=adder(env), insert=lambda columns: None)
     try:
         stats = actor.run(max_seconds=0.2)
         assert stats.env_steps > 0 and stats.env_steps % 2 == 0
@@ -183,14 +216,9 @@ class TinyConv(nn.Module):
 
 def test_actor_on_pong_keeps_uint8_frames():
     inserter = RecordingInserter()
-    actor = Actor(
-        env_config=EnvConfig(id="pong", num_envs=2),
-        network_factory=TinyConv,
-        insert=inserter,
-        n_step=3,
-        gamma=0.99,
-        insert_batch_size=16,
-    )
+    env = EnvConfig(id="pong", num_envs=2)
+    actor = Actor(env_config=env, policy=policy(TinyConv), adder=adder(env, n=3, gamma=0.99), insert=inserter,
+                  insert_batch_size=16)
     try:
         stats = actor.run(20)
         assert stats.env_steps == 40
@@ -204,24 +232,33 @@ def test_actor_on_pong_keeps_uint8_frames():
 
 def test_actor_bad_arguments():
     cfg = EnvConfig(id="CartPole-v1", num_envs=1)
-    base = dict(env_config=cfg, network_factory=mlp_factory, insert=lambda c: None)
+    base = dict(env_config=cfg, policy=policy(), adder=adder(cfg), insert=lambda c: None)
     cases = [
-        ({"actor_index": 2, "num_actors": 2}, "actor_index"),
-        ({"num_actors": 0}, "num_actors"),
+        ({"actor_index": -1}, "actor_index"),
         ({"insert_batch_size": 0}, "insert_batch_size"),
         ({"weights_poll_interval": 0}, "weights_poll_interval"),
-        ({"n_step": 0}, "n must"),
-        ({"gamma": 2.0}, "gamma"),
+        ({"env_steps_offset": -5}, "env_steps_offset"),
         ({"weights_source": object()}, "weights_source"),
         ({"env_config": "CartPole-v1"}, "EnvConfig"),
-        ({"network_factory": lambda: "not a module"}, "nn.Module"),
+        ({"policy": object()}, "policy must implement actors.policy.Policy"),
+        ({"adder": object()}, "adder must implement actors.adder.Adder"),
+        ({"insert": "nowhere"}, "insert must be a callable"),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
             Actor(**{**base, **change})
-    wrong_head = Actor(**{**base, "network_factory": lambda: nn.Linear(4, 3)})
+    with pytest.raises(ValueError, match="network must be an nn.Module"):
+        EpsilonGreedyPolicy(network="not a module", epsilon=ConstantEpsilon(0.1))
+    def three_actions() -> nn.Module:  # a 3-action head that always picks action 2
+        head = nn.Linear(4, 3)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+        return head
+
+    wrong_head = Actor(**{**base, "policy": policy(three_actions)})
     try:
-        with pytest.raises(ValueError, match=r"expected \(1, 2\)"):
+        with pytest.raises(ValueError, match=r"actions must lie in \[0, 2\), got min 2 max 2"):
             wrong_head.run(1)
         with pytest.raises(ValueError, match="num_steps or max_seconds"):
             wrong_head.run()

@@ -5,10 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.adder import TRANSITION_FIELDS, NStepAdder, schema
+from actors.adder import TRANSITION_FIELDS, EnvStep, NStepAdder, schema
+from actors.envs import BoxActions, DiscreteActions, EnvSpec
 
 F = np.array([False])
 T = np.array([True])
+VECTOR = EnvSpec((1,), np.dtype(np.float32), DiscreteActions(8))
+
+
+def make(num_envs, n, gamma, spec=VECTOR, **kwargs):
+    return NStepAdder(spec, num_envs=num_envs, n=n, gamma=gamma, **kwargs)
+
+
+def add(adder, obs, actions, rewards, terminated, truncated, next_obs, policy_version=0, extras=None):
+    return adder.add(EnvStep(obs, actions, rewards, terminated, truncated, next_obs, policy_version), extras)
 
 
 def o(*values):
@@ -17,10 +27,8 @@ def o(*values):
 
 
 def add1(adder, obs, reward, next_obs, *, term=False, trunc=False, action=0, version=0):
-    return adder.add(
-        o(obs), np.array([action]), np.array([reward], dtype=np.float32),
-        np.array([term]), np.array([trunc]), o(next_obs), version,
-    )
+    return add(adder, o(obs), np.array([action]), np.array([reward], dtype=np.float32),
+               np.array([term]), np.array([trunc]), o(next_obs), version)
 
 
 def assert_rows(rows, *, obs, action, reward, discount, next_obs, version):
@@ -40,7 +48,7 @@ def assert_rows(rows, *, obs, action, reward, discount, next_obs, version):
 
 
 def test_n1_plain_terminal_truncation_and_autoreset():
-    a = NStepAdder(1, 1, 0.9)
+    a = make(1, 1, 0.9)
     assert_rows(add1(a, 0, 1.0, 1, action=1), obs=[0], action=[1], reward=[1.0], discount=[0.9], next_obs=[1],
                 version=[0])
     assert_rows(add1(a, 1, 2.0, 2, term=True), obs=[1], action=[0], reward=[2.0], discount=[0.0], next_obs=[2],
@@ -54,7 +62,7 @@ def test_n1_plain_terminal_truncation_and_autoreset():
 
 
 def test_n3_full_windows():
-    a = NStepAdder(1, 3, 0.9)
+    a = make(1, 3, 0.9)
     assert add1(a, 0, 1.0, 1, action=0) is None
     assert add1(a, 1, 2.0, 2, action=1) is None
     # 1 + 0.9*2 + 0.81*3 = 5.23
@@ -66,7 +74,7 @@ def test_n3_full_windows():
 
 
 def test_n3_terminal_mid_window_then_autoreset_skipped():
-    a = NStepAdder(1, 3, 0.9)
+    a = make(1, 3, 0.9)
     assert add1(a, 0, 1.0, 1, action=3) is None
     rows = add1(a, 1, 2.0, 2, term=True, action=4)
     # 1 + 0.9*2 = 2.8 and 2, both reach the terminal: discount 0, next_obs the final observation.
@@ -82,7 +90,7 @@ def test_n3_terminal_mid_window_then_autoreset_skipped():
 
 
 def test_n3_terminal_on_full_window_flushes_all_with_zero_discount():
-    a = NStepAdder(1, 3, 0.9)
+    a = make(1, 3, 0.9)
     add1(a, 0, 1.0, 1)
     add1(a, 1, 1.0, 2)
     rows = add1(a, 2, 1.0, 3, term=True)
@@ -92,7 +100,7 @@ def test_n3_terminal_on_full_window_flushes_all_with_zero_discount():
 
 
 def test_n3_truncation_mid_window_bootstraps():
-    a = NStepAdder(1, 3, 0.9)
+    a = make(1, 3, 0.9)
     add1(a, 0, 1.0, 1)
     add1(a, 1, 2.0, 2)
     add1(a, 2, 3.0, 3)
@@ -104,14 +112,14 @@ def test_n3_truncation_mid_window_bootstraps():
 
 
 def test_terminated_and_truncated_together_counts_as_terminal():
-    a = NStepAdder(1, 2, 0.5)
+    a = make(1, 2, 0.5)
     add1(a, 0, 1.0, 1)
     rows = add1(a, 1, 1.0, 2, term=True, trunc=True)
     assert_rows(rows, obs=[0, 1], action=[0, 0], reward=[1.5, 1.0], discount=[0, 0], next_obs=[2, 2], version=[0, 0])
 
 
 def test_policy_version_tags_the_acting_step():
-    a = NStepAdder(1, 2, 0.9)
+    a = make(1, 2, 0.9)
     assert add1(a, 0, 1.0, 1, version=5) is None
     assert_rows(add1(a, 1, 1.0, 2, version=6), obs=[0], action=[0], reward=[1.9], discount=[0.81], next_obs=[2],
                 version=[5])
@@ -121,12 +129,12 @@ def test_policy_version_tags_the_acting_step():
 
 def test_several_envs_with_different_episode_ends():
     # n=2, gamma=0.9. Env 0 terminates at t=1, env 1 truncates at t=2, env 2 never ends.
-    a = NStepAdder(3, 2, 0.9)
+    a = make(3, 2, 0.9)
     no = np.zeros(3, dtype=bool)
 
     def step(obs, rewards, next_obs, term=no, trunc=no, version=(0, 0, 0)):
-        return a.add(o(*obs), np.array([0, 1, 2]), np.array(rewards, dtype=np.float32), np.array(term),
-                     np.array(trunc), o(*next_obs), np.array(version))
+        return add(a, o(*obs), np.array([0, 1, 2]), np.array(rewards, dtype=np.float32), np.array(term),
+                   np.array(trunc), o(*next_obs), np.array(version))
 
     assert step([0, 10, 20], [1, 2, 3], [1, 11, 21], version=(1, 1, 1)) is None
     rows = step([1, 11, 21], [1, 2, 3], [2, 12, 22], term=np.array([True, False, False]), version=(2, 2, 2))
@@ -145,18 +153,55 @@ def test_several_envs_with_different_episode_ends():
 
 
 def test_image_observations_keep_dtype_and_shape():
-    a = NStepAdder(2, 1, 0.99)
+    spec = EnvSpec((4, 3, 3), np.dtype(np.uint8), DiscreteActions(6))
+    a = make(2, 1, 0.99, spec)
     obs = np.arange(2 * 4 * 3 * 3, dtype=np.uint8).reshape(2, 4, 3, 3)
-    rows = a.add(obs, np.array([1, 2]), np.array([0.5, 1.5]), np.array([False, False]), np.array([False, False]),
-                 obs + 1, 0)
+    rows = add(a, obs, np.array([1, 2]), np.array([0.5, 1.5]), np.array([False, False]), np.array([False, False]),
+               obs + 1, 0)
     assert rows["obs"].dtype == np.uint8 and rows["obs"].shape == (2, 4, 3, 3)
     np.testing.assert_array_equal(rows["obs"], obs)
     np.testing.assert_array_equal(rows["next_obs"], obs + 1)
-    assert a.schema() == schema((4, 3, 3), np.uint8)
+    assert a.schema() == schema(spec)
+
+
+def test_continuous_actions_are_float_rows_of_the_box_shape():
+    spec = EnvSpec((3,), np.dtype(np.float32), BoxActions((2,), (-1.0, -1.0), (1.0, 1.0)))
+    a = make(1, 1, 0.9, spec)
+    assert a.schema()[1] == ("action", np.dtype(np.float32), (2,))
+    rows = add(a, np.zeros((1, 3), np.float32), np.array([[0.25, -0.5]]), np.array([1.0]), F, F,
+               np.ones((1, 3), np.float32))
+    assert rows["action"].dtype == np.float32
+    np.testing.assert_array_equal(rows["action"], [[0.25, -0.5]])
+    with pytest.raises(ValueError, match=r"actions must be floats of shape \(1, 2\), got dtype int64 shape \(1,\)"):
+        add(a, np.zeros((1, 3), np.float32), np.array([1]), np.array([1.0]), F, F, np.ones((1, 3), np.float32))
+
+
+def test_extras_are_stored_with_the_step_that_chose_the_action():
+    a = make(1, 2, 0.5, extras=[("log_prob", np.float32, ())])
+    assert [f[0] for f in a.schema()] == [*TRANSITION_FIELDS, "log_prob"]
+    assert add(a, o(0), np.array([1]), np.array([1.0]), F, F, o(1), extras={"log_prob": np.array([-0.5])}) is None
+    rows = add(a, o(1), np.array([2]), np.array([1.0]), T, F, o(2), extras={"log_prob": np.array([-1.5])})
+    np.testing.assert_array_equal(rows["log_prob"], np.array([-0.5, -1.5], np.float32))
+    with pytest.raises(ValueError, match=r"policy extras \[\] differ from the adder's declared extras \['log_prob'\]"):
+        add(a, o(3), np.array([1]), np.array([1.0]), F, F, o(4))
+    with pytest.raises(ValueError, match="clashes with a transition field"):
+        make(1, 1, 0.9, extras=[("reward", np.float32, ())])
+
+
+def test_an_unpickled_adder_owns_writable_buffers_and_keeps_its_pending_steps():
+    import pickle
+
+    a = make(1, 2, 0.9)
+    add1(a, 0, 1.0, 1, action=3)
+    b = pickle.loads(pickle.dumps(a))
+    for array in (b._obs, b._action, b._reward):
+        array.setflags(write=False)  # what a zero-copy transport hands over
+    b.__setstate__(dict(b.__dict__))
+    assert_rows(add1(b, 1, 2.0, 2), obs=[0], action=[3], reward=[2.8], discount=[0.81], next_obs=[2], version=[0])
 
 
 def test_schema_matches_columns():
-    assert schema((4,), np.float32) == [
+    assert schema(EnvSpec((4,), np.dtype(np.float32), DiscreteActions(2))) == [
         ("obs", np.dtype(np.float32), (4,)),
         ("action", np.dtype(np.int64), ()),
         ("reward", np.dtype(np.float32), ()),
@@ -164,10 +209,8 @@ def test_schema_matches_columns():
         ("next_obs", np.dtype(np.float32), (4,)),
         ("policy_version", np.dtype(np.int64), ()),
     ]
-    with pytest.raises(ValueError, match="obs_shape"):
-        schema((0, 4), np.uint8)
-    with pytest.raises(RuntimeError, match="add"):
-        NStepAdder(1, 1, 0.9).schema()
+    with pytest.raises(ValueError, match="observation shape must have positive dimensions"):
+        schema(EnvSpec((0, 4), np.dtype(np.uint8), DiscreteActions(2)))
 
 
 @pytest.mark.parametrize(
@@ -181,14 +224,14 @@ def test_schema_matches_columns():
 )
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        NStepAdder(**kwargs)
+        NStepAdder(VECTOR, **kwargs)
 
 
 def test_bad_add_leaves_state_untouched():
-    a = NStepAdder(2, 2, 0.9)
+    a = make(2, 2, 0.9)
     good = dict(obs=o(0, 10), actions=np.array([0, 0]), rewards=np.array([1.0, 1.0]),
                 terminated=np.array([False, False]), truncated=np.array([False, False]), next_obs=o(1, 11))
-    assert a.add(**good) is None
+    assert add(a, **good) is None
     bad_cases = [
         ({"obs": o(0, 10, 20)}, "obs must have leading dimension"),
         ({"next_obs": o(1, 11).astype(np.float64)}, "next_obs must match"),
@@ -196,14 +239,14 @@ def test_bad_add_leaves_state_untouched():
         ({"rewards": np.array([1.0, np.nan])}, "finite"),
         ({"terminated": np.array([0, 1])}, "terminated"),
         ({"truncated": np.array([False])}, "truncated"),
-        ({"obs": np.zeros((2, 2), np.float32), "next_obs": np.zeros((2, 2), np.float32)}, "as before"),
+        ({"obs": np.zeros((2, 2), np.float32), "next_obs": np.zeros((2, 2), np.float32)}, "the env spec"),
     ]
     for change, match in bad_cases:
         with pytest.raises(ValueError, match=match):
-            a.add(**{**good, **change})
+            add(a, **{**good, **change})
     with pytest.raises(ValueError, match="policy_version"):
-        a.add(**good, policy_version=np.array([1, 2, 3]))
+        add(a, **good, policy_version=np.array([1, 2, 3]))
     np.testing.assert_array_equal(a.pending, [1, 1])
-    rows = a.add(**{**good, "obs": o(1, 11), "next_obs": o(2, 12)})
+    rows = add(a, **{**good, "obs": o(1, 11), "next_obs": o(2, 12)})
     np.testing.assert_array_equal(rows["obs"][:, 0], [0, 10])
     np.testing.assert_allclose(rows["reward"], [1.9, 1.9], rtol=1e-6)

@@ -6,7 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.envs import EnvConfig, VectorEnv, atari_game_name, is_atari_id, make_vector_env
+from actors.envs import (
+    ENV_FAMILIES,
+    BoxActions,
+    DiscreteActions,
+    EnvConfig,
+    VectorEnv,
+    atari_game_name,
+    env_family,
+    env_spec,
+    is_atari_id,
+    make_vector_env,
+)
 
 
 def test_cartpole_shapes_dtypes_actions():
@@ -152,7 +163,7 @@ def test_reward_clipping_and_raw_episode_returns():
         truncated=[[False, False], [False, False], [False, False], [False, False]],
     )
     cfg = EnvConfig(id="pong", num_envs=2, reward_clipping=True)
-    env = VectorEnv(config=cfg, env=script, num_actions=3)
+    env = VectorEnv(config=cfg, env=script, actions=DiscreteActions(3))
     env.reset()
     _, r, _, _, info = env.step(np.array([0, 0]))
     np.testing.assert_array_equal(r, [1.0, -1.0])
@@ -170,7 +181,7 @@ def test_reward_clipping_and_raw_episode_returns():
     assert script.closed
     unclipped = VectorEnv(
         config=EnvConfig(id="pong", num_envs=2, reward_clipping=False),
-        env=_ScriptedEnv([[5.0, -3.0]], [[False, False]], [[False, False]]), num_actions=3,
+        env=_ScriptedEnv([[5.0, -3.0]], [[False, False]], [[False, False]]), actions=DiscreteActions(3),
     )
     unclipped.reset()
     np.testing.assert_array_equal(unclipped.step(np.array([0, 0]))[1], [5.0, -3.0])
@@ -190,7 +201,7 @@ def test_bad_actions_are_refused():
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"id": "Nope-v0"}, "neither an ALE game"),
+        ({"id": "Nope-v0"}, "is not an id of any env family"),
         ({"id": ""}, "non-empty"),
         ({"num_envs": 0}, "num_envs"),
         ({"seed": -1}, "seed"),
@@ -217,7 +228,7 @@ def test_lunar_lander_without_box2d_says_so():
         pytest.skip("Box2D is installed")
     except ImportError:
         pass
-    with pytest.raises(ValueError, match="Box2D"):
+    with pytest.raises(ValueError, match="needs a package that is not installed.*[Bb]ox2[Dd]"):
         make_vector_env(EnvConfig(id="LunarLander-v3", num_envs=1))
 
 
@@ -228,3 +239,30 @@ def test_control_sticky_actions_and_other_tasks():
         env.step(np.array([0, 2]))
     with make_vector_env(EnvConfig(id="MountainCar-v0", num_envs=1)) as env:
         assert env.num_actions == 3 and env.observation_shape == (2,)
+
+
+def test_env_families_describe_any_registered_id_and_refuse_unknown_ones():
+    assert [f.name for f in ENV_FAMILIES] == ["atari", "gymnasium"]
+    assert env_family("ALE/Breakout-v5").name == "atari" and env_family("pong").name == "atari"
+    assert env_family("Pendulum-v1").name == "gymnasium" and env_family("HalfCheetah-v5").name == "gymnasium"
+    with pytest.raises(ValueError, match=r"EnvConfig.id='Nope-v0' is not an id of any env family \(atari: .*; gymnasium: "):
+        env_family("Nope-v0")
+    cartpole = env_spec(EnvConfig(id="CartPole-v1"))
+    assert cartpole.discrete and cartpole.num_actions == 2 and cartpole.observation_shape == (4,)
+    pendulum = env_spec(EnvConfig(id="Pendulum-v1"))
+    assert pendulum.actions == BoxActions(shape=(1,), low=(-2.0,), high=(2.0,)) and not pendulum.discrete
+    with pytest.raises(ValueError, match="has continuous actions"):
+        _ = pendulum.num_actions
+
+
+def test_continuous_actions_are_checked_against_the_box():
+    with make_vector_env(EnvConfig(id="Pendulum-v1", num_envs=2, seed=0)) as env:
+        env.reset()
+        obs, reward, *_ = env.step(np.array([[0.5], [-2.0]], dtype=np.float32))
+        assert obs.shape == (2, 3) and reward.dtype == np.float32
+        with pytest.raises(ValueError, match=r"actions\[1\] = \[2.5\] is outside the action box \[\[-2.0\], \[2.0\]\]"):
+            env.step(np.array([[0.0], [2.5]], dtype=np.float32))
+        with pytest.raises(ValueError, match=r"actions must be a float array of shape \(2, 1\)"):
+            env.step(np.array([0, 1]))
+        with pytest.raises(ValueError, match="outside the action box"):
+            env.step(np.array([[np.nan], [0.0]], dtype=np.float32))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
+from actors.envs import BoxActions, DiscreteActions, EnvSpec
 from actors.policy import ConstantEpsilon, LinearEpsilon
+from evergreen.agents.dqn import DQNBuilder, exploration_schedule
 from evergreen.config import CONFIG_DIR, RunConfig, load_config, read_config, save_config
 from evergreen.configtools import field_docs
-from evergreen.train import build_parser, default_error_buffer, exploration_schedule, table_config
+from evergreen.train import build_parser, default_error_buffer, table_config
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -54,6 +57,14 @@ def test_config_round_trips_through_the_run_dir(tmp_path):
         ({"env": {"num_envs": 0}}, "num_envs"),
         ({"network": {"encoder": "transformer"}}, "transformer"),
         ({"telemetry_port": 70000}, "telemetry_port = 70000 is invalid"),
+        ({"algorithm": "ppo"}, "algorithm = 'ppo' is invalid: expected one of ['dqn']"),
+        ({"learner": {"placement": {"num_gpus": -1}}}, "learner.placement.num_gpus = -1.0 is invalid"),
+        ({"replay": {"placement": {"resources": {"replay": 0}}}}, "replay.placement.resources = {'replay': 0}"),
+        ({"replay": {"num_shards": 2, "checkpoint_dir": "/data/replay"}}, "a path containing {shard}"),
+        ({"replay": {"checkpoint_dir": "/data/{node}/shard-{shard}"}}, "only {shard} and {run} may appear"),
+        ({"plasticity": {"interventions": "redo", "options": {"redo": {"networks": ["critic"]}}}},
+         "redo: option 'networks' names ['critic']; this algorithm's networks are ['q']"),
+        ({"env": {"id": "Nope-v0"}}, "is not an id of any env family"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(overrides, message):
@@ -70,14 +81,23 @@ def test_unknown_preset_lists_the_available_ones():
 def test_table_config_follows_the_run_config():
     config = load_config(preset="cartpole", overrides={"replay": {"num_shards": 2, "capacity": 10_000,
                                                                   "samples_per_insert": 8.0}})
-    table = table_config(config, obs_shape=(4,), obs_dtype="float32")
+    builder = DQNBuilder(config, EnvSpec((4,), np.dtype("float32"), DiscreteActions(2)))
+    table = table_config(config, fields=builder.replay_fields(), obs_shape=(4,), obs_dtype="float32")
     assert table.capacity == 5_000 and table.storage == "ring" and table.sampler == config.replay.sampler
     assert [f.name for f in table.schema.fields] == ["obs", "action", "reward", "discount", "next_obs", "policy_version"]
-    # the band holds 4 insert calls of insert_batch_size rows at spi 8, or 10 sample batches if larger
-    expected = max(4 * config.actors.insert_batch_size * 8.0, 10 * config.learner.batch_size, 0.01 * 5_000)
+    # the band holds 2 insert calls of insert_batch_size rows at spi 8, or 4 sample batches if larger
+    expected = max(2 * config.actors.insert_batch_size * 8.0, 4 * config.learner.batch_size)
     assert table.error_buffer == default_error_buffer(config) == expected
-    atari = table_config(load_config(preset="pong"), obs_shape=(4, 84, 84), obs_dtype="uint8")
+    pong = load_config(preset="pong")
+    atari_builder = DQNBuilder(pong, EnvSpec((4, 84, 84), np.dtype("uint8"), DiscreteActions(6)))
+    atari = table_config(pong, fields=atari_builder.replay_fields(), obs_shape=(4, 84, 84), obs_dtype="uint8")
     assert atari.storage == "atari"
+
+
+def test_dqn_builder_refuses_continuous_actions():
+    config = load_config(preset="cartpole")
+    with pytest.raises(ValueError, match=r"algorithm 'dqn' needs a discrete action space; env 'CartPole-v1' has Box"):
+        DQNBuilder(config, EnvSpec((3,), np.dtype("float32"), BoxActions((1,), (-2.0,), (2.0,))))
 
 
 def test_exploration_schedule_resumes_where_it_left_off():
@@ -95,5 +115,7 @@ def test_exploration_schedule_resumes_where_it_left_off():
 def test_cli_flags_cover_the_tree():
     help_text = build_parser().format_help()
     for flag in ("--replay.num_shards", "--learner.total_env_steps", "--plasticity.interventions",
-                 "--network.hidden_sizes", "--dqn.lr", "--env.id", "--actors.n_step", "--resume", "--plasticity"):
+                 "--network.hidden_sizes", "--dqn.lr", "--env.id", "--actors.n_step", "--resume", "--plasticity",
+                 "--algorithm", "--ray.address", "--replay.placement.resources", "--learner.placement.num_gpus",
+                 "--replay.checkpoint_dir", "--learner.checkpoint_dir"):
         assert flag in help_text

@@ -256,7 +256,8 @@ def test_intervention_hooks_run_in_order_with_the_right_context():
     dqn = _mlp_dqn(interventions=[rec], target_period=1)
     assert dqn.network_config.norm == "layer_norm"
     assert any(isinstance(m, nn.LayerNorm) for m in dqn.online.modules())
-    assert rec.ctx is dqn.ctx and rec.ctx.network is dqn.online and rec.ctx.target_network is dqn.target
+    assert rec.ctx.network is dqn.online and rec.ctx.target_network is dqn.target and rec.ctx.network_name == "q"
+    assert rec.ctx.networks == dqn.networks() and dqn.networks()["q"].optimizer is dqn.optimizer
     assert rec.ctx.optimizer is dqn.optimizer
     rng = np.random.default_rng(0)
     first = _random_batch(rng)
@@ -297,7 +298,6 @@ def test_state_dict_round_trip_gives_identical_updates():
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     results_a = [a.update(b, weights=w) for b, w in zip(batches[3:], weights[3:], strict=True)]
-    actions_a = a.act(batches[0]["obs"], 0.5)
 
     b = _mlp_dqn(seed=9, interventions=[Recorder()], target_period=2)
     buffer.seek(0)
@@ -310,7 +310,6 @@ def test_state_dict_round_trip_gives_identical_updates():
     assert a.interventions[0].draws[3:] == b.interventions[0].draws  # generator state restored
     for pa, pb in zip(_params(a.online) + _params(a.target), _params(b.online) + _params(b.target), strict=True):
         assert torch.equal(pa, pb)
-    np.testing.assert_array_equal(actions_a, b.act(batches[0]["obs"], 0.5))
 
 
 def test_a_bad_state_is_refused_and_the_previous_state_kept():
@@ -324,7 +323,7 @@ def test_a_bad_state_is_refused_and_the_previous_state_kept():
     with pytest.raises(ValueError, match=r"(?s)could not load DQN state .*the previous state was kept"):
         dqn.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(_params(dqn.online), before, strict=True))
-    with pytest.raises(ValueError, match=r"checkpoint interventions \[\] differ from this learner's \['rec'\]"):
+    with pytest.raises(ValueError, match=r"checkpoint interventions \[\] differ from this learner's \[\('q', 'rec'\)\]"):
         _mlp_dqn(interventions=[Recorder()]).load_state_dict(other.state_dict())
 
 
@@ -339,7 +338,7 @@ def test_construction_is_seeded_and_leaves_the_global_rng_alone():
 
 def test_weights_are_a_cpu_copy_loadable_by_actors():
     dqn = _mlp_dqn(interventions=[Recorder()])
-    weights = dqn.weights()
+    weights = dqn.acting_weights()
     actor_net = build_network(dqn.network_config, obs_shape=(3,), num_actions=2, obs_dtype="float32")
     actor_net.load_state_dict(weights)
     obs = torch.randn(4, 3)
@@ -349,18 +348,15 @@ def test_weights_are_a_cpu_copy_loadable_by_actors():
     torch.testing.assert_close(actor_net(obs), dqn.online(obs), rtol=0, atol=0)
 
 
-def test_act_is_epsilon_greedy():
-    dqn = _mlp_dqn()
-    obs = np.random.default_rng(0).standard_normal((200, 3)).astype(np.float32)
-    greedy = dqn.q_values(obs).argmax(dim=1).numpy()
-    np.testing.assert_array_equal(dqn.act(obs, 0.0), greedy)
-    explored = dqn.act(obs, 1.0)
-    assert explored.dtype == np.int64 and set(explored.tolist()) == {0, 1}
-    assert (explored != greedy).any()
-    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\], got 1.5"):
-        dqn.act(obs, 1.5)
-    with pytest.raises(ValueError, match=r"obs has shape \(200, 2\); expected \(B, 3\)"):
-        dqn.act(obs[:, :2], 0.0)
+def test_per_sample_loss_is_the_trained_loss_and_refuses_unknown_networks():
+    dqn = _linear_dqn(huber_delta=0.5)
+    losses = dqn.per_sample_loss(HAND_BATCH)
+    assert losses.shape == (3,) and losses.requires_grad
+    # The unweighted update's td_loss is the mean of exactly these per-sample losses.
+    expected = float(losses.detach().mean())
+    assert dqn.update(HAND_BATCH).metrics["td_loss"] == pytest.approx(expected, abs=1e-7)
+    with pytest.raises(ValueError, match=r"DQN has one network, 'q'; got network='critic'"):
+        dqn.per_sample_loss(HAND_BATCH, network="critic")
 
 
 def _bad(field, value):
@@ -461,13 +457,18 @@ def test_dqn_learns_the_q_values_of_a_two_state_mdp(distributional):
     net = NetworkConfig(hidden_sizes=(32,), distributional=distributional, num_quantiles=8)
     dqn = DQN(DQNConfig(lr=1e-2, target_period=10, max_grad_norm=None), net, obs_shape=(2,), num_actions=2,
               obs_dtype="float32", seed=0)
-    start_error = np.abs(dqn.q_values(STATES).numpy() - Q_STAR).max()
+    def q_values() -> np.ndarray:
+        with torch.no_grad():
+            out = dqn.online(torch.from_numpy(STATES))
+        return (out.mean(dim=2) if dqn.distributional else out).numpy()
+
+    start_error = np.abs(q_values() - Q_STAR).max()
     for _ in range(1000):
         dqn.update(MDP_BATCH)
-    error = np.abs(dqn.q_values(STATES).numpy() - Q_STAR).max()
+    error = np.abs(q_values() - Q_STAR).max()
     assert start_error > 4.0
     assert error < 0.01, f"max |Q - Q*| = {error}"
-    np.testing.assert_array_equal(dqn.act(STATES, 0.0), [1, 1])
+    np.testing.assert_array_equal(q_values().argmax(axis=1), [1, 1])
 
 
 def _intervention_spec(name: str) -> str:
@@ -520,7 +521,7 @@ def test_cuda_updates_match_cpu_and_resume(distributional):
         np.testing.assert_allclose(r_gpu.priorities, r_cpu.priorities, rtol=1e-4, atol=1e-5)
         assert r_gpu.metrics["loss"] == pytest.approx(r_cpu.metrics["loss"], rel=1e-4, abs=1e-5)
     assert all(p.is_cuda for p in gpu.online.parameters()) and gpu.ctx.generator.device.type == "cuda"
-    assert all(t.device.type == "cpu" for t in gpu.weights().values())
+    assert all(t.device.type == "cpu" for t in gpu.acting_weights().values())
     buffer = io.BytesIO()
     torch.save(gpu.state_dict(), buffer)
     results = [gpu.update(batch) for batch in batches[2:]]

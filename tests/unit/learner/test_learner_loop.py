@@ -3,37 +3,50 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
 from learner.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from learner.core import UpdateResult
 from learner.loop import Batch, LearnerLoop, Prefetcher
 
 
-def _convert(raw):
+def _batch(raw):
     keys, version = raw
     return Batch(tensors={"x": torch.ones(2)}, keys=keys, weights=None, policy_version=version)
 
 
-@dataclass
-class _Result:
-    priorities: np.ndarray
-    metrics: dict
+def _source(items):
+    """A Prefetcher sample function over (keys, version) pairs; None once exhausted."""
+    it = iter(items)
+
+    def sample(_timeout):
+        raw = next(it, None)
+        return None if raw is None else _batch(raw)
+
+    return sample
 
 
 class _Algorithm:
-    def __init__(self):
+    """A learner.core.Algorithm double: counts updates; priorities only when asked for."""
+
+    def __init__(self, *, priorities: bool = True):
         self.calls = 0
+        self.priorities = priorities
+        self.net = torch.nn.Linear(1, 1)
 
     def update(self, tensors, *, weights=None):
         self.calls += 1
-        return _Result(priorities=np.full(2, float(self.calls)), metrics={"loss": 1.0 / self.calls})
+        return UpdateResult(metrics={"loss": 1.0 / self.calls},
+                            priorities=np.full(2, float(self.calls)) if self.priorities else None)
 
-    def weights(self):
+    def acting_weights(self):
         return {"w": torch.tensor([float(self.calls)])}
+
+    def acting_network(self):
+        return self.net
 
 
 class _EveryOther:
@@ -59,12 +72,10 @@ def test_prefetcher_retries_on_none_and_delivers_in_order():
 
     def sample(_timeout):
         with lock:
-            try:
-                return next(source)
-            except StopIteration:
-                return None
+            raw = next(source, None)
+        return None if raw is None else _batch(raw)
 
-    pre = Prefetcher(sample=sample, convert=_convert, depth=2, poll_timeout_s=0.01).start()
+    pre = Prefetcher(sample=sample, depth=2, poll_timeout_s=0.01).start()
     try:
         assert pre.get(timeout=5).keys.tolist() == [1, 2]
         assert pre.get(timeout=5).keys.tolist() == [3, 4]
@@ -77,7 +88,7 @@ def test_prefetcher_surfaces_sampling_errors():
     def sample(_timeout):
         raise ConnectionError("shard 127.0.0.1:1 unavailable")
 
-    pre = Prefetcher(sample=sample, convert=_convert, depth=1, poll_timeout_s=0.01).start()
+    pre = Prefetcher(sample=sample, depth=1, poll_timeout_s=0.01).start()
     with pytest.raises(RuntimeError, match="shard 127.0.0.1:1 unavailable"):
         pre.get(timeout=5)
     pre.stop()
@@ -85,24 +96,24 @@ def test_prefetcher_surfaces_sampling_errors():
 
 def test_prefetcher_rejects_bad_depth():
     with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
-        Prefetcher(sample=lambda t: None, convert=_convert, depth=0)
+        Prefetcher(sample=lambda t: None, depth=0)
 
 
 def test_loop_updates_writes_priorities_publishes_and_measures_lag():
     batches = [(np.array([10 * i, 10 * i + 1], dtype=np.uint64), np.array([0, 2])) for i in range(6)]
-    it = iter(batches)
     written, published = [], []
-    pre = Prefetcher(sample=lambda t: next(it, None), convert=_convert, depth=2, poll_timeout_s=0.01).start()
-    loop = LearnerLoop(algorithm=_Algorithm(), prefetcher=pre,
+    algorithm = _Algorithm()
+    pre = Prefetcher(sample=_source(batches), depth=2, poll_timeout_s=0.01).start()
+    loop = LearnerLoop(algorithm=algorithm, prefetcher=pre,
                        update_priorities=lambda k, p: written.append((k.tolist(), p.tolist())),
-                       publish=lambda v, w: published.append((v, float(w["w"][0]))), publish_every=3,
-                       diagnostics=_EveryOther())
+                       publish=lambda v, w, net: published.append((v, float(w["w"][0]), net is algorithm.net)),
+                       publish_every=3, diagnostics={"q": _EveryOther()})
     metrics = [loop.step(timeout=5) for _ in range(6)]
     loop.close()
     assert [m["loss"] for m in metrics] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
     assert [("diag/srank" in m) for m in metrics] == [False, True, False, True, False, True]
     assert loop.last_diagnostics == {"diag/srank": 7.0}
-    assert published == [(3, 3.0), (6, 6.0)]
+    assert published == [(3, 3.0, True), (6, 6.0, True)]
     assert written[0] == ([0, 1], [1.0, 1.0]) and written[5] == ([50, 51], [6.0, 6.0])
     # lag = published version - mean(policy_version) = {0,0,0,3,3,3} - 1
     assert loop.take_policy_lag() == pytest.approx(np.mean([-1, -1, -1, 2, 2, 2]))
@@ -110,19 +121,34 @@ def test_loop_updates_writes_priorities_publishes_and_measures_lag():
 
 
 def test_loop_raises_when_priority_updates_fail():
-    it = iter([(np.array([1], dtype=np.uint64), None)] * 3)
-    pre = Prefetcher(sample=lambda t: next(it, None), convert=_convert, depth=1, poll_timeout_s=0.01).start()
+    pre = Prefetcher(sample=_source([(np.array([1], dtype=np.uint64), None)] * 3), depth=1,
+                     poll_timeout_s=0.01).start()
 
     def fail(keys, prios):
         raise ConnectionError("owner shard gone")
 
     loop = LearnerLoop(algorithm=_Algorithm(), prefetcher=pre, update_priorities=fail,
-                       publish=lambda v, w: None)
+                       publish=lambda v, w, net: None)
     loop.step(timeout=5)
     loop._priorities.close()  # drain: the failure is recorded
     with pytest.raises(RuntimeError, match="owner shard gone"):
         loop.step(timeout=5)
     pre.stop()
+
+
+def test_loop_with_two_networks_prefixes_diagnostics_and_skips_absent_priorities():
+    written = []
+    pre = Prefetcher(sample=_source([(np.array([1, 2], dtype=np.uint64), np.array([0, 0]))] * 2), depth=1,
+                     poll_timeout_s=0.01).start()
+    loop = LearnerLoop(algorithm=_Algorithm(priorities=False), prefetcher=pre,
+                       update_priorities=lambda k, p: written.append(k), publish=lambda v, w, net: None,
+                       diagnostics={"actor": _EveryOther(), "critic": _EveryOther()})
+    loop.step(timeout=5)
+    second = loop.step(timeout=5)
+    loop.close()
+    assert {k: v for k, v in second.items() if k.startswith("diag/")} == {"diag/actor/srank": 7.0,
+                                                                          "diag/critic/srank": 7.0}
+    assert written == []  # the algorithm returned no priorities: nothing to write back
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):

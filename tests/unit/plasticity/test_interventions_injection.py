@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from plasticity.base import structure_version
 from plasticity.interventions.injection import InjectedHead, PlasticityInjection
 from tests.unit.plasticity.nets import MLP, DuelingNet, QRNet, make_ctx, regression_step
 
@@ -35,7 +36,7 @@ def test_outputs_unchanged_exactly_at_injection(factory):
     assert torch.equal(target(obs), before_target)
     # online and target keep matching state_dict keys (the learner's target sync still works)
     assert set(net.state_dict()) == set(target.state_dict())
-    assert ctx.shared["network_structure_changed"] is True
+    assert structure_version(ctx) == 1
 
 
 def test_only_the_fresh_head_trains_and_moments_are_kept():

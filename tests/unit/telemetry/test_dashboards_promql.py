@@ -121,9 +121,10 @@ def test_system_dashboard_covers_throughput_replay_and_processes():
 def test_every_referenced_family_is_exported():
     """Names in dashboards and alerts exist in the exporter's or the replay shard's exposition."""
     import replay.metrics
+    from evergreen.agents import DQNBuilder
     from evergreen.telemetry import TelemetryExporter
 
-    exp = TelemetryExporter(run="r", batch_size=8)
+    exp = TelemetryExporter(run="r", batch_size=8, families=DQNBuilder.telemetry_families)
     rec = {"time": 1.0, "elapsed_s": 1.0, "env_steps": 10, "updates": 1, "episodes": 1, "env_steps_per_s": 1.0,
            "updates_per_s": 1.0, "return_mean_100": 1.0, "return_recent": 1.0, "replay_size": 10,
            "learner_wait_fraction": 0.0, "policy_lag_updates": 0.0, "actor_restarts": 0, "num_actors": 1,

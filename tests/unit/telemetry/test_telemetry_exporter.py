@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from evergreen.agents import DQNBuilder
 from evergreen.telemetry import TelemetryExporter, clear_targets, sanitize, write_targets
 
 
@@ -31,7 +32,7 @@ def record(**overrides):
 
 @pytest.fixture
 def exporter():
-    exp = TelemetryExporter(run="run-a", task="CartPole-v1", batch_size=32)
+    exp = TelemetryExporter(run="run-a", task="CartPole-v1", batch_size=32, families=DQNBuilder.telemetry_families)
     exp.start()
     yield exp
     exp.stop()

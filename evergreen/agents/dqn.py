@@ -1,0 +1,112 @@
+"""The DQN-family agent: ``learner.dqn.DQN`` on the learner, epsilon-greedy actors, n-step replay rows.
+
+Config sections it reads: ``network`` (the Q-network), ``dqn`` (the update), ``actors`` (n-step,
+gamma, the Ape-X epsilons and their decay), ``plasticity`` (interventions and diagnostics).
+
+    builder = DQNBuilder(config, env_spec(config.env))
+    dqn = builder.make_algorithm(torch.device("cpu"))
+    policy = builder.make_policy(actor_index=0, env_steps_offset=0)    # EpsilonGreedyPolicy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from actors.adder import NStepAdder
+from actors.envs import EnvSpec
+from actors.policy import ConstantEpsilon, EpsilonGreedyPolicy, LinearEpsilon, apex_epsilon
+from evergreen.agents.base import TelemetryFamily
+from learner.dqn import DQN
+from learner.networks import NetworkConfig, build_network
+from plasticity.base import InterventionSet
+
+
+def exploration_schedule(actors: Any, *, index: int, step_offset: int = 0) -> Any:
+    """Linear decay from epsilon_start to actor ``index``'s Ape-X epsilon, resumed at ``step_offset``."""
+    end = apex_epsilon(index=index, num_actors=actors.num_actors, base=actors.epsilon_base, alpha=actors.epsilon_alpha)
+    remaining = actors.epsilon_decay_steps - step_offset
+    if remaining <= 0:
+        return ConstantEpsilon(end)
+    full = LinearEpsilon(start=actors.epsilon_start, end=end, steps=max(1, actors.epsilon_decay_steps))
+    return LinearEpsilon(start=full(step_offset), end=end, steps=remaining)
+
+
+class DQNBuilder:
+    """See the module docstring and ``evergreen.agents``."""
+
+    name = "dqn"
+    networks = DQN.NETWORKS
+    telemetry_families = {
+        "td_error": TelemetryFamily("evergreen_learner_td_error", "Mean absolute TD error over the log interval."),
+        "q": TelemetryFamily("evergreen_learner_q_value_mean",
+                             "Mean Q value of the taken actions in sampled batches over the log interval."),
+    }
+
+    def __init__(self, config: Any, spec: EnvSpec):
+        if not spec.discrete:
+            raise ValueError(
+                f"algorithm 'dqn' needs a discrete action space; env {config.env.id!r} has {spec.actions}"
+            )
+        self.config = config
+        self.spec = spec
+        # Validates names, options and build-time overrides now, in the driver, before any process starts.
+        overrides = self.interventions().network_overrides("q")
+        self.network_config: NetworkConfig = dataclasses.replace(config.network, **overrides).validate()
+
+    @staticmethod
+    def validate(config: Any) -> None:
+        """The checks of the sections only this algorithm reads (called by ``RunConfig.validate``)."""
+        config.dqn.validate()
+        config.network.validate()
+
+    def interventions(self) -> InterventionSet:
+        """A fresh set of the run's interventions, bound to ``"q"`` (every process builds its own)."""
+        from plasticity.interventions import bind_interventions
+
+        p = self.config.plasticity
+        return bind_interventions(p.interventions, p.options, networks=self.networks)
+
+    # -- replay and actors ----------------------------------------------------------------------------
+
+    def replay_fields(self) -> list[tuple[str, Any, tuple[int, ...]]]:
+        return self.make_adder().schema()
+
+    def make_adder(self) -> NStepAdder:
+        a = self.config.actors
+        return NStepAdder(self.spec, num_envs=self.config.env.num_envs, n=a.n_step, gamma=a.gamma)
+
+    def acting_network(self) -> torch.nn.Module:
+        """A freshly built Q-network of the learner's architecture (interventions' overrides applied)."""
+        return build_network(self.network_config, obs_shape=self.spec.observation_shape,
+                             num_actions=self.spec.num_actions, obs_dtype=self.spec.observation_dtype.name)
+
+    def make_policy(self, *, actor_index: int, env_steps_offset: int) -> EpsilonGreedyPolicy:
+        a = self.config.actors
+        return EpsilonGreedyPolicy(
+            network=self.acting_network(),
+            epsilon=exploration_schedule(a, index=actor_index, step_offset=env_steps_offset),
+            seed=[self.config.seed, actor_index, env_steps_offset],
+        )
+
+    # -- learner --------------------------------------------------------------------------------------
+
+    def make_algorithm(self, device: torch.device) -> DQN:
+        cfg = self.config
+        return DQN(cfg.dqn, cfg.network, obs_shape=self.spec.observation_shape, num_actions=self.spec.num_actions,
+                   obs_dtype=self.spec.observation_dtype.name, device=str(device), seed=cfg.seed,
+                   interventions=self.interventions())
+
+    def make_diagnostics(self, algorithm: DQN, probe_obs: torch.Tensor) -> dict[str, Any]:
+        from plasticity.diagnostics import Diagnostics, q_value_policy
+
+        p = self.config.plasticity
+        if not p.diagnostics:
+            return {}
+        # Curvature and interference measure the loss DQN trains; churn and entropy read the greedy
+        # policy and the Boltzmann distribution of the Q-values.
+        return {"q": Diagnostics(algorithm.online, names=p.diagnostics, every=p.diagnostics_every, probe_obs=probe_obs,
+                                 loss_fn=lambda _network, batch: algorithm.per_sample_loss(batch),
+                                 policy_fn=q_value_policy())}

@@ -1,0 +1,210 @@
+"""A run's books: counters, recent returns, the metrics log, progress lines and telemetry.
+
+The trainer feeds it what the actors and the learner report (``add_actor_stats``,
+``add_learner_report``) and asks it for a record every ``log_every_s`` (``emit``); the counters it
+keeps are what a checkpoint stores beside the learner's state (``checkpoint_extra``) and what a
+resumed run starts from (``resume_from``).
+
+    books = Bookkeeping(run_dir, telemetry=exporter, batch_size=128)
+    books.resume_from(extra)                       # after the learner restored its checkpoint
+    books.add_actor_stats(pool.stats())
+    books.add_learner_report(report)               # a learner.service.TrainReport
+    books.emit(replay_info=client.info(), pool_stats=stats)   # metrics.jsonl line, progress, /metrics
+    learner.checkpoint(books.checkpoint_extra())
+    print(books.summary(stopped_by="solved").format())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    env_steps: int
+    updates: int
+    episodes: int
+    wall_seconds: float
+    mean_return_100: float | None
+    solved: bool
+    stopped_by: str
+
+    def format(self) -> str:
+        ret = "n/a" if self.mean_return_100 is None else f"{self.mean_return_100:.1f}"
+        return (
+            f"\n== evergreen train: {self.stopped_by}\n"
+            f"   run dir        {self.run_dir}\n"
+            f"   env steps      {self.env_steps:,}\n"
+            f"   updates        {self.updates:,}\n"
+            f"   episodes       {self.episodes:,}\n"
+            f"   mean return    {ret} (last 100 episodes){'  SOLVED' if self.solved else ''}\n"
+            f"   wall time      {self.wall_seconds:.0f} s\n"
+            f"   resume with    evergreen train --resume {self.run_dir}\n"
+        )
+
+
+class Bookkeeping:
+    """See the module docstring."""
+
+    def __init__(self, run_dir: Path, *, telemetry: Any = None, stop_at_return: float | None = None):
+        self.run_dir = Path(run_dir)
+        self.telemetry = telemetry
+        self.stop_at_return = stop_at_return
+        self.counters: dict[str, Any] = {"env_steps": 0, "updates": 0, "episodes": 0, "elapsed_s": 0.0}
+        self.returns: deque[float] = deque(maxlen=100)
+        self._log = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._t0 = time.time()
+        self._base_elapsed = 0.0
+        self._published_version = 0
+        self._totals = {"update_seconds": 0.0, "diagnostics_seconds": 0.0, "wait_seconds": 0.0}
+        self._last_diagnostics: dict[str, float] = {}
+        self._new_interval(time.time())
+
+    def _new_interval(self, now: float) -> None:
+        self._interval_start = now
+        self._interval_steps = self.counters["env_steps"]
+        self._interval_updates = self.counters["updates"]
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._interval_returns: list[float] = []
+        self._episodes_by_task: dict[str, dict[str, list[float]]] = {}
+        self._wait = self._learner_wall = 0.0
+        self._lag_sum, self._lag_count = 0.0, 0
+        self._min_policy_version: int | None = None
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def resume_from(self, extra: dict[str, Any]) -> None:
+        """Continue the counters and recent returns of a checkpoint's extra state."""
+        self.counters.update(extra["counters"])
+        self.returns.extend(extra.get("recent_returns", ()))
+        self._base_elapsed = float(self.counters.get("elapsed_s", 0.0))
+        self._published_version = int(self.counters["updates"])
+        self._new_interval(time.time())
+
+    def add_actor_stats(self, stats: Any) -> None:
+        """An ``actors.ray_actor.PoolStats`` period: env steps, episodes and their returns."""
+        self.counters["env_steps"] += stats.env_steps
+        self.counters["episodes"] += stats.num_episodes
+        for task, task_returns in stats.episode_returns.items():
+            values = [float(r) for r in task_returns]
+            self.returns.extend(values)
+            self._interval_returns.extend(values)
+            into = self._episodes_by_task.setdefault(task, {"returns": [], "lengths": []})
+            into["returns"].extend(values)
+            into["lengths"].extend(float(n) for n in stats.episode_lengths.get(task, ()))
+        if stats.min_policy_version >= 0:
+            low = self._min_policy_version
+            self._min_policy_version = stats.min_policy_version if low is None else min(low, stats.min_policy_version)
+
+    def add_learner_report(self, report: Any) -> None:
+        """A ``learner.service.TrainReport``."""
+        self.counters["updates"] = report.updates
+        for key, total in report.metric_sums.items():
+            self._sums[key] = self._sums.get(key, 0.0) + total
+            self._counts[key] = self._counts.get(key, 0) + report.metric_counts[key]
+        if report.diagnostics:
+            self._last_diagnostics = dict(report.diagnostics)
+        self._wait += report.wait_seconds
+        self._learner_wall += report.wall_seconds
+        self._lag_sum += report.policy_lag_sum
+        self._lag_count += report.policy_lag_count
+        self._published_version = report.published_version
+        for key in self._totals:
+            self._totals[key] += getattr(report, key)
+
+    # -- derived -----------------------------------------------------------------------------------
+
+    @property
+    def elapsed(self) -> float:
+        return self._base_elapsed + time.time() - self._t0
+
+    @property
+    def mean_return(self) -> float | None:
+        return float(np.mean(self.returns)) if self.returns else None
+
+    @property
+    def solved(self) -> bool:
+        return (self.stop_at_return is not None and len(self.returns) >= 100
+                and float(np.mean(self.returns)) >= self.stop_at_return)
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What a learner checkpoint stores beside the algorithm state."""
+        return {"counters": dict(self.counters, elapsed_s=self.elapsed), "recent_returns": list(self.returns)}
+
+    # -- outputs -----------------------------------------------------------------------------------
+
+    def emit(self, *, replay_info: list[Any], pool_stats: Any) -> dict[str, Any]:
+        """Write one record for the interval ending now (metrics log, progress line, telemetry)."""
+        now = time.time()
+        dt = max(now - self._interval_start, 1e-6)
+        c = self.counters
+        record: dict[str, Any] = {
+            "time": now, "elapsed_s": round(self.elapsed, 2),
+            "env_steps": c["env_steps"], "updates": c["updates"], "episodes": c["episodes"],
+            "env_steps_per_s": round((c["env_steps"] - self._interval_steps) / dt, 1),
+            "updates_per_s": round((c["updates"] - self._interval_updates) / dt, 2),
+            "return_mean_100": self.mean_return,
+            "return_recent": float(np.mean(self._interval_returns)) if self._interval_returns else None,
+            "replay_size": int(sum(i.size for i in replay_info)),
+            "replay_inserts": int(sum(i.inserts for i in replay_info)),
+            # The fraction of the learner's time it waited for a batch from replay.
+            "learner_wait_fraction": round(min(1.0, self._wait / self._learner_wall), 4) if self._learner_wall else 0.0,
+            "policy_lag_updates": self._lag_sum / self._lag_count if self._lag_count else None,
+            # Learner version minus the oldest version any actor acted with in this interval.
+            "actor_policy_lag_updates": (self._published_version - self._min_policy_version
+                                         if self._min_policy_version is not None else None),
+            "actor_restarts": pool_stats.restarts_total, "num_actors": pool_stats.num_actors,
+            "actors_running": pool_stats.running,
+        }
+        for key, total in self._sums.items():
+            mean = total / self._counts[key]
+            record[key] = mean if math.isfinite(mean) else None
+        record.update(self._last_diagnostics)
+        self._log.write(json.dumps(record) + "\n")
+        print(progress_line(record), flush=True)
+        if self.telemetry is not None:
+            try:
+                self.telemetry.update(record, episodes_by_task=self._episodes_by_task)
+            except ValueError as exc:  # a malformed metric must not stop a multi-day run
+                print(f"  telemetry: {exc}", file=sys.stderr)
+        self._new_interval(now)
+        return record
+
+    def learner_time_line(self) -> str | None:
+        t = self._totals
+        if t["update_seconds"] <= 0:
+            return None
+        return (f"  learner: {t['update_seconds']:.1f} s in updates, {t['diagnostics_seconds']:.2f} s in diagnostics "
+                f"({100 * t['diagnostics_seconds'] / t['update_seconds']:.1f}% of update time), "
+                f"{t['wait_seconds']:.1f} s waiting on replay")
+
+    def summary(self, *, stopped_by: str) -> Summary:
+        c = self.counters
+        return Summary(run_dir=str(self.run_dir), env_steps=c["env_steps"], updates=c["updates"],
+                       episodes=c["episodes"], wall_seconds=self.elapsed, mean_return_100=self.mean_return,
+                       solved=self.solved, stopped_by=stopped_by)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def progress_line(r: dict[str, Any]) -> str:
+    """The one-line progress report printed for each record."""
+    ret = "   n/a" if r["return_mean_100"] is None else f"{r['return_mean_100']:6.1f}"
+    lag = "n/a" if r["policy_lag_updates"] is None else f"{r['policy_lag_updates']:.0f}"
+    loss = "n/a" if r.get("loss") is None else f"{r['loss']:.4f}"
+    return (f"[{r['elapsed_s']:7.1f}s] env {r['env_steps']:>9,} ({r['env_steps_per_s']:6.0f}/s) | "
+            f"upd {r['updates']:>8,} ({r['updates_per_s']:5.1f}/s) | return(100) {ret} | "
+            f"episodes {r['episodes']:,} | replay {r['replay_size']:,} | lag {lag} | "
+            f"wait {100 * r['learner_wait_fraction']:.0f}% | loss {loss}")

@@ -1,0 +1,92 @@
+"""Batches for an algorithm from the replay service: sampling, importance exponent, tensor conversion.
+
+``ReplayDataset`` is what the prefetch thread calls. It asks a replay client for a batch (any object
+with ``sample(batch_size, beta=..., timeout=...)`` returning keys, columns and importance weights,
+e.g. ``replay.client.ReplayClient``), turns the columns into host tensors (pinned when the learner
+is on a GPU, so the algorithm's host-to-device copy can overlap compute), and anneals the PER
+importance exponent from ``beta_start`` to 1 over the run's env steps. A sample that times out
+(replay still filling, or the rate limiter holding the learner back) is ``None``, not an error.
+
+Example::
+
+    dataset = ReplayDataset(client, batch_size=128, prioritized=False, beta_start=0.4,
+                            total_env_steps=100_000, device=torch.device("cpu"))
+    dataset.progress(env_steps=25_000)          # beta is now 0.4 + 0.6 * 0.25
+    batch = dataset.sample(timeout=0.5)         # Batch(tensors, keys, weights, policy_version) or None
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from replay.errors import DeadlineExceeded
+
+__all__ = ["Batch", "ReplayDataset"]
+
+#: Columns that describe a row rather than feed the loss.
+METADATA_FIELDS = ("policy_version",)
+
+
+@dataclass
+class Batch:
+    """One sampled batch, ready for the algorithm."""
+
+    tensors: dict[str, torch.Tensor]
+    keys: np.ndarray
+    weights: torch.Tensor | None
+    policy_version: np.ndarray | None = None
+
+
+class ReplayDataset:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        batch_size: int,
+        prioritized: bool,
+        beta_start: float = 0.4,
+        total_env_steps: int = 1,
+        device: torch.device | str = "cpu",
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not 0.0 <= beta_start <= 1.0:
+            raise ValueError(f"beta_start must be in [0, 1], got {beta_start!r}")
+        if isinstance(total_env_steps, bool) or not isinstance(total_env_steps, int) or total_env_steps < 1:
+            raise ValueError(f"total_env_steps must be an integer >= 1, got {total_env_steps!r}")
+        self.client = client
+        self.batch_size = batch_size
+        self.prioritized = prioritized
+        self.beta_start = float(beta_start)
+        self.total_env_steps = total_env_steps
+        self._pin = torch.device(device).type == "cuda"
+        self._env_steps = 0
+
+    def progress(self, *, env_steps: int) -> None:
+        """The run's env steps so far (drives the importance-exponent annealing)."""
+        self._env_steps = max(0, int(env_steps))
+
+    @property
+    def beta(self) -> float:
+        fraction = min(1.0, self._env_steps / self.total_env_steps)
+        return self.beta_start + (1.0 - self.beta_start) * fraction
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        return tensor.pin_memory() if self._pin else tensor
+
+    def sample(self, timeout: float) -> Batch | None:
+        """One batch, or None if replay could not give one within ``timeout`` seconds."""
+        try:
+            raw = self.client.sample(self.batch_size, beta=self.beta, timeout=timeout)
+        except DeadlineExceeded:
+            return None
+        tensors = {k: self._tensor(v) for k, v in raw.columns.items() if k not in METADATA_FIELDS}
+        weights = self._tensor(raw.weights) if self.prioritized else None
+        return Batch(tensors=tensors, keys=raw.keys, weights=weights, policy_version=raw.columns.get("policy_version"))

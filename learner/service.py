@@ -1,0 +1,230 @@
+"""The learner side of a run, in one process: algorithm, replay dataset, update loop, checkpoints.
+
+Plain Python (no Ray): ``learner.ray_learner.RayLearner`` runs it as a Ray actor with its own
+resources (a GPU, a learner node), and tests run it in-process. Everything it needs arrives as
+values or picklable callables, so the learner package knows nothing of the system around it:
+
+* ``make_algorithm(device) -> Algorithm`` builds the algorithm (an agent builder's method);
+* ``client`` is the replay client (samples, priority updates), used from the prefetch thread;
+* ``publish(version, weights, network)`` hands weights to the actors (a weight-store publisher);
+* ``make_diagnostics(algorithm, probe_obs) -> {network: Diagnostics}`` (optional) builds the
+  plasticity diagnostics once a held-out probe batch could be sampled from replay.
+
+The driver calls ``train(seconds=..., env_steps=...)`` repeatedly (keeping one call queued so the
+learner never idles); each call runs updates for about ``seconds`` and returns a
+:class:`TrainReport` of what happened in it. ``env_steps`` (the run's count, from the actors)
+anneals the importance exponent and, when replay has no rate limiter, paces updates to
+``updates_per_env_step`` (so learning stays a function of env steps, not of machine speed).
+
+Example::
+
+    service = LearnerService(make_algorithm=builder.make_algorithm, client=client, batch_size=128,
+                             prioritized=False, publish=publisher, checkpoint_dir=run_dir / "checkpoints")
+    extra = service.restore()                          # None on a fresh run
+    report = service.train(seconds=0.25, env_steps=12_000)
+    service.checkpoint({"counters": {...}})            # algorithm state + extra, atomically
+    service.close()
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.checkpoint import load_latest_checkpoint, save_checkpoint, state_digest
+from learner.core import Algorithm
+from learner.dataset import ReplayDataset
+from learner.loop import LearnerLoop, Prefetcher
+from replay.errors import DeadlineExceeded
+
+__all__ = ["LearnerService", "TrainReport", "resolve_device"]
+
+
+@dataclass
+class TrainReport:
+    """What one :meth:`LearnerService.train` call did."""
+
+    updates: int
+    """Updates so far (the run's total, resumes included)."""
+    new_updates: int
+    """Updates in this call."""
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    """Sum over this call's updates of each metric (divide by ``metric_counts`` for the mean)."""
+    metric_counts: dict[str, int] = field(default_factory=dict)
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    """Diagnostics measured during this call (``diag/...``), empty if none were due."""
+    wait_seconds: float = 0.0
+    """Seconds the update loop waited for a batch from replay."""
+    update_seconds: float = 0.0
+    diagnostics_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    policy_lag_sum: float = 0.0
+    policy_lag_count: int = 0
+    published_version: int = 0
+    probe_ready: bool = False
+    """Whether the diagnostics' probe batch has been sampled (diagnostics run from then on)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when present, else the CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LearnerService:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        make_algorithm: Callable[[torch.device], Algorithm],
+        client: Any,
+        batch_size: int,
+        prioritized: bool,
+        publish: Callable[[int, Any, Any], Any],
+        checkpoint_dir: str | os.PathLike,
+        publish_every: int = 50,
+        beta_start: float = 0.4,
+        total_env_steps: int = 1,
+        updates_per_env_step: float = 0.0,
+        prefetch_batches: int = 4,
+        make_diagnostics: Callable[[Algorithm, torch.Tensor], Mapping[str, Any]] | None = None,
+        probe_size: int = 256,
+        device: str = "auto",
+        num_threads: int = 0,
+    ):
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.device = resolve_device(device)
+        self.algorithm = make_algorithm(self.device)
+        self.client = client
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.updates_per_env_step = float(updates_per_env_step)
+        self.probe_size = int(probe_size)
+        self._make_diagnostics = make_diagnostics
+        self._publish = publish
+        self._publish_every = int(publish_every)
+        self._prioritized = bool(prioritized)
+        self._prefetch_batches = int(prefetch_batches)
+        self.dataset = ReplayDataset(client, batch_size=batch_size, prioritized=prioritized, beta_start=beta_start,
+                                     total_env_steps=total_env_steps, device=self.device)
+        self._start_updates = 0
+        self._loop: LearnerLoop | None = None
+        self._probe_ready = make_diagnostics is None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Where this learner runs: process id, device, torch threads."""
+        return {"pid": os.getpid(), "device": str(self.device), "torch_threads": torch.get_num_threads()}
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the newest checkpoint in ``checkpoint_dir``; return what was saved beside the algorithm.
+
+        The returned dict also holds ``state_digest``: the digest of the algorithm state as loaded
+        (:func:`learner.checkpoint.state_digest`), so a caller can check that the learner really
+        continues from the checkpoint. None when there is no checkpoint.
+        """
+        if self._loop is not None:
+            raise RuntimeError("restore() must come before the first train() call")
+        state = load_latest_checkpoint(self.checkpoint_dir)
+        if state is None:
+            return None
+        self.algorithm.load_state_dict(state["algorithm"])
+        extra = {k: v for k, v in state.items() if k != "algorithm"}
+        self._start_updates = int(extra.get("counters", {}).get("updates", 0))
+        extra["state_digest"] = state_digest(self.algorithm.state_dict())
+        return extra
+
+    def _start(self) -> LearnerLoop:
+        prefetcher = Prefetcher(sample=self.dataset.sample, depth=self._prefetch_batches).start()
+        loop = LearnerLoop(algorithm=self.algorithm, prefetcher=prefetcher,
+                           update_priorities=self.client.update_priorities if self._prioritized else None,
+                           publish=self._publish, publish_every=self._publish_every,
+                           start_updates=self._start_updates)
+        loop.publish()  # the actors act with the learner's weights from the first step (resumes included)
+        return loop
+
+    def _try_probe(self, loop: LearnerLoop) -> None:
+        """Sample the held-out probe batch for diagnostics, without waiting if replay cannot give it yet."""
+        try:
+            raw = self.client.sample(self.probe_size, beta=1.0, timeout=0.0)
+        except DeadlineExceeded:
+            return
+        probe = torch.from_numpy(raw.columns["obs"]).to(self.device)
+        set_probe = getattr(self.algorithm, "set_probe", None)
+        if callable(set_probe):
+            set_probe(probe)
+        loop.diagnostics = dict(self._make_diagnostics(self.algorithm, probe))
+        self._probe_ready = True
+
+    # -- work --------------------------------------------------------------------------------------
+
+    def train(self, *, seconds: float, env_steps: int) -> TrainReport:
+        """Update for about ``seconds``; ``env_steps`` is the run's env-step count now."""
+        if self._loop is None:
+            self._loop = self._start()
+        loop = self._loop
+        self.dataset.progress(env_steps=env_steps)
+        start = time.perf_counter()
+        deadline = start + max(0.0, seconds)
+        c = loop.counters
+        before = (c.updates, loop.prefetcher.wait_seconds, c.update_seconds, c.diagnostics_seconds)
+        lag_sum, lag_count = c.policy_lag_sum, c.policy_lag_count
+        report = TrainReport(updates=c.updates, new_updates=0)
+        while time.perf_counter() < deadline:
+            if not self._probe_ready:
+                self._try_probe(loop)
+            # Without a replay rate limiter, keep updates at updates_per_env_step * env steps.
+            if self.updates_per_env_step > 0 and c.updates >= self.updates_per_env_step * env_steps:
+                time.sleep(min(0.005, max(0.0, deadline - time.perf_counter())))
+                continue
+            metrics = loop.step(timeout=max(0.001, min(0.05, deadline - time.perf_counter())))
+            if metrics is None:
+                continue
+            for key, value in metrics.items():
+                if key.startswith("diag/"):
+                    report.diagnostics[key] = value
+                    continue
+                report.metric_sums[key] = report.metric_sums.get(key, 0.0) + value
+                report.metric_counts[key] = report.metric_counts.get(key, 0) + 1
+        report.updates = c.updates
+        report.new_updates = c.updates - before[0]
+        report.wait_seconds = loop.prefetcher.wait_seconds - before[1]
+        report.update_seconds = c.update_seconds - before[2]
+        report.diagnostics_seconds = c.diagnostics_seconds - before[3]
+        report.policy_lag_sum = c.policy_lag_sum - lag_sum
+        report.policy_lag_count = c.policy_lag_count - lag_count
+        report.published_version = c.published_version
+        report.wall_seconds = time.perf_counter() - start
+        report.probe_ready = self._probe_ready
+        return report
+
+    def task_switch(self, task: int) -> dict[str, float]:
+        """Tell the algorithm (and its interventions) that the task changed; publish the result."""
+        metrics = self.algorithm.task_switch(task)
+        if self._loop is not None:
+            self._loop.publish()
+        return metrics
+
+    def checkpoint(self, extra: Mapping[str, Any] | None = None) -> str:
+        """Write the algorithm state plus ``extra`` atomically; return the file's path."""
+        updates = self._loop.counters.updates if self._loop is not None else self._start_updates
+        extra = dict(extra or {})
+        if "counters" in extra:  # the learner's own count is the true one (the driver's may be a call behind)
+            extra["counters"] = dict(extra["counters"], updates=updates)
+        state = {"algorithm": self.algorithm.state_dict(), **extra}
+        return str(save_checkpoint(self.checkpoint_dir, state, step=updates))
+
+    def close(self) -> None:
+        """Stop the prefetch and priority threads (pending priority updates are sent first)."""
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None

@@ -1,0 +1,66 @@
+"""A replay shard as a Ray actor, so that Ray places it (custom resources put shards on replay nodes).
+
+The actor starts the shard server as its own child process (``replay.launch.ShardProcess``: the
+tuned allocator, a final checkpoint on SIGTERM, and a stop with checkpoint when its parent dies)
+on the node Ray chose, bound to ``host`` ("auto": this node's IP when the run spans a cluster,
+127.0.0.1 otherwise), and reports the address clients should dial.
+
+    shard = ShardActor.options(num_cpus=1, resources={"replay": 1}).remote(
+        [table_config], checkpoint_dir="/data/replay/shard-0", shard_index=0, host="auto", cluster=True)
+    address, metrics_port = ray.get(shard.endpoint.remote())
+    ray.get(shard.stop.remote())        # final checkpoint, then the server exits
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from replay.launch import ShardProcess
+from replay.table import TableConfig
+
+
+class ShardHost:
+    """The body of the Ray actor: owns one ``ShardProcess`` on the actor's node."""
+
+    def __init__(
+        self,
+        tables: Sequence[TableConfig],
+        *,
+        checkpoint_dir: str | None,
+        shard_index: int,
+        host: str = "auto",
+        cluster: bool = False,
+        metrics: bool = True,
+    ) -> None:
+        if host == "auto":
+            # Other nodes must reach a shard of a cluster run; a local run stays on loopback.
+            host = ray.util.get_node_ip_address() if cluster else "127.0.0.1"
+        self._shard = ShardProcess(
+            list(tables), checkpoint_dir=checkpoint_dir, shard_index=shard_index, host=host,
+            metrics_port=0 if metrics else None, extra_args=["--metrics-host", host],
+        )
+
+    def endpoint(self) -> tuple[str, int | None]:
+        """(gRPC address ``host:port``, metrics port or None)."""
+        return self._shard.address, self._shard.metrics_port
+
+    def info(self) -> dict[str, Any]:
+        """Where the shard runs: node id, the host actor's pid and the server's pid."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "server_pid": self._shard.pid, "address": self._shard.address}
+
+    def alive(self) -> bool:
+        return self._shard.alive
+
+    def stop(self) -> int | None:
+        """SIGTERM the server (it checkpoints, if it has a directory); its exit status."""
+        return self._shard.stop()
+
+
+ShardActor = ray.remote(ShardHost)
+
+__all__ = ["ShardActor", "ShardHost"]
