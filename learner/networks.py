@@ -5,7 +5,7 @@ Encoders: ``"mlp"`` (flatten, Linear layers), ``"nature_cnn"`` (Mnih et al. 2015
 and two residual blocks, widths 16/32/32, then dense 256). Heads: plain or dueling (Wang et al. 2016,
 ``Q = V + A - mean_a A``), scalar Q-values or QR-DQN quantiles (Dabney et al. 2018).
 
-Every network follows the network contract (prompts/network_contract.md):
+Every network follows the network contract (docs/architecture.md, "The network contract"):
 
 * ``forward(obs)`` -> ``[B, A]`` (QR: ``[B, A, N]``) and ``forward(obs) == head(encoder(obs))``;
 * ``features(obs)`` -> ``[B, feature_dim]``, the encoder output the head reads (after the last activation);

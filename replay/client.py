@@ -482,7 +482,3 @@ class ReplayClient:
         return self._each_shard(
             lambda s: self._call(s, "Checkpoint", lambda _r: replay_pb2.CheckpointRequest(), deadline).path,
             self._get_shards())
-
-    def wait_until_ready(self, *, timeout: float | None = None) -> None:
-        """Block until every shard answers Info (``ShardUnavailable`` naming the shard after the timeout)."""
-        self.info(timeout=timeout)

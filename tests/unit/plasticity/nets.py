@@ -1,4 +1,4 @@
-"""Small networks implementing the network contract (prompts/network_contract.md) for plasticity tests.
+"""Small networks implementing the network contract (docs/architecture.md) for plasticity tests.
 
 They do not depend on learner/networks.py: encoder/head/features/hidden_layers/output_layers only.
 """

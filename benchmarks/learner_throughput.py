@@ -1,0 +1,151 @@
+"""Learner throughput: the full system's update rate against a bare update loop, in one run.
+
+    .venv/bin/python benchmarks/learner_throughput.py [--presets cartpole,pong] [--seconds 30] [--before aa10109]
+
+For each preset:
+
+* **bare (now)**: a loop of the preset's ``Algorithm.update`` (built by the agent builder, exactly
+  as the learner process builds it) on synthetic batches of the preset's shapes and dtypes, with
+  the learner's torch thread count, nothing else running;
+* **bare (before)**: the same loop with ``learner/dqn.py`` as it was at git revision ``--before``
+  (loaded from git into this process), to show what the hot-path work changed;
+* **system**: ``evergreen train --preset <preset>`` (Ray actors, gRPC replay shard, the learner as
+  a Ray actor) measured over a steady window from its metrics log.
+
+The two bare loops alternate in short windows (best of ``--rounds``) so that a noisy machine
+affects both alike; the system row is compared with the mean of the bare (now) windows measured
+right before and right after it. Targets: system >= 0.8x bare (now) for every preset; the cartpole
+bare update >= 2x before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _system import run_system  # noqa: E402
+
+from actors.envs import env_spec  # noqa: E402
+from evergreen.agents import make_builder  # noqa: E402
+from evergreen.config import load_config  # noqa: E402
+
+
+def synthetic_batches(spec, batch_size: int, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random batches with the replay columns' shapes and dtypes (what the replay dataset hands over)."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, *spec.observation_shape)
+
+    def obs() -> np.ndarray:
+        if spec.observation_dtype == np.uint8:
+            return rng.integers(0, 256, shape, dtype=np.uint8)
+        return rng.standard_normal(shape).astype(spec.observation_dtype)
+
+    return [{
+        "obs": torch.from_numpy(obs()),
+        "action": torch.from_numpy(rng.integers(0, spec.num_actions, batch_size)),
+        "reward": torch.from_numpy(rng.standard_normal(batch_size).astype(np.float32)),
+        "discount": torch.from_numpy(rng.choice([0.0, 0.97], batch_size).astype(np.float32)),
+        "next_obs": torch.from_numpy(obs()),
+    } for _ in range(count)]
+
+
+def load_old_dqn(revision: str) -> types.ModuleType:
+    """``learner/dqn.py`` at ``revision``, imported as a separate module (it uses today's learner.networks)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:learner/dqn.py"], check=True,
+                            capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader(f"learner_dqn_{revision}", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
+    exec(compile(source, f"{revision}:learner/dqn.py", "exec"), module.__dict__)  # noqa: S102 - our own file
+    return module
+
+
+def updates_per_second(update, batches, seconds: float) -> float:
+    for batch in batches[:3]:  # warm-up: allocator, optimizer state
+        update(batch)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        update(batches[count % len(batches)])
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def bare_rates(config, *, old_module, seconds: float, rounds: int) -> dict[str, float]:
+    spec = env_spec(config.env)
+    builder = make_builder(config, spec)
+    threads = config.learner.num_threads or max(1, int(config.learner.placement.num_cpus))
+    torch.set_num_threads(threads)
+    batches = synthetic_batches(spec, config.learner.batch_size, 16)
+    new = builder.make_algorithm(torch.device("cpu"))
+    rates = {"now": [], "before": []}
+    old = None
+    if old_module is not None:
+        old = old_module.DQN(config.dqn, config.network, obs_shape=spec.observation_shape,
+                             num_actions=spec.num_actions, obs_dtype=spec.observation_dtype.name, seed=config.seed)
+    for _ in range(rounds):
+        rates["now"].append(updates_per_second(new.update, batches, seconds))
+        if old is not None:
+            rates["before"].append(updates_per_second(old.update, batches, seconds))
+    return {k: max(v) for k, v in rates.items() if v} | {"threads": threads}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="cartpole,pong")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds of the system row")
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--bare-seconds", type=float, default=4.0, help="seconds per bare window")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", default="aa10109", help="git revision of the 'before' learner/dqn.py ('' to skip)")
+    args = parser.parse_args()
+    old_module = load_old_dqn(args.before) if args.before else None
+    rows = []
+    for preset in args.presets.split(","):
+        config = load_config(preset=preset, overrides={
+            "learner": {"total_env_steps": 10**9, "stop_at_return": None, "log_every_s": 2.0,
+                        "checkpoint_every_s": 10**6},
+        }).validate()
+        print(f"== {preset}: bare loops ({args.rounds} x {args.bare_seconds:g} s each)", flush=True)
+        pre = bare_rates(config, old_module=old_module, seconds=args.bare_seconds, rounds=args.rounds)
+        print(f"   bare now {pre['now']:.0f}/s, before {pre.get('before', float('nan')):.0f}/s", flush=True)
+        print(f"== {preset}: full system ({args.warmup:g} s warm-up, {args.seconds:g} s window)", flush=True)
+        system = run_system(config, warmup_s=args.warmup, seconds=args.seconds)
+        post = bare_rates(dataclasses.replace(config), old_module=None, seconds=args.bare_seconds,
+                          rounds=args.rounds)
+        bare_now = (pre["now"] + post["now"]) / 2
+        rows.append((preset, pre, post, bare_now, system))
+        print(f"   system {system['updates_per_s']:.0f} updates/s; bare now after {post['now']:.0f}/s", flush=True)
+
+    print("\n| preset | torch threads | bare before (updates/s) | bare now (updates/s) | now / before "
+          "| system (updates/s) | system / bare now | learner waited on data | env steps/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ok = True
+    for preset, pre, _post, bare_now, system in rows:
+        before = pre.get("before", float("nan"))
+        ratio = system["updates_per_s"] / bare_now
+        ok &= ratio >= 0.8
+        if preset == "cartpole" and "before" in pre:
+            ok &= bare_now / before >= 2.0
+        print(f"| {preset} | {pre['threads']} | {before:.0f} | {bare_now:.0f} | {bare_now / before:.2f}x "
+              f"| {system['updates_per_s']:.0f} | **{ratio:.2f}** | {100 * system['wait']:.0f}% "
+              f"| {system['env_steps_per_s']:.0f} |")
+    print(f"\ntargets (system >= 0.8x bare now on every preset; cartpole bare now >= 2x before): "
+          f"{'met' if ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
