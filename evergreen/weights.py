@@ -53,6 +53,7 @@ class WeightPublisher:
         self.store = store
         self._keys = actor_keys  # the state-dict keys of the network the actors build
         self._last_ref = None
+        self._pending = None  # the store's acknowledgement of the previous publish
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "keys": self._keys}
@@ -66,9 +67,13 @@ class WeightPublisher:
         if set(weights) != self._keys and network is not None:
             payload: Any = copy.deepcopy(network).cpu()
         else:
-            payload = {k: v.detach().cpu() for k, v in weights.items()}
+            payload = weights  # already a CPU copy (Algorithm.acting_weights)
+        # The learner does not wait for the store: the previous publish, long done by now, is the only
+        # one awaited, so at most one is in flight and a failed store still surfaces here.
+        if self._pending is not None:
+            ray.get(self._pending)
         ref = ray.put(payload)
-        ray.get(self.store.publish.remote(version, [ref]))
+        self._pending = self.store.publish.remote(version, [ref])
         self._last_ref = ref
 
 
