@@ -10,7 +10,8 @@ Peer (``--peer sb3``, needs the ``peers`` extra: ``pip install -e '.[peers]'``):
 DQN with the rl-baselines3-zoo hyperparameters for CartPole-v1 (hyperparams/dqn.yml at zoo commit
 ce95481b: lr 2.3e-3, batch 64, buffer 100k, learning_starts 1000, gamma 0.99, target update every 10
 steps, train_freq 256 with 128 gradient steps, epsilon linear to 0.04 over 16% of the zoo's 50k
-steps, i.e. over the first 8k, MLP 256x256), one env, its default torch threads.
+steps, i.e. over the first 8k, MLP 256x256), one env, one torch thread (as Evergreen's learner: on these
+small networks more intra-op threads only add synchronization, and on a loaded machine they spin).
 
 ``--burn N`` runs N CPU-burning processes beside the benchmark (the machine under load): learning
 is tied to env steps and updates by the rate limiter, so the env steps to solve should not change.
@@ -57,6 +58,9 @@ def run_sb3(seed: int, max_env_steps: int) -> dict:
             buffer = self.model.ep_info_buffer
             return not (len(buffer) == 100 and np.mean([e["r"] for e in buffer]) >= SOLVED_AT)
 
+    import torch
+
+    torch.set_num_threads(1)
     zoo_steps = 50_000  # the zoo's n_timesteps: its exploration schedule is a fraction of it
     start = time.time()
     model = DQN("MlpPolicy", "CartPole-v1", learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
