@@ -1,17 +1,39 @@
 """Client of a sharded replay table: routes inserts by writer key, samples across shards.
 
+    from replay.auth import read_token_file
     from replay.client import ReplayClient
 
-    client = ReplayClient(["10.0.0.5:7000", "10.0.0.6:7000"], table="replay", timeout=30.0)
+    client = ReplayClient(["10.0.0.5:7000", "10.0.0.6:7000"], table="replay", timeout=30.0,
+                          token=read_token_file("runs/r1/replay.token"))
     keys = client.insert({"obs": obs, "action": act, ...}, writer_key="actor-3", priorities=p)
     batch = client.sample(256, beta=0.4)        # SampleBatch(keys, columns, probabilities, weights)
-    client.update_priorities(batch.keys, new_priorities)
+    client.update_priorities(batch.keys, new_priorities)      # -> rows updated
+    client.priority_update_counts                # {"updated": ..., "stale_generation": ..., "unknown": ...}
     client.info()                                # [TableInfo of shard 0, TableInfo of shard 1]
+    client.rebase_rate_limiter()                 # after a resume: neither side stays blocked
+
+Authentication. With ``token`` every call carries ``authorization: Bearer <token>`` (``replay.auth``);
+a shard started with a token refuses calls without it (``errors.Unauthenticated``). ``tls``
+(``replay.auth.ClientTls``) makes the channels TLS. Both travel with the pickled client.
 
 Routing and keys. An insert goes to shard ``crc32(writer_key) % n`` (stable for a given shard count, so one
-writer's transitions stay together). Keys returned to callers are global: the owning shard's index in the
-top 16 bits of the uint64, the shard's table-local key below, so ``update_priorities`` sends each key back
-to its owner.
+writer's transitions stay together). Keys returned to callers are global uint64s (``replay.keys``)::
+
+    | shard: 16 bits | generation: 8 bits | index: 40 bits |
+
+the owning shard's index in the top 16 bits (added here), below it the table key the shard handed out:
+the shard's key generation (a new one every time a shard starts, so that a key issued before a crash is
+never taken for the row that reuses its index after the restore) and the insert index.
+``update_priorities`` sends each key back to its owner (by the top 16 bits) with the shard bits cleared;
+the shard ignores keys of another generation and says how many (``priority_update_counts``).
+
+Idempotent inserts. Each insert carries this client's writer id for its writer key (a random session id
+plus a number: a restarted actor never shares one) and a sequence number that grows by one per call;
+every retry of a call resends the same pair, so a shard that applied an insert whose response was lost
+acknowledges the retry without storing the rows again (``duplicate_inserts`` counts such acks). Inserts
+with one writer key are therefore sent one at a time (a per-writer lock). An insert that raised after
+all retries (``ShardUnavailable``, or no response before the deadline) may or may not have been stored;
+calling ``insert`` again sends a new sequence number.
 
 Sampling. A batch is split across shards in proportion to their sizes (uniform, fifo) or priority masses
 (prioritized), taken from the latest responses (every response carries the shard's size and mass; shards
@@ -22,9 +44,11 @@ sampling), so the expected count is exactly ``B * share``. Per-shard probabiliti
 ``N`` the total size. Shard requests run concurrently.
 
 Failures. Table errors come back as the ``replay.errors`` class named by the gRPC status, with the shard's
-message. A shard that is UNAVAILABLE (restarting) is retried with exponential backoff until the call's
-timeout, then ``ShardUnavailable`` names the shard. Requests over the message limit are refused here,
-naming the size and the limit, before anything is sent.
+message. A shard that is UNAVAILABLE (restarting), that refuses a call because too many callers already
+wait on its rate limiter (RESOURCE_EXHAUSTED marked retryable), or that has another insert of the same
+writer in progress (ABORTED) is retried with exponential backoff until the call's timeout, then
+``ShardUnavailable`` names the shard. Requests over the message limit are refused here, naming the size
+and the limit, before anything is sent.
 
 The client is thread-safe and picklable by address (channels are re-created lazily after unpickling), so
 it can be handed to Ray actors.
@@ -35,6 +59,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import secrets
 import threading
 import time
 import zlib
@@ -46,16 +71,20 @@ import grpc
 import numpy as np
 
 from replay import errors
+from replay.auth import ClientTls, metadata
 from replay.codec import InsertRequestParts, SampleResponseView, decode_array, encode_array, payload_nbytes
+from replay.keys import SHARD_BITS, TABLE_KEY_BITS
+from replay.limits import MAX_TIMEOUT_S, MAX_WRITER_KEY_CHARS
 from replay.proto import replay_pb2
 from replay.samplers import importance_weights
 from replay.table import TableConfig, TableInfo
 
-SHARD_BITS = 16
-LOCAL_BITS = 64 - SHARD_BITS
+LOCAL_BITS = TABLE_KEY_BITS
 LOCAL_MASK = np.uint64((1 << LOCAL_BITS) - 1)
 MAX_SHARDS = 1 << SHARD_BITS
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+RETRY_METADATA_KEY = "evergreen-retry"
+"""Trailing metadata with which a shard marks a refusal as transient (too many blocked callers)."""
 # Bytes of a request besides the array payload (field tags, names, dtype strings, shapes).
 _REQUEST_OVERHEAD = 64 * 1024
 _RESPONSE_OVERHEAD_PER_ROW = 8 + 8 + 16
@@ -70,13 +99,14 @@ class ShardUnavailable(errors.ReplayError):
 _ERRORS_BY_CODE = {
     cls.code: cls
     for cls in (errors.InvalidArgument, errors.FailedPrecondition, errors.ResourceExhausted,
-                errors.DeadlineExceeded, errors.NotFound, errors.Cancelled, ShardUnavailable)
+                errors.DeadlineExceeded, errors.NotFound, errors.Cancelled, errors.Aborted,
+                errors.Unauthenticated, ShardUnavailable)
 }
 
 
 @dataclass
 class SampleBatch:
-    keys: np.ndarray                  # uint64 [B], global keys (shard index in the top 16 bits)
+    keys: np.ndarray                  # uint64 [B], global keys (shard | generation | index, see replay.keys)
     columns: dict[str, np.ndarray]    # each [B, *field.shape], writable, contiguous
     probabilities: np.ndarray         # float64 [B], probability of each draw across all shards
     weights: np.ndarray               # float32 [B], importance weights (max 1)
@@ -88,7 +118,7 @@ def shard_of_writer(writer_key: str, num_shards: int) -> int:
 
 
 def global_keys(local_keys: np.ndarray, shard: int) -> np.ndarray:
-    """Table-local uint64 keys of ``shard`` as global keys (shard index in the top 16 bits)."""
+    """Table keys of ``shard`` as global keys (shard index in the top 16 bits)."""
     local = np.asarray(local_keys, dtype=np.uint64)
     if local.size and int(local.max()) >> LOCAL_BITS:
         raise ValueError(f"shard {shard} returned key {int(local.max())} >= 2**{LOCAL_BITS}; it cannot be tagged")
@@ -96,7 +126,7 @@ def global_keys(local_keys: np.ndarray, shard: int) -> np.ndarray:
 
 
 def split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(shard index, local key) arrays of global keys."""
+    """(shard index, table key) arrays of global keys."""
     keys = np.asarray(keys, dtype=np.uint64)
     return (keys >> np.uint64(LOCAL_BITS)).astype(np.int64), keys & LOCAL_MASK
 
@@ -134,6 +164,7 @@ _RESPONSES = {
     "UpdatePriorities": replay_pb2.UpdatePrioritiesResponse,
     "Info": replay_pb2.InfoResponse,
     "Checkpoint": replay_pb2.CheckpointResponse,
+    "RebaseRateLimiter": replay_pb2.RebaseRateLimiterResponse,
 }
 
 
@@ -155,10 +186,13 @@ class _Stub:
 class _Shard:
     __slots__ = ("index", "address", "channel", "stub", "size", "mass", "seen")
 
-    def __init__(self, index: int, address: str, options):
+    def __init__(self, index: int, address: str, options, credentials):
         self.index = index
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=options)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = _Stub(self.channel)
         self.size = 0
         self.mass = 0.0
@@ -177,6 +211,8 @@ class ReplayClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         refresh_interval_s: float = 1.0,
         seed: int | None = None,
+        token: str | None = None,
+        tls: ClientTls | None = None,
     ):
         if isinstance(addresses, str):
             addresses = [addresses]
@@ -188,21 +224,33 @@ class ReplayClient:
         for a in addresses:
             if ":" not in a:
                 raise ValueError(f"address {a!r} is not 'host:port'")
-        if not timeout > 0:
-            raise ValueError(f"timeout={timeout} must be > 0 seconds")
+        if not 0 < timeout <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout={timeout} must be > 0 and at most {MAX_TIMEOUT_S:g} seconds")
+        if token is not None and not isinstance(token, str):
+            raise TypeError("token must be a str (see replay.auth.read_token_file)")
+        if tls is not None and not isinstance(tls, ClientTls):
+            raise TypeError(f"tls={tls!r} must be a replay.auth.ClientTls")
         self.addresses = tuple(addresses)
         self.table = table
         self.timeout = float(timeout)
         self.max_message_bytes = int(max_message_bytes)
         self.refresh_interval_s = float(refresh_interval_s)
         self.seed = seed
+        self._token = token
+        self.tls = tls
         self._init_runtime()
+
+    def __repr__(self) -> str:   # never the token
+        return (f"ReplayClient({list(self.addresses)!r}, table={self.table!r}, "
+                f"authenticated={self._token is not None}, tls={self.tls is not None})")
 
     # -- pickling by address ---------------------------------------------------------------------------
     def __getstate__(self) -> dict:
+        # The token travels with the client (Ray hands clients to actors on other nodes); it is never
+        # printed (see __repr__).
         return {"addresses": self.addresses, "table": self.table, "timeout": self.timeout,
                 "max_message_bytes": self.max_message_bytes, "refresh_interval_s": self.refresh_interval_s,
-                "seed": self.seed}
+                "seed": self.seed, "_token": self._token, "tls": self.tls}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -214,6 +262,17 @@ class ReplayClient:
         self._pool: futures.ThreadPoolExecutor | None = None
         self._config: TableConfig | None = None
         self._rng = random.Random(self.seed)
+        self._metadata = metadata(self._token)
+        # A fresh session per client object (and per unpickled copy): writer ids are never shared, so
+        # two clients' independent sequence numbers can never be taken for repeats of each other.
+        self._session = secrets.token_hex(8)
+        self._writers: dict[str, tuple[str, threading.Lock]] = {}
+        self._sequences: dict[str, int] = {}
+        self.duplicate_inserts = 0
+        """Inserts a shard acknowledged as already stored (a retry whose first attempt was applied)."""
+        self.priority_update_counts = {"updated": 0, "stale_generation": 0, "unknown": 0}
+        """Totals over this client's ``update_priorities`` calls: applied, ignored as another generation's,
+        skipped as not live."""
 
     @property
     def num_shards(self) -> int:
@@ -227,6 +286,7 @@ class ReplayClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            *(self.tls.options() if self.tls is not None else []),
         ]
 
     def _get_shards(self) -> list[_Shard]:
@@ -235,7 +295,8 @@ class ReplayClient:
             with self._lock:
                 if self._shards is None:
                     options = self._channel_options()
-                    self._shards = [_Shard(i, a, options) for i, a in enumerate(self.addresses)]
+                    credentials = self.tls.credentials() if self.tls is not None else None
+                    self._shards = [_Shard(i, a, options, credentials) for i, a in enumerate(self.addresses)]
                     if len(self._shards) > 1:
                         # Persistent threads for concurrent per-shard calls (a gRPC future would start a
                         # thread per call on a synchronous channel).
@@ -263,8 +324,8 @@ class ReplayClient:
     # -- calls with retry ----------------------------------------------------------------------------
     def _deadline(self, timeout: float | None) -> float:
         t = self.timeout if timeout is None else float(timeout)
-        if not t >= 0:
-            raise ValueError(f"timeout={timeout} must be >= 0 seconds")
+        if not 0 <= t <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout={timeout} must be >= 0 and at most {MAX_TIMEOUT_S:g} seconds")
         return time.monotonic() + t
 
     def _error(self, shard: _Shard, e: grpc.RpcError, method: str) -> errors.ReplayError:
@@ -283,8 +344,21 @@ class ReplayClient:
             err.code = name
         return err
 
+    @staticmethod
+    def _retryable(e: grpc.RpcError, method: str) -> bool:
+        code = e.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        if code == grpc.StatusCode.ABORTED and method == "Insert":
+            return True   # another attempt of the same insert is still in progress on the shard
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+            return any(key == RETRY_METADATA_KEY for key, _ in trailers or ())
+        return False
+
     def _call(self, shard: _Shard, method: str, make_request, deadline: float, *, rpc_margin_s: float = 5.0):
-        """Call ``method`` on ``shard``; retry UNAVAILABLE with backoff until ``deadline``.
+        """Call ``method`` on ``shard``; retry transient refusals (see the module docstring) with backoff
+        until ``deadline``.
 
         ``make_request(remaining_s)`` builds the request (so that server-side waits use the time left);
         the gRPC deadline is ``remaining + rpc_margin_s`` so that the server's own, clearer
@@ -297,9 +371,10 @@ class ReplayClient:
             remaining = max(0.0, deadline - time.monotonic())
             attempts += 1
             try:
-                return getattr(shard.stub, method)(make_request(remaining), timeout=remaining + rpc_margin_s)
+                return getattr(shard.stub, method)(make_request(remaining), timeout=remaining + rpc_margin_s,
+                                                   metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                if not self._retryable(e, method):
                     raise self._error(shard, e, method) from None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -324,7 +399,10 @@ class ReplayClient:
                 return TableInfo(name=t.name, size=t.size, capacity=t.capacity, inserts=t.inserts,
                                  samples=t.samples, insert_blocked_s=t.insert_blocked_s,
                                  sample_blocked_s=t.sample_blocked_s, nbytes=t.nbytes,
-                                 priority_mass=t.priority_mass, storage=t.storage, sampler=t.sampler)
+                                 priority_mass=t.priority_mass, storage=t.storage, sampler=t.sampler,
+                                 generation=t.generation, stale_generation_updates=t.stale_generation_updates,
+                                 unknown_key_updates=t.unknown_key_updates, duplicate_inserts=t.duplicate_inserts,
+                                 refused_inserts=t.refused_inserts, dropped_invalid_rows=t.dropped_invalid_rows)
         raise errors.NotFound(f"replay shard {shard.index} ({shard.address}) has no table {self.table!r}; "
                               f"it serves {sorted(t.name for t in response.tables)}")
 
@@ -347,21 +425,41 @@ class ReplayClient:
         return self._config
 
     # -- insert --------------------------------------------------------------------------------------
+    def _writer(self, writer_key: str) -> tuple[str, threading.Lock]:
+        with self._lock:
+            writer = self._writers.get(writer_key)
+            if writer is None:
+                writer = self._writers[writer_key] = (f"{self._session}.{len(self._writers)}", threading.Lock())
+            return writer
+
     def insert(self, columns: Mapping[str, np.ndarray], *, writer_key: str, priorities: np.ndarray | None = None,
                timeout: float | None = None) -> np.ndarray:
-        """Insert a batch of rows (all-or-nothing) on ``writer_key``'s shard; return their global keys."""
+        """Insert a batch of rows (all-or-nothing, stored once) on ``writer_key``'s shard; return their
+        global keys (for a repeat the shard acknowledged: the keys the rows were stored under)."""
         if not isinstance(writer_key, str):
             raise TypeError(f"writer_key={writer_key!r} must be a str")
+        if len(writer_key) > MAX_WRITER_KEY_CHARS:
+            raise errors.InvalidArgument(f"writer_key of {len(writer_key)} chars; expected at most "
+                                         f"{MAX_WRITER_KEY_CHARS}")
         nbytes = payload_nbytes(columns) + (0 if priorities is None else np.asarray(priorities).nbytes)
         if nbytes + _REQUEST_OVERHEAD > self.max_message_bytes:
             raise errors.ResourceExhausted(
                 f"insert of {nbytes} bytes (+{_REQUEST_OVERHEAD} framing) exceeds the {self.max_message_bytes}-byte "
                 f"message limit; insert in smaller batches"
             )
-        request = InsertRequestParts(table=self.table, writer_key=writer_key, columns=columns,
-                                     priorities=None if priorities is None else np.asarray(priorities))
+        deadline = self._deadline(timeout)
         shard = self._get_shards()[shard_of_writer(writer_key, self.num_shards)]
-        response = self._call(shard, "Insert", request.to_bytes, self._deadline(timeout))
+        writer_id, writer_lock = self._writer(writer_key)
+        with writer_lock:   # one insert per writer at a time: sequence numbers reach the shard in order
+            sequence = self._sequences.get(writer_key, 0) + 1
+            self._sequences[writer_key] = sequence
+            request = InsertRequestParts(table=self.table, writer_key=writer_key, columns=columns,
+                                         priorities=None if priorities is None else np.asarray(priorities),
+                                         writer_id=writer_id, sequence=sequence)
+            response = self._call(shard, "Insert", request.to_bytes, deadline)
+        if response.duplicate:
+            with self._lock:
+                self.duplicate_inserts += 1
         self._note(shard, response.table_size, response.priority_mass)
         return global_keys(decode_array(response.keys, name="keys"), shard.index)
 
@@ -443,12 +541,24 @@ class ReplayClient:
             probabilities[row:end] = shares[s.index] * response.probabilities
             row = end
         size = sum(s.size for s in self._get_shards())
-        weights = importance_weights(probabilities=probabilities, size=max(size, 1), beta=beta)
+        # A shard's share times its own probability can underflow for masses far apart; the smallest
+        # normal float keeps the weight finite (it is then the batch's largest, so it normalizes to 1).
+        weights = importance_weights(probabilities=np.maximum(probabilities, np.finfo(np.float64).tiny),
+                                     size=max(size, 1), beta=beta)
         return SampleBatch(keys=keys, columns=columns, probabilities=probabilities, weights=weights)
 
     # -- priorities and checkpoints ------------------------------------------------------------------
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray, *, timeout: float | None = None) -> int:
-        """Send each (global key, priority) to its owning shard; return how many items were updated."""
+        """Send each (global key, priority) to its owning shard; return how many items were updated.
+
+        Keys of another generation (issued before the shard last started) and keys no longer live are
+        skipped by the shards; ``priority_update_counts`` adds up all three outcomes."""
+        result = self.update_priorities_result(keys, priorities, timeout=timeout)
+        return result["updated"]
+
+    def update_priorities_result(self, keys: np.ndarray, priorities: np.ndarray, *,
+                                 timeout: float | None = None) -> dict[str, int]:
+        """:meth:`update_priorities`, returning ``{"updated", "stale_generation", "unknown"}`` of this call."""
         keys = np.asarray(keys)
         priorities = np.asarray(priorities)
         if keys.ndim != 1 or priorities.shape != keys.shape:
@@ -465,20 +575,35 @@ class ReplayClient:
         deadline = self._deadline(timeout)
         targets = [s for s in shards if np.any(shard_index == s.index)]
 
-        def send(shard: _Shard) -> int:
+        def send(shard: _Shard) -> tuple[int, int, int]:
             mask = shard_index == shard.index
             request = replay_pb2.UpdatePrioritiesRequest(table=self.table)
             encode_array(local[mask], name="keys", out=request.keys)
             encode_array(priorities[mask], name="priorities", out=request.priorities)
             response = self._call(shard, "UpdatePriorities", lambda _r: request, deadline)
             self._note(shard, response.table_size, response.priority_mass)
-            return int(response.updated)
+            return int(response.updated), int(response.stale_generation), int(response.unknown)
 
-        return int(sum(self._each_shard(send, targets))) if targets else 0
+        totals = np.sum(self._each_shard(send, targets), axis=0) if targets else np.zeros(3, np.int64)
+        result = dict(zip(("updated", "stale_generation", "unknown"), (int(t) for t in totals), strict=True))
+        with self._lock:
+            for k, v in result.items():
+                self.priority_update_counts[k] += v
+        return result
 
     def checkpoint(self, *, timeout: float | None = None) -> list[str]:
         """Ask every shard to checkpoint; return the directories written, in shard order."""
         deadline = self._deadline(timeout)
         return self._each_shard(
             lambda s: self._call(s, "Checkpoint", lambda _r: replay_pb2.CheckpointRequest(), deadline).path,
+            self._get_shards())
+
+    def rebase_rate_limiter(self, *, timeout: float | None = None) -> list[str]:
+        """Re-centre this table's rate-limiter band on every shard (``RateLimiter.rebase``), so that after
+        a resume neither the actors' inserts nor the learner's samples stay blocked; returns each shard's
+        limiter counts after it. Call it once the learner restored and before the actors start."""
+        deadline = self._deadline(timeout)
+        request = replay_pb2.RebaseRateLimiterRequest(table=self.table)
+        return self._each_shard(
+            lambda s: "; ".join(self._call(s, "RebaseRateLimiter", lambda _r: request, deadline).limiters),
             self._get_shards())

@@ -18,6 +18,13 @@ Arrays travel little-endian in C order. Decoding is zero-copy: the result is a r
 message's bytes (callers that need to write copy, which they usually do anyway when they gather several
 shards into one batch). Decoding refuses anything that does not describe a dense numeric array, with an
 ``InvalidArgument`` naming the field, so a malformed request never reaches a table.
+
+Decoding is bounded (``replay.limits``): every string's length, every array's number of dimensions and
+each dimension, and the number of columns are checked on the raw bytes before anything is built from
+them; a dtype must be one of the canonical names in :data:`DTYPE_NAMES` (checked as a plain string, so a
+hostile dtype never reaches numpy's parser); the element count is computed with Python integers, so no
+shape can overflow. Messages repeat a client's values only as a short prefix (``replay.limits.clip``).
+Any malformed input raises ``InvalidArgument``, never another exception.
 """
 
 from __future__ import annotations
@@ -29,11 +36,26 @@ from collections.abc import Mapping
 import numpy as np
 
 from replay.errors import InvalidArgument
+from replay.limits import (
+    MAX_COLUMNS,
+    MAX_DIM,
+    MAX_DTYPE_CHARS,
+    MAX_NAME_CHARS,
+    MAX_NDIM,
+    MAX_WRITER_KEY_CHARS,
+    clip,
+)
 from replay.proto import replay_pb2
 
 # Kinds a replay column may have: bool, signed/unsigned int, float, complex. Object, string, void and
 # datetime arrays have no portable raw-bytes form (object arrays would need pickle).
 _NUMERIC_KINDS = frozenset("biufc")
+DTYPE_NAMES = frozenset([
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128",
+])
+"""The dtype names the wire accepts: numpy's canonical names of the fixed-size numeric dtypes."""
+_DTYPES = {name: np.dtype(name) for name in DTYPE_NAMES}
 
 
 def _wire_array(array: np.ndarray, *, name: str) -> np.ndarray:
@@ -168,13 +190,16 @@ class InsertRequestParts:
     """
 
     def __init__(self, *, table: str, writer_key: str, columns: Mapping[str, np.ndarray],
-                 priorities: np.ndarray | None = None):
+                 priorities: np.ndarray | None = None, writer_id: str = "", sequence: int = 0):
         parts = _Parts()
         parts.add(_string(1, table))
         parts.add(_string(2, writer_key))
         _columns_parts(parts, 3, columns)
         if priorities is not None:
             parts.add_message(4, _array_parts(np.asarray(priorities), name="priorities"))
+        parts.add(_string(6, writer_id))
+        if sequence:
+            parts.add(_tag(7, 0) + _varint(int(sequence)))
         self._parts = parts
 
     @property
@@ -230,12 +255,27 @@ def _fields(buf, pos: int, end: int):
         yield field, wire_type, value
 
 
-def _text(buf, span: tuple[int, int]) -> str:
-    return bytes(buf[span[0]:span[1]]).decode("utf-8")
+def _text(buf, span: tuple[int, int], *, limit: int, what: str) -> str:
+    """The UTF-8 string at ``span``, refused (before it is copied) if longer than ``limit`` bytes."""
+    length = span[1] - span[0]
+    if length > limit:
+        raise InvalidArgument(f"{what} of {length} bytes (starting {clip(bytes(buf[span[0]:span[0] + 16]), 16)}); "
+                              f"expected at most {limit}")
+    raw = bytes(buf[span[0]:span[1]])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{what} {clip(raw)} is not valid UTF-8") from None
 
 
 def _double(buf, span: tuple[int, int]) -> float:
     return struct.unpack_from("<d", buf, span[0])[0]
+
+
+def _add_dim(shape: list[int], value: int, *, name: str) -> None:
+    if len(shape) >= MAX_NDIM:
+        raise InvalidArgument(f"{name}: more than {MAX_NDIM} dimensions; expected at most {MAX_NDIM}")
+    shape.append(value - (1 << 64) if value >> 63 else value)
 
 
 def _array_view(data: bytes, buf, span: tuple[int, int], *, name: str) -> np.ndarray:
@@ -244,14 +284,14 @@ def _array_view(data: bytes, buf, span: tuple[int, int], *, name: str) -> np.nda
         if field == 1 and wire_type == 2:
             data_span = value
         elif field == 2 and wire_type == 2:
-            dtype_name = _text(buf, value)
+            dtype_name = _text(buf, value, limit=MAX_DTYPE_CHARS, what=f"{name}: dtype")
         elif field == 3 and wire_type == 2:      # packed
             pos, end = value
             while pos < end:
                 d, pos = _read_varint(buf, pos, end)
-                shape.append(d - (1 << 64) if d >> 63 else d)
+                _add_dim(shape, d, name=name)
         elif field == 3 and wire_type == 0:      # unpacked (also valid protobuf)
-            shape.append(value - (1 << 64) if value >> 63 else value)
+            _add_dim(shape, value, name=name)
     message = _ArrayFields(dtype_name, shape)
     return _checked_view(message, data, data_span, name=name)
 
@@ -267,19 +307,23 @@ class _ArrayFields:
 def _checked_view(message, data: bytes, span: tuple[int, int], *, name: str) -> np.ndarray:
     """A view of ``data[span]`` as ``message.dtype``/``message.shape``, after checking that they fit."""
     # Only canonical names ("float32", not "f4" or "<f4") are accepted, so that what the schema says and
-    # what the wire says compare as plain strings.
-    try:
-        dtype = np.dtype(message.dtype)
-    except TypeError:
-        dtype = None
-    if dtype is None or dtype.name != message.dtype or dtype.kind not in _NUMERIC_KINDS:
+    # what the wire says compare as plain strings; and only from a fixed set, so numpy never parses them.
+    dtype = _DTYPES.get(message.dtype) if isinstance(message.dtype, str) else None
+    if dtype is None:
         raise InvalidArgument(
-            f"{name}: dtype {message.dtype!r} is not a numeric numpy dtype name; expected e.g. 'float32', 'uint8'"
+            f"{name}: dtype {clip(message.dtype)} is not a numeric numpy dtype name; expected e.g. 'float32', 'uint8'"
         )
+    if len(message.shape) > MAX_NDIM:
+        raise InvalidArgument(f"{name}: {len(message.shape)} dimensions; expected at most {MAX_NDIM}")
     shape = tuple(int(d) for d in message.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{name}: shape {shape} has a negative dimension")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(d > MAX_DIM for d in shape):
+        raise InvalidArgument(f"{name}: shape {shape} has a dimension above {MAX_DIM}")
+    count = 1
+    for d in shape:     # Python ints: no shape can overflow the product
+        count *= d
+    expected = count * dtype.itemsize
     length = span[1] - span[0]
     if length != expected:
         raise InvalidArgument(
@@ -294,18 +338,27 @@ def _columns_entry(data: bytes, buf, span: tuple[int, int]) -> tuple[str, np.nda
     key, value_span = "", None
     for field, wire_type, value in _fields(buf, *span):
         if field == 1 and wire_type == 2:
-            key = _text(buf, value)
+            key = _text(buf, value, limit=MAX_NAME_CHARS, what="column name")
         elif field == 2 and wire_type == 2:
             value_span = value
     if value_span is None:
         value_span = (span[1], span[1])    # an entry without a value is an empty Array
-    return key, _array_view(data, buf, value_span, name=f"column {key!r}")
+    return key, _array_view(data, buf, value_span, name=f"column {clip(key)}")
+
+
+def _add_column(columns: dict[str, np.ndarray], entry: tuple[str, np.ndarray]) -> None:
+    name, array = entry
+    if name in columns:
+        raise InvalidArgument(f"column {clip(name)} appears twice; expected each column once")
+    if len(columns) >= MAX_COLUMNS:
+        raise InvalidArgument(f"more than {MAX_COLUMNS} columns; expected at most {MAX_COLUMNS}")
+    columns[name] = array
 
 
 class InsertRequestView:
     """A parsed ``InsertRequest`` whose arrays are read-only views into the request bytes."""
 
-    __slots__ = ("table", "writer_key", "columns", "priorities", "timeout_s")
+    __slots__ = ("table", "writer_key", "columns", "priorities", "timeout_s", "writer_id", "sequence")
 
     def __init__(self, data: bytes):
         buf = memoryview(data)
@@ -314,18 +367,42 @@ class InsertRequestView:
         self.columns: dict[str, np.ndarray] = {}
         self.priorities: np.ndarray | None = None
         self.timeout_s: float | None = None
+        self.writer_id = ""
+        self.sequence = 0
         for field, wire_type, value in _fields(buf, 0, len(buf)):
             if field == 1 and wire_type == 2:
-                self.table = _text(buf, value)
+                self.table = _text(buf, value, limit=MAX_NAME_CHARS, what="table name")
             elif field == 2 and wire_type == 2:
-                self.writer_key = _text(buf, value)
+                self.writer_key = _text(buf, value, limit=MAX_WRITER_KEY_CHARS, what="writer key")
             elif field == 3 and wire_type == 2:
-                name, array = _columns_entry(data, buf, value)
-                self.columns[name] = array
+                _add_column(self.columns, _columns_entry(data, buf, value))
             elif field == 4 and wire_type == 2:
                 self.priorities = _array_view(data, buf, value, name="priorities")
             elif field == 5 and wire_type == 1:
                 self.timeout_s = _double(buf, value)
+            elif field == 6 and wire_type == 2:
+                self.writer_id = _text(buf, value, limit=MAX_WRITER_KEY_CHARS, what="writer id")
+            elif field == 7 and wire_type == 0:
+                self.sequence = value
+
+
+class UpdatePrioritiesRequestView:
+    """A parsed ``UpdatePrioritiesRequest`` (bounded like :class:`InsertRequestView`)."""
+
+    __slots__ = ("table", "keys", "priorities")
+
+    def __init__(self, data: bytes):
+        buf = memoryview(data)
+        self.table = ""
+        self.keys = np.zeros(0, np.uint64)
+        self.priorities = np.zeros(0, np.float64)
+        for field, wire_type, value in _fields(buf, 0, len(buf)):
+            if field == 1 and wire_type == 2:
+                self.table = _text(buf, value, limit=MAX_NAME_CHARS, what="table name")
+            elif field == 2 and wire_type == 2:
+                self.keys = _array_view(data, buf, value, name="keys")
+            elif field == 3 and wire_type == 2:
+                self.priorities = _array_view(data, buf, value, name="priorities")
 
 
 class SampleResponseView:
@@ -342,8 +419,7 @@ class SampleResponseView:
         self.priority_mass = 0.0
         for field, wire_type, value in _fields(buf, 0, len(buf)):
             if field == 1 and wire_type == 2:
-                name, array = _columns_entry(data, buf, value)
-                self.columns[name] = array
+                _add_column(self.columns, _columns_entry(data, buf, value))
             elif field == 2 and wire_type == 2:
                 self.keys = _array_view(data, buf, value, name="keys")
             elif field == 3 and wire_type == 2:

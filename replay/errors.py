@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 __all__ = [
+    "Aborted",
     "Cancelled",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -23,6 +24,7 @@ __all__ = [
     "NotFound",
     "ReplayError",
     "ResourceExhausted",
+    "Unauthenticated",
 ]
 
 
@@ -45,9 +47,25 @@ class FailedPrecondition(ReplayError):
 
 
 class ResourceExhausted(ReplayError):
-    """A message or request exceeds a size limit."""
+    """A message or request exceeds a size limit, or too many calls already wait on the rate limiter
+    (then ``retryable`` is True: the shard sends trailing metadata ``evergreen-retry: 1`` and the client
+    retries with backoff)."""
 
     code = "RESOURCE_EXHAUSTED"
+    retryable = False
+
+
+class Aborted(ReplayError):
+    """A concurrent call conflicts with this one (another insert of the same writer is in progress);
+    retrying later is safe."""
+
+    code = "ABORTED"
+
+
+class Unauthenticated(ReplayError):
+    """The call carried no token or the wrong one (the message never repeats what was sent)."""
+
+    code = "UNAUTHENTICATED"
 
 
 class DeadlineExceeded(ReplayError, TimeoutError):

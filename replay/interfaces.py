@@ -75,8 +75,20 @@ class Storage(Protocol):
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(json-able metadata, named arrays) capturing the storage exactly."""
 
+    def snapshot(self) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(meta, copied, live)`` for a checkpoint written while the table keeps serving (under the
+        table lock; must be fast). ``copied`` are copies taken now; ``live`` are the storage's own arrays,
+        written to disk later outside the lock. Together they are :meth:`state_dict`. Only the rows of
+        items that commits overwrite (``evict_before``) may change in live arrays before the write ends;
+        the table drops those items from the checkpoint, so a live array must hold nothing else that
+        commits rewrite."""
+
     def load_state_dict(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> None:
         """Restore from :meth:`state_dict`; ValueError naming what does not fit."""
+
+    def compact(self, *, keep: np.ndarray, end: int) -> None:
+        """Keep only the live items ``keep`` (ascending keys), renumbered ``[end - len(keep), end)`` in
+        the same order (a restored shard drops rows that violate the schema's bounds this way)."""
 
 
 @runtime_checkable
@@ -115,3 +127,6 @@ class Sampler(Protocol):
 
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Restore from :meth:`state_dict`; ValueError naming what does not fit."""
+
+    def compact(self, *, keep: np.ndarray, end: int) -> None:
+        """As :meth:`Storage.compact`: the items ``keep`` now live at keys ``[end - len(keep), end)``."""

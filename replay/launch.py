@@ -1,15 +1,24 @@
 """Start replay shards as subprocesses (``python -m replay.server``) and manage their lifetime.
 
+    from replay.auth import ensure_token_file
     from replay.launch import ShardProcess
     from replay.client import ReplayClient
 
-    shards = [ShardProcess([config], checkpoint_dir=f"ckpt/{i}", metrics_port=0, shard_index=i) for i in range(2)]
-    client = ReplayClient([s.address for s in shards])
+    token = ensure_token_file("runs/r1/replay.token")
+    shards = [ShardProcess([config], checkpoint_dir=f"ckpt/{i}", metrics_port=0, shard_index=i,
+                           token_file="runs/r1/replay.token") for i in range(2)]
+    client = ReplayClient([s.address for s in shards], token=token)
     ...
     shards[0].kill()          # SIGKILL, as a crash would
     shards[0].restart()       # same port (so the client's address stays valid), restores its checkpoint
     for s in shards:
         s.stop()              # SIGTERM: the shard checkpoints (if it has a directory) and exits
+
+Authentication: ``token_file`` (mode 0600) is passed as ``--token-file``; a ``token`` given as a string
+is written to a private temporary file (mode 0600 in a 0700 directory, removed when this object goes)
+and passed the same way, never on the command line (which other users can read in ``ps``). Without
+either, the shard serves with ``--insecure-no-auth``. ``tls`` (``replay.auth.ServerTls``) is written to
+that private directory too. ``rebase_limiter_on_restore`` and ``max_blocked_calls`` are passed through.
 
 With ``exit_with_parent`` (the default) a shard stops by itself, checkpointing, when the process that
 launched it dies without stopping it (SIGKILL, crash). The constructor returns once the shard printed
@@ -23,14 +32,18 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from replay.auth import ServerTls, write_token_file
 from replay.server import READY_PREFIX
 from replay.table import TableConfig
 
@@ -53,10 +66,40 @@ class ShardProcess:
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         exit_with_parent: bool = True,
+        token: str | None = None,
+        token_file: str | os.PathLike | None = None,
+        tls: ServerTls | None = None,
+        rebase_limiter_on_restore: bool = False,
+        max_blocked_calls: int | None = None,
     ):
         self.tables = list(tables)
         if not self.tables:
             raise ValueError("tables is empty; a shard needs at least one TableConfig")
+        if token is not None and token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        self._private: Path | None = None
+        if token is not None or tls is not None:
+            # Secrets go to files only this user can read; the command line is visible to everyone.
+            self._private = Path(tempfile.mkdtemp(prefix="replay-shard-"))
+            os.chmod(self._private, 0o700)
+            weakref.finalize(self, shutil.rmtree, str(self._private), True)
+        if token is not None:
+            token_file = self._private / "token"
+            write_token_file(token_file, token)
+        self.token_file = Path(token_file) if token_file is not None else None
+        self._tls_files: list[str] = []
+        if tls is not None:
+            names = [("--tls-cert-file", "cert.pem", tls.cert_pem), ("--tls-key-file", "key.pem", tls.key_pem),
+                     ("--tls-client-ca-file", "client-ca.pem", tls.client_ca_pem)]
+            for flag, name, pem in names:
+                if pem is not None:
+                    path = self._private / name
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(pem)
+                    self._tls_files += [flag, str(path)]
+        self.rebase_limiter_on_restore = rebase_limiter_on_restore
+        self.max_blocked_calls = max_blocked_calls
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.shard_index = int(shard_index)
         self.host = host
@@ -104,6 +147,15 @@ class ShardProcess:
             cmd += ["--metrics-port", str(metrics_port)]
         if self.exit_with_parent:
             cmd.append("--exit-with-parent")
+        if self.token_file is not None:
+            cmd += ["--token-file", str(self.token_file)]
+        else:
+            cmd.append("--insecure-no-auth")
+        cmd += self._tls_files
+        if self.rebase_limiter_on_restore:
+            cmd.append("--rebase-limiter-on-restore")
+        if self.max_blocked_calls is not None:
+            cmd += ["--max-blocked-calls", str(self.max_blocked_calls)]
         return cmd + self.extra_args
 
     def _start(self, *, port: int, metrics_port: int | None) -> None:

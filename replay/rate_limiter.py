@@ -2,7 +2,7 @@
 
 Arithmetic (all counts are rows; ``inserts`` and ``samples`` are totals since the table was created)::
 
-    diff     = inserts * spi - samples          # how far inserts are "ahead" of samples
+    diff     = inserts * spi - samples - shift  # how far inserts are "ahead" of samples
     offset   = spi * min_size_to_sample         # diff after filling to min size with no samples yet
     min_diff = offset - error_buffer
     max_diff = offset + error_buffer
@@ -11,7 +11,22 @@ Arithmetic (all counts are rows; ``inserts`` and ``samples`` are totals since th
     insert of n rows  allowed  iff  size <  min_size_to_sample  or   diff + n * spi <= max_diff
 
 So samplers may run at most ``error_buffer`` rows below the target ratio and inserters at most
-``error_buffer`` above it, measured from the point where the table became sampleable. While the table is
+``error_buffer`` above it, measured from the point where the table became sampleable. ``shift`` is 0
+until :meth:`RateLimiter.rebase` moves the baseline (see below).
+
+The arithmetic is exact: ``samples_per_insert`` and ``error_buffer`` are taken as the nearest fractions
+with denominators up to 10^6 (``0.1`` is exactly 1/10) and the comparisons run on integers, so an insert
+whose ``n * spi`` exactly fills the band (``2 * error_buffer``) waits for samples instead of being refused
+because ``30 * 0.1`` rounds to ``3.0000000000000004``.
+
+Rebasing. ``rebase()`` sets ``shift`` so that ``diff == offset``, the middle of the band: from there
+inserts may run ``error_buffer`` sampled rows ahead and samples ``error_buffer`` rows behind, so neither
+side can be blocked for good. A shard restored after a crash uses it: its checkpointed counts are newer
+(or older) than the learner's checkpoint, and the learner and actors restart with their own counters,
+so the restored ``diff`` can sit at one edge of the band with the other side waiting on a peer that
+lost its place. The per-shard counts cannot be recomputed from the learner's (it counts updates over
+all shards), so rebasing forgives the at most ``error_buffer`` rows of ratio debt instead. The insert
+and sample totals themselves are never changed (they are exported as monotonic counters). While the table is
 smaller than ``min_size_to_sample`` inserts are never blocked (no sample could ever unblock them).
 With ``samples_per_insert=None`` only the minimum size applies: inserts never block, samples need
 ``size >= min_size_to_sample``.
@@ -53,6 +68,12 @@ Example::
     rl.wait(cond, side="sample", rows=5, ready=lambda: rl.can_sample(5, size=5),
             never=lambda: rl.sample_never_possible(5, size=5), closed=lambda: False,
             describe=lambda: rl.describe(size=5), timeout=0)          # ready: returns at once
+    rl.rebase()                                # diff = offset = 2: samples and inserts may proceed again
+
+A blocked call can also be ended by its caller: ``wait(..., guard=g)`` calls ``g.enter(wake)`` once
+before it first blocks (the server refuses the call there if too many are already waiting, and arranges
+for ``wake()`` when the RPC is cancelled), ends with Cancelled as soon as ``g.cancelled()``, never waits
+past ``g.time_left()`` (the RPC's deadline), and calls ``g.exit()`` when it stops waiting.
 """
 
 from __future__ import annotations
@@ -61,10 +82,34 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from fractions import Fraction
+from typing import Protocol
 
 from replay.errors import Cancelled, DeadlineExceeded, FailedPrecondition
 
-__all__ = ["QueueRateLimiter", "RateLimiter"]
+__all__ = ["QueueRateLimiter", "RateLimiter", "WaitGuard"]
+
+_MAX_DENOMINATOR = 10**6
+
+
+class WaitGuard(Protocol):
+    """What a blocked call's caller provides (the server's per-RPC guard; see the module docstring)."""
+
+    def enter(self, wake: Callable[[], None]) -> None:
+        """The call is about to block: raise to refuse it; arrange ``wake()`` when the caller goes away."""
+
+    def exit(self) -> None:
+        """The call stopped waiting (ready, refused, timed out or cancelled)."""
+
+    def cancelled(self) -> bool:
+        """True once the caller went away (the RPC was cancelled or its deadline passed)."""
+
+    def time_left(self) -> float | None:
+        """Seconds until the caller's deadline, or None without one."""
+
+
+def _exact(value: float) -> Fraction:
+    return Fraction(value).limit_denominator(_MAX_DENOMINATOR)
 
 
 class RateLimiter:
@@ -85,6 +130,14 @@ class RateLimiter:
         self.samples = 0
         self.insert_blocked_s = 0.0
         self.sample_blocked_s = 0.0
+        # Everything below is in units of 1/_scale sampled rows, so that every comparison is on integers.
+        spi = _exact(self.samples_per_insert or 0.0)
+        eb = _exact(self.error_buffer)
+        self._scale = math.lcm(spi.denominator, eb.denominator)
+        self._spi = int(spi * self._scale)
+        self._eb = int(eb * self._scale)
+        self._offset = self._spi * self.min_size_to_sample
+        self._shift = 0
 
     @staticmethod
     def validate_config(
@@ -120,36 +173,43 @@ class RateLimiter:
             )
 
     # ------------------------------------------------------------ arithmetic
+    def _diff(self) -> int:
+        return self.inserts * self._spi - self.samples * self._scale - self._shift
+
     @property
     def diff(self) -> float:
-        return self.inserts * (self.samples_per_insert or 0.0) - self.samples
+        return self._diff() / self._scale
 
     @property
     def min_diff(self) -> float:
-        return (self.samples_per_insert or 0.0) * self.min_size_to_sample - self.error_buffer
+        return (self._offset - self._eb) / self._scale
 
     @property
     def max_diff(self) -> float:
-        return (self.samples_per_insert or 0.0) * self.min_size_to_sample + self.error_buffer
+        return (self._offset + self._eb) / self._scale
 
     def can_insert(self, n: int, *, size: int) -> bool:
         if self.samples_per_insert is None or size < self.min_size_to_sample:
             return True
-        return (self.inserts + n) * self.samples_per_insert - self.samples <= self.max_diff
+        return self._diff() + n * self._spi <= self._offset + self._eb
 
     def can_sample(self, batch_size: int, *, size: int) -> bool:
         if size < self.min_size_to_sample:
             return False
         if self.samples_per_insert is None:
             return True
-        return self.diff - batch_size >= self.min_diff
+        return self._diff() - batch_size * self._scale >= self._offset - self._eb
+
+    def rebase(self) -> None:
+        """Move the baseline so that ``diff`` is the middle of the band (see the module docstring)."""
+        self._shift += self._diff() - self._offset
 
     def insert_never_possible(self, n: int, *, size: int) -> str | None:
         """Why a blocked insert of ``n`` rows can never proceed, or None if it may still proceed."""
         spi = self.samples_per_insert
         if spi is None or self.can_insert(n, size=size):
             return None
-        if n * spi > 2 * self.error_buffer:
+        if n * self._spi > 2 * self._eb:
             return (
                 f"an insert of {n} rows raises inserts*samples_per_insert by {n * spi:g}, more than the whole "
                 f"band 2*error_buffer = {2 * self.error_buffer:g} between min_diff {self.min_diff:g} and "
@@ -165,7 +225,7 @@ class RateLimiter:
             return None
         if self.can_sample(batch_size, size=size):
             return None
-        if batch_size > 2 * self.error_buffer:
+        if batch_size * self._scale > 2 * self._eb:
             return (
                 f"a sample of {batch_size} rows needs diff >= min_diff + {batch_size} = "
                 f"{self.min_diff + batch_size:g}, but inserts cannot raise diff above max_diff "
@@ -204,11 +264,13 @@ class RateLimiter:
         closed: Callable[[], bool],
         describe: Callable[[], str],
         timeout: float | None,
+        guard: WaitGuard | None = None,
     ) -> None:
         """Block (``cond`` held) until ``ready()``; counts blocked seconds for ``side`` ("insert"/"sample").
 
-        Raises Cancelled if ``closed()``, FailedPrecondition if ``never()`` gives a reason, and
-        DeadlineExceeded after ``timeout`` seconds (``0`` = fail at once if it would block, None = forever).
+        Raises Cancelled if ``closed()`` or the ``guard``'s caller went away, FailedPrecondition if
+        ``never()`` gives a reason, and DeadlineExceeded after ``timeout`` seconds (``0`` = fail at once
+        if it would block, None = no limit but the guard's deadline).
         """
         if closed():
             raise Cancelled(f"{side} of {rows} rows: table is closed")
@@ -219,10 +281,24 @@ class RateLimiter:
             raise FailedPrecondition(f"{side} of {rows} rows can never proceed: {reason}")
         if timeout is not None and not (timeout >= 0):
             raise ValueError(f"timeout {timeout!r}: expected None or a number >= 0")
+        if timeout == 0:
+            raise DeadlineExceeded(f"{side} of {rows} rows blocked by the rate limiter (timeout 0 s): {describe()}")
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
+        if guard is not None:
+            left = guard.time_left()
+            if left is not None:
+                deadline = start + left if deadline is None else min(deadline, start + left)
+
+            def wake() -> None:
+                with cond:
+                    cond.notify_all()
+
+            guard.enter(wake)
         try:
             while True:
+                if guard is not None and guard.cancelled():
+                    raise Cancelled(f"{side} of {rows} rows: the caller went away while the call was blocked")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded(
@@ -238,6 +314,8 @@ class RateLimiter:
                 if reason:
                     raise FailedPrecondition(f"{side} of {rows} rows can never proceed: {reason}")
         finally:
+            if guard is not None:
+                guard.exit()
             blocked = time.monotonic() - start
             if side == "insert":
                 self.insert_blocked_s += blocked
@@ -251,13 +329,17 @@ class RateLimiter:
             "samples": self.samples,
             "insert_blocked_s": self.insert_blocked_s,
             "sample_blocked_s": self.sample_blocked_s,
+            # Exact, and independent of the scale (which depends on the configured ratio).
+            "shift": str(Fraction(self._shift, self._scale)),
         }
 
     def load_state_dict(self, meta: dict) -> None:
         ins, smp = int(meta["inserts"]), int(meta["samples"])
         if ins < 0 or smp < 0:
             raise ValueError(f"saved rate limiter counts inserts={ins}, samples={smp}; expected >= 0")
+        shift = Fraction(str(meta.get("shift", "0")))
         self.inserts, self.samples = ins, smp
+        self._shift = round(shift * self._scale)
         self.insert_blocked_s = float(meta.get("insert_blocked_s", 0.0))
         self.sample_blocked_s = float(meta.get("sample_blocked_s", 0.0))
 

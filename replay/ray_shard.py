@@ -6,9 +6,15 @@ on the node Ray chose, bound to ``host`` ("auto": this node's IP when the run sp
 127.0.0.1 otherwise), and reports the address clients should dial.
 
     shard = ShardActor.options(num_cpus=1, resources={"replay": 1}).remote(
-        [table_config], checkpoint_dir="/data/replay/shard-0", shard_index=0, host="auto", cluster=True)
+        [table_config], checkpoint_dir="/data/replay/shard-0", shard_index=0, host="auto", cluster=True,
+        token=token, rebase_limiter_on_restore=resume)
     address, metrics_port = ray.get(shard.endpoint.remote())
     ray.get(shard.stop.remote())        # final checkpoint, then the server exits
+
+``token`` (the run's token as a string: the driver's token file may not exist on the shard's node)
+is written to a private 0600 file on the shard's node and passed with ``--token-file``; ``token_file``
+names such a file that already exists there. ``tls`` is a ``replay.auth.ServerTls``. Both listeners
+bind ``host``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 import ray
 
+from replay.auth import ServerTls
 from replay.launch import ShardProcess
 from replay.table import TableConfig
 
@@ -35,6 +42,11 @@ class ShardHost:
         host: str = "auto",
         cluster: bool = False,
         metrics: bool = True,
+        token: str | None = None,
+        token_file: str | None = None,
+        tls: ServerTls | None = None,
+        rebase_limiter_on_restore: bool = False,
+        max_blocked_calls: int | None = None,
     ) -> None:
         if host == "auto":
             # Other nodes must reach a shard of a cluster run; a local run stays on loopback.
@@ -42,6 +54,8 @@ class ShardHost:
         self._shard = ShardProcess(
             list(tables), checkpoint_dir=checkpoint_dir, shard_index=shard_index, host=host,
             metrics_port=0 if metrics else None, extra_args=["--metrics-host", host],
+            token=token, token_file=token_file, tls=tls, rebase_limiter_on_restore=rebase_limiter_on_restore,
+            max_blocked_calls=max_blocked_calls,
         )
 
     def endpoint(self) -> tuple[str, int | None]:

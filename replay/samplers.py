@@ -25,6 +25,7 @@ import numpy as np
 
 from replay.errors import InvalidArgument
 from replay.interfaces import Sampler
+from replay.limits import MAX_ITEM_MASS, MIN_ITEM_MASS
 from replay.sum_tree import SumTree
 
 __all__ = [
@@ -38,8 +39,10 @@ __all__ = [
 ]
 
 
-def validate_priorities(priorities: Any, *, n: int) -> np.ndarray:
-    """Return ``priorities`` as a float64 vector of length ``n``; refuse NaN, inf and negatives.
+def validate_priorities(priorities: Any, *, n: int, exponent: float | None = None) -> np.ndarray:
+    """Return ``priorities`` as a float64 vector of length ``n``; refuse NaN, inf and negatives and, with
+    the table's ``exponent``, priorities whose ``priority ** exponent`` exceeds
+    ``replay.limits.MAX_ITEM_MASS`` (1e100), the bound that keeps the sum tree's total finite.
 
     The error names the first bad index and its value, e.g. ``priority[3] = nan``.
     """
@@ -53,6 +56,16 @@ def validate_priorities(priorities: Any, *, n: int) -> np.ndarray:
     if bad.any():
         i = int(np.argmax(bad))
         raise InvalidArgument(f"priority[{i}] = {float(arr[i])!r}; expected a finite value >= 0")
+    if exponent is not None and arr.size:
+        with np.errstate(over="ignore"):
+            top = float(arr.max()) ** float(exponent) if arr.max() > 0 else 0.0
+        if not top <= MAX_ITEM_MASS:
+            i = int(np.argmax(arr))
+            raise InvalidArgument(
+                f"priority[{i}] = {float(arr[i])!r}: priority ** priority_exponent = {top!r} exceeds "
+                f"{MAX_ITEM_MASS:g} (priority_exponent {exponent:g}); expected priorities whose "
+                f"priority ** priority_exponent <= {MAX_ITEM_MASS:g}, which keeps the sum of priorities finite"
+            )
     return arr
 
 
@@ -131,6 +144,9 @@ class UniformSampler:
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Nothing to restore."""
 
+    def compact(self, *, keep: np.ndarray, end: int) -> None:
+        """Uniform sampling needs no per-item state."""
+
 
 class FifoSampler(UniformSampler):
     """Queue: each item is handed out exactly once, oldest first; sampled items leave the table."""
@@ -166,8 +182,11 @@ class PrioritizedSampler:
         self.max_priority = 1.0
 
     def _mass(self, priorities: np.ndarray) -> np.ndarray:
-        # 0**0 would be 1 in numpy; a zero priority must stay unsampleable even with alpha 0.
-        return np.where(priorities > 0, priorities**self.alpha, 0.0)
+        # 0**0 would be 1 in numpy; a zero priority must stay unsampleable even with alpha 0. Positive
+        # masses are kept at least MIN_ITEM_MASS so that no draw's probability underflows to 0 (see
+        # replay.limits); validate_priorities already bounded them from above.
+        with np.errstate(under="ignore"):
+            return np.where(priorities > 0, np.maximum(priorities**self.alpha, MIN_ITEM_MASS), 0.0)
 
     def on_insert(self, *, first_key: int, n: int, priorities: np.ndarray | None) -> None:
         slots = np.arange(first_key, first_key + n, dtype=np.int64) % self.capacity
@@ -221,12 +240,20 @@ class PrioritizedSampler:
             "tree": self.tree.tree.copy()
         }
 
+    def compact(self, *, keep: np.ndarray, end: int) -> None:
+        leaves = self.tree.leaves().copy()
+        moved = np.zeros(self.capacity)
+        targets = np.arange(end - keep.size, end, dtype=np.int64)
+        moved[targets % self.capacity] = leaves[keep.astype(np.int64) % self.capacity]
+        self.tree.set(np.arange(self.capacity), moved)
+
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         if "tree" not in arrays:
             raise ValueError("saved prioritized sampler has no 'tree' array")
         mp = float(meta["max_priority"])
-        if not np.isfinite(mp) or mp < 0:
-            raise ValueError(f"saved max_priority {mp!r}; expected finite >= 0")
+        if not np.isfinite(mp) or mp < 0 or (mp > 0 and not mp**self.alpha <= MAX_ITEM_MASS):
+            raise ValueError(f"saved max_priority {mp!r}; expected finite >= 0 with max_priority ** alpha <= "
+                             f"{MAX_ITEM_MASS:g}")
         self.tree.load(arrays["tree"])
         self.max_priority = mp
 

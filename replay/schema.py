@@ -1,18 +1,32 @@
 """Table schemas: named fixed-shape fields; a batch is a dict of arrays with one leading row axis.
 
+A field may declare :class:`Bounds` on its values (an integer range, finite floats, a float range);
+an insert with a value outside them is refused with ``InvalidArgument`` naming the field, the row and
+the value, so that a schema-valid but meaningless row (``action = 7`` for a two-action env, a NaN
+reward) never reaches the table. Bounds are inclusive on both ends; ``Bounds.index(n)`` is the
+``[0, n)`` of a discrete action.
+
 Example::
 
     import numpy as np
-    from replay.schema import Field, Schema
+    from replay.schema import Bounds, Field, Schema
 
-    schema = Schema.parse("obs:float32:4,action:int64,reward:float32")
-    assert schema.fields[0] == Field("obs", "float32", (4,))
+    schema = Schema((
+        Field("obs", "float32", (4,)),
+        Field("action", "int64", bounds=Bounds.index(2)),            # 0 or 1
+        Field("reward", "float32", bounds=Bounds()),                 # finite
+        Field("discount", "float32", bounds=Bounds(low=0, high=1)),  # finite, in [0, 1]
+    ))
+    assert schema == Schema.parse("obs:float32:4,action:int64::0..1,reward:float32::finite,"
+                                  "discount:float32::0..1")
     rows = schema.validate_batch({
         "obs": np.zeros((2, 4), np.float32),
-        "action": np.zeros(2, np.int64),
+        "action": np.array([0, 1]),
         "reward": np.zeros(2, np.float32),
+        "discount": np.ones(2, np.float32),
     })
-    assert rows == 2 and schema.row_nbytes() == 16 + 8 + 4
+    assert rows == 2 and schema.row_nbytes() == 16 + 8 + 4 + 4
+    # an action of 7 is refused: "field 'action' row 1 value 7: expected an integer in [0, 1]"
 """
 
 from __future__ import annotations
@@ -25,17 +39,170 @@ from typing import Any
 import numpy as np
 
 from replay.errors import InvalidArgument
+from replay.limits import MAX_COLUMNS, MAX_NAME_CHARS, MAX_NDIM, clip
 
-__all__ = ["Field", "Schema"]
+__all__ = ["Bounds", "Field", "Schema"]
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Only plain numeric kinds: they have a fixed item size and a byte layout the wire format can carry.
 _ALLOWED_KINDS = {"b": "bool", "i": "signed int", "u": "unsigned int", "f": "float", "c": "complex"}
 
 
+def _number(value: Any, what: str) -> float | int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"bounds {what} {value!r}: expected a number or None")
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and not np.isfinite(value):
+        raise ValueError(f"bounds {what} {value!r}: expected a finite number (leave it None for no bound)")
+    return value
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Allowed values of a field: ``low <= value <= high`` (either may be None) and, for float
+    fields, ``finite`` (the default) refuses NaN and +-inf. NaN never satisfies a range.
+
+    >>> Bounds.index(4)
+    Bounds(low=0, high=3, finite=True)
+    >>> Bounds.parse("0..1"), Bounds.parse("finite"), Bounds.parse("..0.5").spec()
+    (Bounds(low=0, high=1, finite=True), Bounds(low=None, high=None, finite=True), '..0.5')
+    """
+
+    low: float | int | None = None
+    high: float | int | None = None
+    finite: bool = True
+
+    def __post_init__(self) -> None:
+        low, high = _number(self.low, "low"), _number(self.high, "high")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"bounds low {low!r} > high {high!r}: expected low <= high")
+        if not isinstance(self.finite, bool):
+            raise ValueError(f"bounds finite {self.finite!r}: expected True or False")
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+    @classmethod
+    def index(cls, n: int) -> Bounds:
+        """An integer in ``[0, n)``: a discrete action of an ``n``-action env."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"Bounds.index({n!r}): expected an int >= 1")
+        return cls(low=0, high=int(n) - 1)
+
+    def fits(self, dtype: np.dtype) -> None:
+        """ValueError unless these bounds make sense for ``dtype`` (integers need integer bounds)."""
+        if dtype.kind not in "iuf":
+            raise ValueError(f"bounds on a {dtype.name} field: expected an integer or float field")
+        if dtype.kind in "iu":
+            for what, v in (("low", self.low), ("high", self.high)):
+                if v is not None and not float(v).is_integer():
+                    raise ValueError(f"bounds {what} {v!r} on a {dtype.name} field: expected an integer")
+
+    def describe(self, dtype: np.dtype) -> str:
+        """What a value must be, e.g. ``an integer in [0, 1]``, ``a finite number >= 0``."""
+        kind = "an integer" if dtype.kind in "iu" else ("a finite number" if self.finite else "a number")
+        low, high = repr(self.low), repr(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{kind} in [{low}, {high}]"
+        if self.low is not None:
+            return f"{kind} >= {low}"
+        if self.high is not None:
+            return f"{kind} <= {high}"
+        return kind
+
+    def check(self, array: np.ndarray, *, field: str) -> None:
+        """InvalidArgument naming ``field``, the first offending row and its value."""
+        if array.size == 0:
+            return
+        kind = array.dtype.kind
+        # Fast path: min and max decide it (NaN propagates through both, so it fails every test).
+        lo, hi = array.min(), array.max()
+        if kind == "f":
+            ok = bool(np.isfinite(lo) and np.isfinite(hi)) if self.finite else not bool(np.isnan(lo) or np.isnan(hi))
+        else:
+            ok = True
+        if ok and self.low is not None:
+            ok = bool(lo >= self.low)
+        if ok and self.high is not None:
+            ok = bool(hi <= self.high)
+        if ok:
+            return
+        flat = array.reshape(array.shape[0], -1)
+        bad = self._bad(flat)
+        row, col = np.unravel_index(int(np.argmax(bad)), bad.shape)
+        value = flat[row, col].item()
+        where = f" element {col}" if flat.shape[1] > 1 else ""
+        raise InvalidArgument(
+            f"field {field!r} row {row}{where} value {value!r}: expected {self.describe(array.dtype)}"
+        )
+
+    def _bad(self, flat: np.ndarray) -> np.ndarray:
+        bad = np.zeros(flat.shape, dtype=bool)
+        if flat.dtype.kind == "f":
+            bad |= ~np.isfinite(flat) if self.finite else np.isnan(flat)
+        if self.low is not None:
+            bad |= ~(flat >= self.low)
+        if self.high is not None:
+            bad |= ~(flat <= self.high)
+        return bad
+
+    def invalid_rows(self, array: np.ndarray) -> np.ndarray:
+        """bool ``[rows]``: which rows of ``array`` (``[rows, *shape]``) hold a value outside the bounds."""
+        if array.size == 0:
+            return np.zeros(array.shape[0], dtype=bool)
+        return self._bad(array.reshape(array.shape[0], -1)).any(axis=1)
+
+    def spec(self) -> str:
+        """The form :meth:`parse` reads: ``finite``, ``LOW..HIGH``, ``LOW..``, ``..HIGH`` (a range of a
+        float field is finite too; ``nonfinite:`` prefixes a range that allows +-inf)."""
+        if self.low is None and self.high is None:
+            return "finite" if self.finite else "any"
+        text = ("" if self.low is None else f"{self.low!r}") + ".." + ("" if self.high is None else f"{self.high!r}")
+        return text if self.finite else "nonfinite:" + text
+
+    @classmethod
+    def parse(cls, text: str) -> Bounds:
+        text = text.strip()
+        finite = True
+        if text.startswith("nonfinite:"):
+            finite, text = False, text[len("nonfinite:"):]
+        if text == "finite" and finite:
+            return cls()
+        if text == "any" and finite:
+            return cls(finite=False)
+        if ".." not in text:
+            raise ValueError(f"bounds {clip(text)}: expected 'finite', 'LOW..HIGH', 'LOW..' or '..HIGH'")
+        low_text, high_text = text.split("..", 1)
+
+        def num(t: str) -> float | int | None:
+            t = t.strip()
+            if not t:
+                return None
+            try:
+                return int(t)
+            except ValueError:
+                try:
+                    return float(t)
+                except ValueError:
+                    raise ValueError(f"bounds {clip(text)}: {clip(t)} is not a number") from None
+
+        return cls(low=num(low_text), high=num(high_text), finite=finite)
+
+    def to_json(self) -> dict:
+        return {"low": self.low, "high": self.high, "finite": self.finite}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Bounds:
+        if not isinstance(data, Mapping) or set(data) - {"low", "high", "finite"}:
+            raise ValueError(f"bounds json {clip(data)}: expected a dict with 'low', 'high', 'finite'")
+        return cls(low=data.get("low"), high=data.get("high"), finite=data.get("finite", True))
+
+
 @dataclass(frozen=True)
 class Field:
-    """One named column: ``dtype`` is a numpy dtype name, ``shape`` the per-row shape (``()`` = scalar).
+    """One named column: ``dtype`` is a numpy dtype name, ``shape`` the per-row shape (``()`` = scalar),
+    ``bounds`` the values it may hold (None: any value of the dtype).
 
     The dtype is canonicalised (``"float"`` -> ``"float64"``) so that equal schemas compare equal.
     """
@@ -43,10 +210,14 @@ class Field:
     name: str
     dtype: str
     shape: tuple[int, ...] = ()
+    bounds: Bounds | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            raise ValueError(f"field name {self.name!r}: expected an identifier like 'obs' or 'next_obs'")
+        if not isinstance(self.name, str) or len(self.name) > MAX_NAME_CHARS or not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"field name {clip(self.name)}: expected an identifier like 'obs' or 'next_obs' of at most "
+                f"{MAX_NAME_CHARS} characters"
+            )
         try:
             dt = np.dtype(self.dtype)
         except TypeError as err:
@@ -66,7 +237,16 @@ class Field:
             raise ValueError(
                 f"field {self.name!r}: shape {self.shape!r} must have positive integer dimensions"
             )
+        if len(shape) > MAX_NDIM - 1:
+            raise ValueError(f"field {self.name!r}: shape {shape} has more than {MAX_NDIM - 1} dimensions")
         object.__setattr__(self, "shape", shape)
+        if self.bounds is not None:
+            if not isinstance(self.bounds, Bounds):
+                raise ValueError(f"field {self.name!r}: bounds {self.bounds!r} is not a replay.schema.Bounds")
+            try:
+                self.bounds.fits(dt)
+            except ValueError as err:
+                raise ValueError(f"field {self.name!r}: {err}") from None
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -77,10 +257,17 @@ class Field:
         return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
 
     def spec(self) -> str:
-        """The ``name:dtype[:AxBxC]`` form that :meth:`Schema.parse` reads."""
-        if not self.shape:
-            return f"{self.name}:{self.dtype}"
-        return f"{self.name}:{self.dtype}:" + "x".join(str(d) for d in self.shape)
+        """The ``name:dtype[:AxBxC][:bounds]`` form that :meth:`Schema.parse` reads."""
+        text = f"{self.name}:{self.dtype}"
+        if self.shape or self.bounds is not None:
+            text += ":" + "x".join(str(d) for d in self.shape)
+        if self.bounds is not None:
+            text += ":" + self.bounds.spec()
+        return text
+
+    def layout(self) -> dict:
+        """Name, dtype and shape: what the stored arrays depend on (bounds only decide what is accepted)."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -93,6 +280,8 @@ class Schema:
         fields = tuple(self.fields)
         if not fields:
             raise ValueError("schema has no fields; expected at least one")
+        if len(fields) > MAX_COLUMNS:
+            raise ValueError(f"schema has {len(fields)} fields; expected at most {MAX_COLUMNS}")
         for f in fields:
             if not isinstance(f, Field):
                 raise ValueError(f"schema entry {f!r} is not a Field")
@@ -126,7 +315,8 @@ class Schema:
 
         Raises InvalidArgument naming the field and expected vs got for: missing or extra fields,
         non-array values, wrong dtype (no implicit casts), wrong per-row shape, row counts that differ
-        between fields, and an empty batch.
+        between fields, an empty batch, and values outside a field's bounds (naming the row and value).
+        Names a client sent are echoed cut to a short prefix.
         """
         if not isinstance(columns, Mapping):
             raise InvalidArgument(
@@ -140,7 +330,8 @@ class Schema:
             if missing:
                 parts.append(f"missing fields {missing}")
             if extra:
-                parts.append(f"unknown fields {extra}")
+                shown = ", ".join(clip(n) for n in extra[:4]) + (f", ... ({len(extra)} in all)" if len(extra) > 4 else "")
+                parts.append(f"unknown fields [{shown}]")
             raise InvalidArgument(f"batch {' and '.join(parts)}; expected exactly {list(expected)}")
         rows: int | None = None
         first = ""
@@ -164,11 +355,24 @@ class Schema:
         assert rows is not None
         if rows == 0:
             raise InvalidArgument("empty batch: expected at least one row")
+        for f in self.fields:
+            if f.bounds is not None:
+                f.bounds.check(columns[f.name], field=f.name)
         return rows
+
+    def layout(self) -> list[dict]:
+        """Each field's name, dtype and shape (what a checkpoint's arrays must match; bounds excluded)."""
+        return [f.layout() for f in self.fields]
 
     # ------------------------------------------------------------ serialisation
     def to_json(self) -> list[dict]:
-        return [{"name": f.name, "dtype": f.dtype, "shape": list(f.shape)} for f in self.fields]
+        out = []
+        for f in self.fields:
+            entry = f.layout()
+            if f.bounds is not None:  # absent rather than null: schemas without bounds keep their old form
+                entry["bounds"] = f.bounds.to_json()
+            out.append(entry)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Schema:
@@ -182,7 +386,9 @@ class Schema:
                 raise ValueError(
                     f"schema json entry {i} = {d!r}: expected a dict with 'name', 'dtype', 'shape'"
                 )
-            fields.append(Field(d["name"], d["dtype"], tuple(d.get("shape", ()))))
+            bounds = d.get("bounds")
+            fields.append(Field(d["name"], d["dtype"], tuple(d.get("shape", ())),
+                                None if bounds is None else Bounds.from_json(bounds)))
         return cls(tuple(fields))
 
     def spec(self) -> str:
@@ -190,7 +396,11 @@ class Schema:
 
     @classmethod
     def parse(cls, spec: str) -> Schema:
-        """Parse ``"obs:float32:4,action:int64,next_obs:uint8:4x84x84"`` (``;`` also separates fields)."""
+        """Parse ``"obs:float32:4,action:int64::0..1,next_obs:uint8:4x84x84"`` (``;`` also separates fields).
+
+        A field is ``name:dtype``, ``name:dtype:AxBxC`` or ``name:dtype:AxBxC:BOUNDS`` (the shape empty
+        for a scalar), with ``BOUNDS`` as in :meth:`Bounds.parse`: ``finite``, ``0..1``, ``0..``, ``..5``.
+        """
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"schema spec {spec!r}: expected 'name:dtype[:AxB],...'")
         fields = []
@@ -198,16 +408,22 @@ class Schema:
             part = part.strip()
             if not part:
                 continue
-            bits = part.split(":")
-            if len(bits) not in (2, 3):
+            bits = part.split(":", 3)
+            if len(bits) not in (2, 3, 4):
                 raise ValueError(f"schema field spec {part!r}: expected 'name:dtype' or 'name:dtype:AxBxC'")
             shape: tuple[int, ...] = ()
-            if len(bits) == 3 and bits[2].strip():
+            if len(bits) >= 3 and bits[2].strip():
                 try:
                     shape = tuple(int(d) for d in bits[2].lower().split("x"))
                 except ValueError as err:
                     raise ValueError(
                         f"schema field spec {part!r}: shape {bits[2]!r} is not like '4' or '4x84x84'"
                     ) from err
-            fields.append(Field(bits[0].strip(), bits[1].strip(), shape))
+            bounds = None
+            if len(bits) == 4:
+                try:
+                    bounds = Bounds.parse(bits[3])
+                except ValueError as err:
+                    raise ValueError(f"schema field spec {part!r}: {err}") from None
+            fields.append(Field(bits[0].strip(), bits[1].strip(), shape, bounds))
         return cls(tuple(fields))

@@ -92,6 +92,24 @@ class _Columns:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
+    def compact(self, keep: np.ndarray, end: int) -> None:
+        _compact_rows(list(self.arrays.values()), keep, end, self.capacity)
+
+
+def _compact_rows(arrays: list[np.ndarray], keep: np.ndarray, end: int, capacity: int) -> None:
+    """Move the rows of keys ``keep`` (ascending) to keys ``[end - len(keep), end)``, in place.
+
+    Each row moves to a key >= its own, so moving the newest first never overwrites a row still to be
+    moved (a chunk is read whole before it is written, for moves within the chunk)."""
+    targets = np.arange(end - keep.size, end, dtype=np.int64)
+    chunk = 4096
+    for hi in range(keep.size, 0, -chunk):
+        lo = max(0, hi - chunk)
+        src = keep[lo:hi].astype(np.int64) % capacity
+        dst = targets[lo:hi] % capacity
+        for array in arrays:
+            array[dst] = array[src]
+
 
 @dataclass
 class _RingPrepared:
@@ -130,6 +148,13 @@ class RingStorage:
 
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
         return {}, {f"field/{k}": v.copy() for k, v in self._cols.arrays.items()}
+
+    def snapshot(self) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        # Every array is a row column: written live (rows overwritten meanwhile are dropped by the table).
+        return {}, {}, {f"field/{k}": v for k, v in self._cols.arrays.items()}
+
+    def compact(self, *, keep: np.ndarray, end: int) -> None:
+        self._cols.compact(keep, end)
 
     def load_state_dict(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> None:
         expected = {f"field/{k}": v for k, v in self._cols.arrays.items()}
@@ -360,6 +385,16 @@ class AtariStorage:
         out.update(self._cols.gather(slots))
         return {f.name: out[f.name] for f in self.schema.fields}
 
+    def compact(self, *, keep: np.ndarray, end: int) -> None:
+        # Frames stay where they are; the items' frame indices and other fields move, and every frame's
+        # max key is recomputed from the items left (frames only dropped items used now evict nothing).
+        _compact_rows([self.index, *self._cols.arrays.values()], keep, end, self.capacity)
+        self.frame_maxkey[:] = -1
+        if keep.size:
+            keys = np.arange(end - keep.size, end, dtype=np.int64)
+            slots = self.index[keys % self.capacity]
+            np.maximum.at(self.frame_maxkey, slots.reshape(-1), np.repeat(keys, 2 * self.stack))
+
     # ------------------------------------------------------------------ accounting / state
     @property
     def nbytes(self) -> int:
@@ -390,12 +425,23 @@ class AtariStorage:
         return arrays
 
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        meta, copied, live = self.snapshot()
+        return meta, {**copied, **{k: v.copy() for k, v in live.items()}}
+
+    def snapshot(self) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        # The frame pool and the other fields' columns are written live. The per-frame hashes and max keys
+        # and the per-item indices are copied now: a pool position overwritten during the write then still
+        # has its old max key (below every kept item, so it evicts nothing after a restore) and its old
+        # hash (a dedup hit on it is refused by the byte comparison).
         meta = {
             "frames_written": self.frames_written,
             "frame_capacity": self.frame_capacity,
             "dedup_window": self.dedup_window,
         }
-        return meta, {k: v.copy() for k, v in self._arrays().items()}
+        arrays = self._arrays()
+        live_names = {"pool", *(f"field/{k}" for k in self._cols.arrays)}
+        copied = {k: v.copy() for k, v in arrays.items() if k not in live_names}
+        return meta, copied, {k: v for k, v in arrays.items() if k in live_names}
 
     def load_state_dict(self, meta: dict, arrays: Mapping[str, np.ndarray]) -> None:
         for key in ("frame_capacity", "dedup_window"):

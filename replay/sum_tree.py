@@ -154,7 +154,13 @@ class SumTree:
         return idx
 
     def load(self, tree: np.ndarray) -> None:
-        """Restore from a saved ``tree`` array (validated: shape, finite, non-negative, parents consistent)."""
+        """Restore from a saved ``tree`` array (validated: shape, finite, non-negative, parents consistent).
+
+        Parents are always stored as the float64 sum of their children (see the class docstring), so a
+        saved tree whose internal node differs from ``left + right`` in any bit, or with mass in the
+        padding leaves past ``capacity``, was not written by this class: it is refused, naming the
+        first such node, and nothing is loaded.
+        """
         arr = np.asarray(tree)
         if arr.shape != self.tree.shape or arr.dtype != np.float64:
             raise ValueError(
@@ -162,4 +168,21 @@ class SumTree:
             )
         if not np.isfinite(arr).all() or (arr < 0).any():
             raise ValueError("saved sum tree has non-finite or negative values")
+        leaves = self._leaves
+        padding = arr[leaves + self.capacity :]
+        if padding.any():
+            i = int(np.flatnonzero(padding)[0])
+            raise ValueError(
+                f"saved sum tree has mass {float(padding[i])!r} in padding leaf {self.capacity + i} "
+                f"(capacity {self.capacity}); expected 0"
+            )
+        children = arr[2 : 2 * leaves : 2] + arr[3 : 2 * leaves : 2]   # sums for nodes 1 .. leaves-1
+        wrong = arr[1:leaves] != children
+        if wrong.any() or arr[0] != 0:
+            node = 0 if arr[0] != 0 else int(np.argmax(wrong)) + 1
+            expected = 0.0 if node == 0 else float(children[node - 1])
+            raise ValueError(
+                f"saved sum tree node {node} is {float(arr[node])!r} but its children sum to {expected!r}; "
+                "the tree is corrupt"
+            )
         self.tree[:] = arr

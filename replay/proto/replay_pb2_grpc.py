@@ -59,6 +59,11 @@ class ReplayServiceStub:
                 request_serializer=replay__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=replay__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.RebaseRateLimiter = channel.unary_unary(
+                '/evergreen.replay.ReplayService/RebaseRateLimiter',
+                request_serializer=replay__pb2.RebaseRateLimiterRequest.SerializeToString,
+                response_deserializer=replay__pb2.RebaseRateLimiterResponse.FromString,
+                _registered_method=True)
 
 
 class ReplayServiceServicer:
@@ -94,6 +99,14 @@ class ReplayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebaseRateLimiter(self, request, context):
+        """Re-centre the rate limiter's band so that neither inserts nor samples stay blocked after a resume
+        (replay/rate_limiter.py, "Rebasing").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +134,11 @@ def add_ReplayServiceServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=replay__pb2.CheckpointRequest.FromString,
                     response_serializer=replay__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'RebaseRateLimiter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebaseRateLimiter,
+                    request_deserializer=replay__pb2.RebaseRateLimiterRequest.FromString,
+                    response_serializer=replay__pb2.RebaseRateLimiterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +276,33 @@ class ReplayService:
             '/evergreen.replay.ReplayService/Checkpoint',
             replay__pb2.CheckpointRequest.SerializeToString,
             replay__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebaseRateLimiter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evergreen.replay.ReplayService/RebaseRateLimiter',
+            replay__pb2.RebaseRateLimiterRequest.SerializeToString,
+            replay__pb2.RebaseRateLimiterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -368,14 +368,15 @@ def test_update_priorities_contract(combo):
     t.insert(rows(storage, 0, CAP))
     t.sample(4) if consumes(sampler) else t.insert(rows(storage, CAP, 4))
     # Keys 0..3 are gone (overwritten or consumed); 4..7 present; 1000 never existed.
-    assert t.update_priorities(np.array([0, 3, 4, 7, 1000], np.uint64), np.array([1.0, 1, 2, 2, 1])) == 2
+    result = t.update_priorities(np.array([0, 3, 4, 7, 1000], np.uint64), np.array([1.0, 1, 2, 2, 1]))
+    assert (result.updated, result.stale_generation, result.unknown) == (2, 0, 3)
     with pytest.raises(InvalidArgument, match=r"priority\[1\] = nan"):
         t.update_priorities(np.array([4, 5], np.uint64), np.array([1.0, np.nan]))
     with pytest.raises(InvalidArgument, match=r"shape \(1,\); expected \(2,\)"):
         t.update_priorities(np.array([4, 5], np.uint64), np.array([1.0]))
     with pytest.raises(InvalidArgument, match="dtype float64; expected a 1-D uint64"):
         t.update_priorities(np.array([4.0, 5.0]), np.array([1.0, 1.0]))
-    assert t.update_priorities(np.array([], np.uint64), np.array([])) == 0
+    assert t.update_priorities(np.array([], np.uint64), np.array([])).updated == 0
 
 
 def test_info_and_close(combo):

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from replay.codec import decode_array, decode_columns, encode_array, encode_columns
 from replay.errors import FailedPrecondition
+from replay.keys import key_generation, key_index
 from replay.proto import replay_pb2, replay_pb2_grpc
 from replay.schema import Schema
 from replay.server import SERVICE_NAME, ReplayServer
@@ -124,12 +125,14 @@ def test_checkpoint_and_restore(server, stub, tmp_path):
         pri = _info(stub2, "pri")
         assert (pri.size, pri.inserts, pri.priority_mass) == (3, 3, 8.0)
         assert _info(stub2, "uni").size == 2
+        assert (pri.generation, restored.generation) == (1, 1)   # the first start was generation 0
         sample = stub2.Sample(replay_pb2.SampleRequest(table="pri", batch_size=6), timeout=10)
-        k = decode_array(sample.keys).astype(np.int64)
-        np.testing.assert_array_equal(decode_columns(sample.columns)["action"], k)
-        # Keys continue after the restored ones.
+        keys = decode_array(sample.keys)
+        assert set(key_generation(keys).tolist()) == {1}
+        np.testing.assert_array_equal(decode_columns(sample.columns)["action"], key_index(keys))
+        # Insert indices continue after the restored ones, in the new generation.
         assert decode_array(stub2.Insert(_insert_request("pri", _rows(3, 1), priorities=[1.0]), timeout=10)
-                            .keys).tolist() == [3]
+                            .keys).tolist() == [(1 << 40) + 3]
         channel.close()
     finally:
         restored.stop()

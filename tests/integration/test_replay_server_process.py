@@ -14,6 +14,8 @@ import numpy as np
 import psutil
 import pytest
 
+from replay import errors
+from replay.auth import write_token_file
 from replay.checkpoint import latest_checkpoint, read_checkpoint
 from replay.client import ReplayClient
 from replay.launch import ShardProcess
@@ -48,7 +50,8 @@ def test_killed_shard_restarts_restores_and_the_client_reconnects(tmp_path):
         keys = client.insert(_rows(7, 1), writer_key=writers[0])
         restarter.join()
         assert shards[0].pid != old_pid and shards[0].port == port
-        assert keys.tolist() == [5]      # the restored table continues from its checkpointed keys
+        # The restored table continues from its checkpointed insert index, in a new key generation.
+        assert keys.tolist() == [(1 << 40) + 5]
         assert [i.size for i in client.info()] == [6, 3]
         batch = client.sample(9)
         assert set((batch.keys >> np.uint64(48)).tolist()) <= {0, 1}
@@ -91,18 +94,23 @@ def _serve(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_evergreen_replay_serve_prints_ready_and_stops_on_sigterm():
+def test_evergreen_replay_serve_prints_ready_and_stops_on_sigterm(tmp_path):
     spec = "name=replay,capacity=10,schema=obs:float32:2;action:int64"
-    proc = _serve(["-m", "evergreen", "replay", "serve", "--port", "0", "--table", spec])
+    token = write_token_file(tmp_path / "replay.token")
+    proc = _serve(["-m", "evergreen", "replay", "serve", "--port", "0", "--table", spec,
+                   "--token-file", str(tmp_path / "replay.token")])
     try:
         line = proc.stdout.readline()
         assert line.startswith("REPLAY_SERVER_READY port="), line + proc.stderr.read()
         fields = dict(part.split("=") for part in line.split()[1:])
         assert fields["metrics_port"] == "none"
-        client = ReplayClient([f"127.0.0.1:{fields['port']}"])
+        with pytest.raises(errors.Unauthenticated, match="requires its run's token"):
+            ReplayClient([f"127.0.0.1:{fields['port']}"]).insert(_rows(0, 2), writer_key="w")
+        client = ReplayClient([f"127.0.0.1:{fields['port']}"], token=token)
         assert client.insert(_rows(0, 2), writer_key="w").tolist() == [0, 1]
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+        assert token not in proc.stdout.read() + proc.stderr.read()   # never printed nor logged
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -114,6 +122,11 @@ def test_evergreen_replay_serve_prints_ready_and_stops_on_sigterm():
     [
         ([], "at least one --table is required"),
         (["--table", "name=x,capacity=0,schema=obs:float32"], "bad table spec"),
+        (["--table", "name=x,capacity=4,schema=obs:float32"], "--token-file FILE is required"),
+        (["--table", "name=x,capacity=4,schema=obs:float32", "--token-file", "/nonexistent/token"],
+         "replay token file /nonexistent/token: No such file"),
+        (["--table", "name=x,capacity=4,schema=obs:float32", "--insecure-no-auth", "--tls-cert-file", "c.pem"],
+         "TLS needs both --tls-cert-file and --tls-key-file"),
     ],
 )
 def test_bad_command_lines_exit_2(argv, message):

@@ -168,7 +168,7 @@ def test_frame_pool_eviction_removes_oldest_from_sampler():
     assert set(r.keys.tolist()) <= set(range(12, 20))
     np.testing.assert_array_equal(r.probabilities, np.full(32, 1 / 8))
     # Stale keys are skipped by priority updates.
-    assert table.update_priorities(np.array([0, 11, 12, 19], np.uint64), np.ones(4)) == 2
+    assert table.update_priorities(np.array([0, 11, 12, 19], np.uint64), np.ones(4)).updated == 2
 
 
 def test_too_many_distinct_frames_refused_without_change():

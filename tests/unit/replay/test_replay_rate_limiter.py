@@ -260,7 +260,7 @@ def test_queue_state_round_trip():
     q.record_sample(5)
     q.insert_blocked_s = 1.5
     state = q.state_dict()
-    assert state == {"inserts": 7, "samples": 5, "insert_blocked_s": 1.5, "sample_blocked_s": 0.0}
+    assert state == {"inserts": 7, "samples": 5, "insert_blocked_s": 1.5, "sample_blocked_s": 0.0, "shift": "0"}
     r = QueueRateLimiter(capacity=4)
     r.load_state_dict(state)
     assert (r.inserts, r.samples, r.insert_blocked_s, r.sample_blocked_s, r.capacity) == (7, 5, 1.5, 0.0, 4)

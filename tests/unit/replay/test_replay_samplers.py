@@ -72,7 +72,7 @@ def test_update_priorities_skips_stale_keys_and_wraps_slots():
     t.insert(_rows(0, 4))
     t.insert(_rows(4, 6))  # keys 0,1 overwritten by 4,5
     n = t.update_priorities(np.array([0, 1, 4, 5, 99], np.uint64), np.array([7.0, 7.0, 2.0, 0.0, 7.0]))
-    assert n == 2
+    assert (n.updated, n.stale_generation, n.unknown) == (2, 0, 3)
     # live keys 2,3,4,5 at slots 2,3,0,1 with priorities 1,1,2,0
     assert t._sampler.tree.leaves().tolist() == [2.0, 0.0, 1.0, 1.0]
     r = t.sample(4)
