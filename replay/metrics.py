@@ -124,6 +124,7 @@ class ShardMetrics:
         ).labels(shard=self.shard)
         self._http = None
         self._http_thread: threading.Thread | None = None
+        self.host: str | None = None
         self.port: int | None = None
 
     def observe(self, method: str, seconds: float, code: str = "OK") -> None:
@@ -154,6 +155,7 @@ class ShardMetrics:
         if self._http is not None:
             raise RuntimeError(f"metrics server already running on port {self.port}")
         self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        self.host = host
         self.port = int(self._http.server_address[1])
         return self.port
 
