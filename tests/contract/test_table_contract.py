@@ -8,6 +8,7 @@ every combination test with it fails with a KeyError rather than being skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import threading
@@ -18,7 +19,7 @@ import pytest
 from replay.errors import Cancelled, FailedPrecondition, InvalidArgument
 from replay.interfaces import Sampler, Storage
 from replay.samplers import SAMPLERS, make_sampler
-from replay.schema import Schema
+from replay.schema import Bounds, Schema
 from replay.storage import STORAGES, make_storage
 from replay.table import SampleResult, Table, TableConfig, TableInfo
 
@@ -390,24 +391,95 @@ def test_info_and_close(combo):
     assert i.size == (2 if consumes(sampler) else 5)
     assert i.nbytes >= CAP * (SCHEMAS["ring"].row_nbytes() if storage == "ring" else 8)
     assert i.insert_blocked_s == 0.0 and i.sample_blocked_s == 0.0
+
+
+def test_close_wakes_a_blocked_caller(combo):
+    # Every combination really blocks: the table holds fewer items than min_size_to_sample.
+    storage, sampler = combo
+    t = make(storage, sampler, min_size_to_sample=CAP)
+    t.insert(rows(storage, 0, 5))
     errors = []
 
     def blocked():
         try:
-            t.sample(CAP, timeout=60) if consumes(sampler) else make_blocking_sample()
+            t.sample(2, timeout=60)
         except Cancelled as err:
             errors.append(err.code)
 
-    def make_blocking_sample():
-        raise Cancelled("not blocking for non-FIFO samplers")
-
     th = threading.Thread(target=blocked)
     th.start()
-    th.join(0.05)
+    for _ in range(3000):                    # until the sampler waits on the table's condition
+        if t._cond._waiters:
+            break
+        threading.Event().wait(0.01)
+    assert len(t._cond._waiters) == 1 and th.is_alive() and errors == []
     t.close()
     th.join(30)
-    assert errors == ["CANCELLED"]
+    assert errors == ["CANCELLED"] and not th.is_alive()
+    assert t.info().samples == 0 and t.info().sample_blocked_s > 0.0
     with pytest.raises(Cancelled):
         t.sample(1)
     with pytest.raises(Cancelled):
         t.insert(rows(storage, 5, 1))
+
+
+def test_a_quiet_snapshot_is_the_state_dict(combo):
+    storage, sampler = combo
+    t = make(storage, sampler, seed=3)
+    t.insert(rows(storage, 0, 10), priorities=np.linspace(1.0, 2.0, 10))
+    snap = t.snapshot()
+    meta, arrays = snap.finish()
+    assert snap.dropped == 0
+    combined = {**arrays, **{k: v.copy() for k, v in snap.live.items()}}
+    assert not set(arrays) & set(snap.live)
+    assert_same_state(snapshot(t), (json.dumps(meta, sort_keys=True), combined))
+
+
+def test_a_snapshot_drops_exactly_the_items_overwritten_while_it_was_written(combo):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    t.insert(rows(storage, 0, CAP), priorities=np.arange(1.0, CAP + 1.0))
+    snap = t.snapshot()
+    if consumes(sampler):
+        t.sample(5)                       # FIFO never overwrites unread items: consume some first
+    t.insert(rows(storage, CAP, 5), priorities=np.full(5, 100.0))   # overwrites the slots of keys 0..4
+    meta, arrays = snap.finish()
+    assert (snap.dropped, meta["oldest_key"], meta["next_key"]) == (5, 5, CAP)
+    restored = make(storage, sampler)
+    restored.load_state_dict(meta, {**arrays, **{k: v.copy() for k, v in snap.live.items()}})
+    info = restored.info()
+    assert info.size == CAP - 5
+    if sampler == "prioritized":
+        assert info.priority_mass == pytest.approx(sum(float(p) ** 0.6 for p in range(6, CAP + 1)))
+    r = restored.sample(CAP - 5)
+    check_rows(storage, r)                # every row is what was inserted under its key, none of the overwrite
+    assert int(r.keys.min()) >= 5
+
+
+def test_compact_keeps_the_other_rows_in_order(combo):
+    storage, sampler = combo
+    cols = rows(storage, 0, 12)
+    cols["action"][[2, 3, 7]] = 99        # the rows a restore must drop
+    loose = make(storage, sampler)
+    loose.insert(cols, priorities=np.arange(1.0, 13.0))
+    bounded_schema = Schema(tuple(
+        dataclasses.replace(f, bounds=Bounds(low=0, high=50)) if f.name == "action" else f
+        for f in SCHEMAS[storage].fields))
+    t = Table(TableConfig(name="t", schema=bounded_schema, storage=storage, sampler=sampler, capacity=CAP))
+    t.load_state_dict(*loose.state_dict())
+    dropped, first = t.drop_invalid_rows()
+    assert dropped == 3 and first == "index 2: field 'action' row 0 value 99: expected an integer in [0, 50]"
+    kept = [k for k in range(12) if k not in (2, 3, 7)]
+    info = t.info()
+    assert (info.size, info.extra["oldest_key"], info.extra["next_key"], info.dropped_invalid_rows) == (9, 3, 12, 3)
+    r = t.sample(9)
+    assert set(r.keys.tolist()) <= set(range(3, 12))
+    if consumes(sampler):
+        assert r.keys.tolist() == list(range(3, 12))
+    source = np.array(kept)[r.keys.astype(np.int64) - 3]      # new key 3 + i holds the i-th kept row
+    for name, col in r.columns.items():
+        np.testing.assert_array_equal(col, cols[name][source], err_msg=name)
+    if sampler == "prioritized":
+        assert info.priority_mass == pytest.approx(sum((k + 1.0) ** 0.6 for k in kept))
+    assert t.drop_invalid_rows() == (0, "")
+    assert t.insert(rows(storage, 12, 1)).tolist() == [12]   # the index sequence goes on

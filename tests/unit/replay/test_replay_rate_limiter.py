@@ -317,3 +317,132 @@ def test_fifo_table_blocks_through_the_queue_limiter():
     assert out["keys"] == [2, 3, 4]
     info = t.info()
     assert (info.inserts, info.samples, info.size) == (5, 5, 0) and info.sample_blocked_s > 0.0
+
+
+# ------------------------------------------------------------------------- band boundary and rebase
+# (samples_per_insert, error_buffer, min_size_to_sample, rows) with rows * spi == 2 * error_buffer exactly, and
+# offset - error_buffer an integer, so that single-row samples can bring diff down to min_diff exactly. In
+# floats 30 * 0.1 is 3.0000000000000004 > 3.0, which made the insert look like it could never fit.
+BOUNDARY = [(1.0, 2.0, 1, 4), (0.1, 1.5, 5, 30), (1 / 3, 2.0, 3, 12)]
+
+
+@pytest.mark.parametrize(("spi", "error_buffer", "min_size", "rows"), BOUNDARY, ids=["integers", "tenths", "thirds"])
+def test_an_insert_that_exactly_fills_the_band_waits_and_is_not_refused(spi, error_buffer, min_size, rows):
+    rl = RateLimiter(min_size_to_sample=min_size, samples_per_insert=spi, error_buffer=error_buffer)
+    rl.record_insert(rows)                                  # diff = rows * spi = 2 * error_buffer
+    assert rl.diff == pytest.approx(2 * error_buffer)
+    assert not rl.can_insert(rows, size=rows)
+    assert rl.insert_never_possible(rows, size=rows) is None          # waits for samples ...
+    assert rl.insert_never_possible(rows + 1, size=rows) is not None  # ... one row more could never fit
+    samples = 0
+    while rl.can_sample(1, size=rows):
+        rl.record_sample(1)
+        samples += 1
+    assert samples == round(2 * error_buffer - rl.min_diff) and rl.diff == pytest.approx(rl.min_diff)
+    assert rl.can_insert(rows, size=rows)                  # exactly fills the band: min_diff + 2 eb = max_diff
+
+
+def test_a_blocked_insert_that_exactly_fills_the_band_proceeds_after_samples():
+    t = _table(min_size_to_sample=5, samples_per_insert=0.1, error_buffer=1.5)   # band [-1, 2]
+    t.insert(_rows(30))                                                           # diff 3
+    done = threading.Event()
+    errors = []
+
+    def inserter():
+        try:
+            t.insert(_rows(30, 30), timeout=30)
+            done.set()
+        except Exception as err:   # the bug: FailedPrecondition "can never proceed"
+            errors.append(err)
+
+    th = threading.Thread(target=inserter)
+    th.start()
+    _wait_until_blocked(t)
+    assert not done.is_set() and errors == []
+    for _ in range(4):                                     # diff 3 -> -1 = min_diff: 3 more fit exactly
+        t.sample(1)
+    th.join(30)
+    assert errors == [] and done.is_set()
+    assert (t.info().inserts, t.info().samples) == (60, 4)
+
+
+def test_rebase_recentres_the_band_and_keeps_the_totals():
+    rl = RateLimiter(min_size_to_sample=2, samples_per_insert=1.0, error_buffer=3.0)   # offset 2, band [-1, 5]
+    rl.record_insert(10)
+    rl.record_sample(3)                             # diff 7: above max_diff, inserts blocked
+    assert not rl.can_insert(1, size=10) and rl.can_sample(8, size=10) and not rl.can_sample(9, size=10)
+    rl.rebase()
+    assert (rl.inserts, rl.samples, rl.diff, rl.min_diff, rl.max_diff) == (10, 3, 2.0, -1.0, 5.0)
+    assert rl.can_insert(3, size=10) and not rl.can_insert(4, size=10)
+    assert rl.can_sample(3, size=10) and not rl.can_sample(4, size=10)
+    state = rl.state_dict()
+    assert state["shift"] == "5"
+    other = RateLimiter(min_size_to_sample=2, samples_per_insert=1.0, error_buffer=3.0)
+    other.load_state_dict(state)
+    assert other.diff == 2.0 and other.can_insert(3, size=10) and not other.can_insert(4, size=10)
+
+
+def test_rebase_with_a_fractional_ratio_is_exact():
+    rl = RateLimiter(min_size_to_sample=3, samples_per_insert=1 / 3, error_buffer=1.0)   # offset 1, band [0, 2]
+    rl.record_insert(7)
+    rl.record_sample(1)                                    # diff 7/3 - 1 = 4/3
+    rl.rebase()
+    assert rl.diff == 1.0 and rl.state_dict()["shift"] == "1/3"
+    assert rl.can_insert(3, size=7) and not rl.can_insert(4, size=7)     # 1 + 3/3 = 2 = max_diff
+
+
+class _Guard:
+    def __init__(self, *, refuse=False, left=None):
+        self.refuse, self.left = refuse, left
+        self.gone = False
+        self.wake = None
+        self.entered = self.exited = 0
+
+    def enter(self, wake):
+        if self.refuse:
+            raise FailedPrecondition("no slot")
+        self.entered += 1
+        self.wake = wake
+
+    def exit(self):
+        self.exited += 1
+
+    def cancelled(self):
+        return self.gone
+
+    def time_left(self):
+        return self.left
+
+
+def test_a_guard_ends_a_wait_when_its_caller_goes_away():
+    t = _table(min_size_to_sample=5)
+    guard = _Guard()
+    out = []
+
+    def sampler():
+        try:
+            t.sample(1, guard=guard)
+        except Cancelled as err:
+            out.append(str(err))
+
+    th = threading.Thread(target=sampler)
+    th.start()
+    _wait_until_blocked(t)
+    guard.gone = True
+    guard.wake()
+    th.join(5)
+    assert out == ["sample of 1 rows: the caller went away while the call was blocked"]
+    assert (guard.entered, guard.exited) == (1, 1)
+
+
+def test_a_guard_bounds_the_wait_by_its_deadline_and_may_refuse_to_block():
+    t = _table(min_size_to_sample=5)
+    with pytest.raises(DeadlineExceeded, match=r"timeout None s"):
+        t.sample(1, guard=_Guard(left=0.05))
+    with pytest.raises(FailedPrecondition, match="no slot"):
+        t.sample(1, guard=_Guard(refuse=True))
+    refusing = _Guard(refuse=True)
+    with pytest.raises(DeadlineExceeded, match="timeout 0 s"):
+        t.sample(1, timeout=0, guard=refusing)              # a call that would not wait never asks for a slot
+    t.insert(_rows(5))
+    assert t.sample(1, guard=refusing).keys.size == 1     # nor does one that need not wait

@@ -82,12 +82,16 @@ def test_update_priorities_skips_stale_keys_and_wraps_slots():
 
 
 def test_importance_weights_hand_computed():
+    # size * P = [2, 4, 8]: the largest raw weight (2 ** -beta) is not 1, so the normalization matters.
     p = np.array([0.1, 0.2, 0.4])
-    w = importance_weights(probabilities=p, size=10, beta=0.5)
+    w = importance_weights(probabilities=p, size=20, beta=0.5)
     assert w.dtype == np.float32
-    np.testing.assert_allclose(w, [1.0, 2**-0.5, 0.5], rtol=1e-6)
-    np.testing.assert_allclose(importance_weights(probabilities=p, size=10, beta=1.0), [1.0, 0.5, 0.25], rtol=1e-6)
-    np.testing.assert_array_equal(importance_weights(probabilities=p, size=10, beta=0.0), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(w, [1.0, 2**-0.5, 0.5], rtol=1e-6)          # raw [0.707, 0.5, 0.354]
+    np.testing.assert_allclose(importance_weights(probabilities=p, size=20, beta=1.0), [1.0, 0.5, 0.25], rtol=1e-6)
+    np.testing.assert_array_equal(importance_weights(probabilities=p, size=20, beta=0.0), [1.0, 1.0, 1.0])
+    # size * P = [0.5, 1.5]: raw weights [2, 0.667] are above and below 1.
+    np.testing.assert_allclose(importance_weights(probabilities=np.array([0.125, 0.375]), size=4, beta=1.0),
+                               [1.0, 1 / 3], rtol=1e-6)
     with pytest.raises(InvalidArgument, match=r"probabilities\[1\] = 0.0"):
         importance_weights(probabilities=np.array([0.5, 0.0]), size=2, beta=1.0)
     with pytest.raises(InvalidArgument, match="beta 2"):

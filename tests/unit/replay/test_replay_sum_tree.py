@@ -120,3 +120,37 @@ def test_bad_updates_refused_without_change(idx, vals, msg):
     assert tree.leaves().tolist() == [1.0, 1.0, 1.0, 1.0] and tree.total == 4.0
     with pytest.raises(ValueError, match="positive int"):
         SumTree(0)
+
+
+def _saved_tree(capacity=5):
+    tree = SumTree(capacity)
+    tree.set(np.arange(capacity), np.arange(1.0, capacity + 1.0))
+    return tree.tree.copy()
+
+
+def test_load_restores_a_consistent_tree():
+    fresh = SumTree(5)
+    fresh.load(_saved_tree())
+    assert fresh.total == 15.0 and fresh.leaves().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert fresh.find(np.array([0.5, 14.9])).tolist() == [0, 4]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda t: t.__setitem__(1, t[1] + 1.0), r"node 1 is 16.0 but its children sum to 15.0"),
+        (lambda t: t.__setitem__(8 + 2, 30.0), r"node 5 is 7.0 but its children sum to 34.0"),   # a leaf changed
+        (lambda t: t.__setitem__(3, 0.0), r"node 1 is 15.0 but its children sum to 10.0"),    # an internal node
+        (lambda t: t.__setitem__(8 + 6, 2.0), r"mass 2.0 in padding leaf 6 \(capacity 5\)"),
+        (lambda t: t.__setitem__(0, 1.0), r"node 0 is 1.0 but its children sum to 0.0"),
+    ],
+    ids=["root", "leaf", "internal", "padding", "unused-slot"],
+)
+def test_load_refuses_a_corrupt_tree_and_loads_nothing(corrupt, message):
+    bad = _saved_tree()
+    corrupt(bad)
+    target = SumTree(5)
+    target.set(np.array([0]), np.array([9.0]))
+    with pytest.raises(ValueError, match=message):
+        target.load(bad)
+    assert target.total == 9.0 and target.leaves().tolist() == [9.0, 0.0, 0.0, 0.0, 0.0]
