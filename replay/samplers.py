@@ -57,8 +57,8 @@ def validate_priorities(priorities: Any, *, n: int, exponent: float | None = Non
         i = int(np.argmax(bad))
         raise InvalidArgument(f"priority[{i}] = {float(arr[i])!r}; expected a finite value >= 0")
     if exponent is not None and arr.size:
-        with np.errstate(over="ignore"):
-            top = float(arr.max()) ** float(exponent) if arr.max() > 0 else 0.0
+        with np.errstate(over="ignore"):   # numpy powers overflow to inf (Python floats would raise)
+            top = float(np.float64(arr.max()) ** np.float64(exponent)) if arr.max() > 0 else 0.0
         if not top <= MAX_ITEM_MASS:
             i = int(np.argmax(arr))
             raise InvalidArgument(

@@ -37,6 +37,8 @@ TABLES = [
     TableConfig(name="uni", schema=SCHEMA, capacity=32),
     # Never sampleable (min size = capacity, kept below it): every sample of it waits.
     TableConfig(name="wait", schema=SCHEMA, capacity=32, min_size_to_sample=32),
+    # priority ** 1.5 overflows float64 for priorities above ~1e205.
+    TableConfig(name="steep", schema=SCHEMA, capacity=32, sampler="prioritized", priority_exponent=1.5),
 ]
 METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter")
 MAX_DETAILS = 1024
@@ -284,6 +286,12 @@ case("priorities-update-count", "UpdatePriorities", update_bytes(np.array([0, 1]
      "expected (2,)")
 case("priorities-uniform-table-huge", "Insert", insert_bytes(table="uni", priorities=np.full(2, 1e308)), IA,
      "exceeds 1e+100")
+for value in (1e300, 1e308, 1e67):
+    case(f"priorities-steep-insert-{value}", "Insert", insert_bytes(table="steep", priorities=np.array([1.0, value])),
+         IA, "priority[1]", "exceeds 1e+100 (priority_exponent 1.5)")
+    case(f"priorities-steep-update-{value}", "UpdatePriorities",
+         update_bytes(np.array([0, 1], np.uint64), np.array([value, 1.0]), table="steep"), IA, "priority[0]",
+         "exceeds 1e+100")
 
 # forged, stale and other-generation keys: accepted, never applied (the state must not change)
 _gen = 0   # the fixture's server has no checkpoint directory: generation 0
@@ -330,6 +338,7 @@ def shard():
     server.tables["pri"].insert(rows(8), priorities=np.arange(1.0, 9.0))
     server.tables["uni"].insert(rows(8))
     server.tables["wait"].insert(rows(4))
+    server.tables["steep"].insert(rows(2), priorities=np.array([1.0, 2.0]))
     channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 32 << 20)])
     raw = {m: channel.unary_unary(f"/{SERVICE_NAME}/{m}", request_serializer=lambda b: b,
                                   response_deserializer=lambda b: b) for m in METHODS}
@@ -348,7 +357,7 @@ def _call(raw, method, data, md=metadata(TOKEN), timeout=10.0):
 
 def _still_serves(raw) -> None:
     response = replay_pb2.InfoResponse.FromString(raw["Info"](b"", timeout=10, metadata=metadata(TOKEN)))
-    assert sorted(t.name for t in response.tables) == ["pri", "uni", "wait"]
+    assert sorted(t.name for t in response.tables) == ["pri", "steep", "uni", "wait"]
 
 
 @pytest.mark.parametrize(("method", "data", "code", "fragments", "changes"), [c[1:] for c in CASES],

@@ -172,3 +172,47 @@ def test_shard_stops_and_checkpoints_when_its_launcher_is_killed(tmp_path):
             launcher.kill()
         if shard is not None and shard.is_running():
             shard.kill()
+
+
+def test_a_shard_process_with_a_token_refuses_others_and_keeps_the_token_off_the_command_line(tmp_path):
+    from replay.auth import generate_token
+    from replay.ray_shard import ShardHost
+
+    token = generate_token()
+    host = ShardHost([CONFIG], checkpoint_dir=str(tmp_path), shard_index=0, host="127.0.0.1", token=token,
+                     rebase_limiter_on_restore=True, max_blocked_calls=4)
+    shard = host._shard
+    try:
+        cmdline = " ".join(psutil.Process(shard.pid).cmdline())
+        assert token not in cmdline and "--token-file" in cmdline and "--max-blocked-calls 4" in cmdline
+        assert "--rebase-limiter-on-restore" in cmdline
+        assert oct(shard.token_file.stat().st_mode & 0o777) == "0o600"
+        assert oct(shard.token_file.parent.stat().st_mode & 0o777) == "0o700"
+        address, metrics_port = host.endpoint()
+        with pytest.raises(errors.Unauthenticated):
+            ReplayClient([address], timeout=5).info()
+        client = ReplayClient([address], token=token, timeout=10)
+        client.insert(_rows(0, 3), writer_key="w")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert 'evergreen_replay_size{shard="0",table="replay"} 3.0' in r.read().decode()
+        shard.restart()                                         # restarts with the same token file
+        assert client.info()[0].size == 3 and client.info()[0].generation == 1
+        assert token not in shard.stderr_tail()
+    finally:
+        host.stop()
+    private = shard.token_file.parent
+    shard._stderr_thread.join(10)    # its reader threads hold the object until the process's pipes close
+    del host, shard
+    import gc
+
+    gc.collect()
+    assert not private.exists()                                  # the private directory goes with the shard
+
+
+def test_a_shard_without_a_token_says_so_on_the_command_line():
+    shard = ShardProcess([CONFIG])
+    try:
+        assert "--insecure-no-auth" in psutil.Process(shard.pid).cmdline()
+        assert ReplayClient([shard.address]).insert(_rows(0, 1), writer_key="w").tolist() == [0]
+    finally:
+        shard.stop()
