@@ -5,6 +5,7 @@ poisoning scenario (no token: refused; bad values: refused; poisoned rows in a c
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from replay import checkpoint as ckpt
 from replay import errors
 from replay.auth import ClientTls, ServerTls, generate_token
 from replay.client import ReplayClient
-from replay.codec import encode_array, encode_columns
+from replay.codec import encode_columns
 from replay.keys import key_generation, key_index
 from replay.proto import replay_pb2, replay_pb2_grpc
 from replay.schema import Bounds, Field, Schema
@@ -116,10 +117,8 @@ class DroppingProxy:
 
     def _cut(self, *socks):
         for s in socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def _pump(self, src, dst, from_server):
