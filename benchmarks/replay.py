@@ -20,17 +20,24 @@ Reported per row: transitions/s and MB/s (payload bytes: schema row size x rows)
 replay byte rate to the transport byte rate for the same payload size and direction, and for
 prioritized sampling its cost relative to uniform (time per batch, same workload and shard count).
 Memory: RSS delta of one Atari shard process after 200k transitions, per transition.
+Checkpoint: the same filled shard writes a checkpoint while a client samples batches of 32 without
+pause; reported are the checkpoint's duration and how long sampling was paused by it (the longest
+sample call during the checkpoint minus the median sample call before it).
 
 Targets: Atari batch-256 sampling >= 50% of the transport byte rate; prioritized <= 1.25x uniform;
-Atari storage <= 8 KB per transition.
+Atari storage <= 8 KB per transition; sampling paused < 100 ms by a checkpoint.
+
+    .venv/bin/python benchmarks/replay.py --only-storage --fill 200000   # memory and checkpoint rows only
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -305,15 +312,61 @@ def run_group(*, workload: str, num_shards: int, seconds: float, repeats: int, e
     return rows
 
 
-def measure_memory(*, n: int) -> tuple[float, float, int]:
-    """Memory of one Atari shard process filled with ``n`` transitions, per transition.
+@dataclass
+class CheckpointRow:
+    transitions: int
+    seconds: float               # the Checkpoint call, as the client saw it
+    pause_ms: float              # longest sample call during it minus the median one before it
+    longest_ms: float
+    median_before_ms: float
+    samples_during: int
+    gigabytes: float             # size of the checkpoint on disk
 
-    Returns (RSS delta / n, marginal RSS per transition between n/2 and n, the table's own nbytes). The
-    delta includes the constant cost of the RPC machinery (buffers kept for reuse); the marginal figure is
-    what each further stored transition costs.
+
+def measure_checkpoint(client: ReplayClient, address: str, directory: str, transitions: int) -> CheckpointRow:
+    """Checkpoint the shard while another client samples batches of 32 back to back."""
+    sampler = ReplayClient([address], timeout=120.0, seed=1)
+    durations: list[tuple[float, float]] = []     # (end time, seconds) of every sample call
+    stop = threading.Event()
+
+    def sample_forever():
+        while not stop.is_set():
+            start = time.perf_counter()
+            sampler.sample(32)
+            end = time.perf_counter()
+            durations.append((end, end - start))
+
+    thread = threading.Thread(target=sample_forever)
+    thread.start()
+    time.sleep(2.0)
+    before = [d for _, d in durations]
+    start = time.perf_counter()
+    path = client.checkpoint(timeout=600)[0]
+    end = time.perf_counter()
+    time.sleep(0.2)
+    stop.set()
+    thread.join()
+    sampler.close()
+    # Calls that overlapped the checkpoint: they ended after it began and began before it ended.
+    during = [d for t, d in durations if t >= start and t - d <= end]
+    median = float(np.median(before))
+    longest = max(during) if during else float("nan")
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    return CheckpointRow(transitions, end - start, (longest - median) * 1e3, longest * 1e3, median * 1e3,
+                         len(during), size / 1e9)
+
+
+def measure_memory(*, n: int, checkpoint: bool = True) -> tuple[float, float, int, CheckpointRow | None]:
+    """Memory of one Atari shard process filled with ``n`` transitions, per transition, and (with
+    ``checkpoint``) :func:`measure_checkpoint` on it.
+
+    Returns (RSS delta / n, marginal RSS per transition between n/2 and n, the table's own nbytes,
+    checkpoint row). The delta includes the constant cost of the RPC machinery (buffers kept for reuse);
+    the marginal figure is what each further stored transition costs.
     """
     config = TableConfig(name="replay", schema=ATARI, capacity=n, storage="atari")
-    shard = ShardProcess([config])
+    directory = tempfile.mkdtemp(prefix="replay-bench-ckpt-")
+    shard = ShardProcess([config], checkpoint_dir=directory if checkpoint else None)
     try:
         client = ReplayClient([shard.address], timeout=120.0)
         proc = psutil.Process(shard.pid)
@@ -331,10 +384,12 @@ def measure_memory(*, n: int) -> tuple[float, float, int]:
                 half = proc.memory_info().rss
         info = client.info()[0]
         after = proc.memory_info().rss
+        row = measure_checkpoint(client, shard.address, directory, n) if checkpoint else None
         client.close()
-        return (after - before) / n, (after - half) / (n - n // 2), info.nbytes
+        return (after - before) / n, (after - half) / (n - n // 2), info.nbytes, row
     finally:
-        shard.stop()
+        shard.kill()          # no final checkpoint: it would only cost time here
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short measurements and a 20k-transition fill")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved windows per measurement")
-    parser.add_argument("--fill", type=int, default=None, help="transitions for the memory measurement")
+    parser.add_argument("--fill", type=int, default=None, help="transitions for the memory and checkpoint rows")
+    parser.add_argument("--only-storage", action="store_true", help="only the memory and checkpoint rows")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
@@ -351,16 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     fill = args.fill or (20_000 if args.quick else 200_000)
     t0 = time.perf_counter()
-    echo = Echo()
     rows: list[Row] = []
-    try:
-        for workload in ("cartpole", "atari"):
-            for num_shards in (1, 2):
-                rows += run_group(workload=workload, num_shards=num_shards, seconds=seconds, repeats=repeats,
-                                  echo=echo)
-    finally:
-        echo.close()
-    per_transition, marginal, table_nbytes = measure_memory(n=fill)
+    if not args.only_storage:
+        echo = Echo()
+        try:
+            for workload in ("cartpole", "atari"):
+                for num_shards in (1, 2):
+                    rows += run_group(workload=workload, num_shards=num_shards, seconds=seconds, repeats=repeats,
+                                      echo=echo)
+        finally:
+            echo.close()
+    per_transition, marginal, table_nbytes, ckpt_row = measure_memory(n=fill)
 
     print(f"\n### Replay service benchmark ({'quick' if args.quick else 'full'}: best of {repeats} interleaved "
           f"{seconds:g}-s windows; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
@@ -382,20 +439,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nAtari memory, {fill} transitions in one shard process: RSS delta / n = {per_transition:.0f} B per "
           f"transition; marginal (n/2 -> n) {marginal:.0f} B; the table's own accounting (Table.info().nbytes) "
           f"{table_nbytes / fill:.0f} B")
+    c = ckpt_row
+    print(f"\nCheckpoint of the {c.transitions}-transition Atari table while sampling batches of 32:\n")
+    print("| transitions | checkpoint s | GB on disk | sampling paused ms | longest sample ms | median sample ms "
+          "before | samples during |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {c.transitions:,} | {c.seconds:.2f} | {c.gigabytes:.2f} | {c.pause_ms:.1f} | {c.longest_ms:.1f} | "
+          f"{c.median_before_ms:.1f} | {c.samples_during} |")
+    print("\nTargets:")
     atari256 = [r for r in rows if r.workload == "atari" and r.batch == 256 and r.op == "sample" and r.shards == 1]
     prio = [r for r in rows if r.prio_cpu is not None and r.op == "sample" and r.workload == "atari"]
-    print("\nTargets:")
     for r in atari256:
         print(f"- Atari batch-256 sampling ({r.sampler}, 1 shard) >= 50% of transport: wall {r.vs_transport:.0%} "
               f"{'PASS' if r.vs_transport >= 0.5 else 'MISS'}; CPU {r.vs_transport_cpu:.0%} "
               f"{'PASS' if r.vs_transport_cpu >= 0.5 else 'MISS'}")
-    worst_cpu = max(r.prio_cpu for r in prio)
-    worst_wall = max(r.prio_wall for r in prio)
-    print(f"- prioritized <= 1.25x uniform Atari sampling cost: worst CPU {worst_cpu:.2f}x "
-          f"{'PASS' if worst_cpu <= 1.25 else 'MISS'}; worst wall {worst_wall:.2f}x "
-          f"{'PASS' if worst_wall <= 1.25 else 'MISS'}")
+    if prio:
+        worst_cpu = max(r.prio_cpu for r in prio)
+        worst_wall = max(r.prio_wall for r in prio)
+        print(f"- prioritized <= 1.25x uniform Atari sampling cost: worst CPU {worst_cpu:.2f}x "
+              f"{'PASS' if worst_cpu <= 1.25 else 'MISS'}; worst wall {worst_wall:.2f}x "
+              f"{'PASS' if worst_wall <= 1.25 else 'MISS'}")
     print(f"- Atari storage <= 8 KB per transition (RSS delta / n): {per_transition / 1000:.2f} KB "
           f"{'PASS' if per_transition <= 8000 else 'MISS'}")
+    print(f"- sampling paused < 100 ms by a checkpoint of {c.transitions} transitions: {c.pause_ms:.1f} ms "
+          f"{'PASS' if c.pause_ms < 100 else 'MISS'}")
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     return 0
 
