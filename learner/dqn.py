@@ -92,6 +92,11 @@ class DQNConfig:
     """Polyak target updates: target <- (1 - tau) * target + tau * online after every step."""
     qr_kappa: float = 1.0
     """QR-DQN: threshold of the quantile Huber loss (the loss is divided by it, as in the paper)."""
+    lr_end: float | None = None
+    """Linear learning-rate decay: lr goes from ``lr`` to ``lr_end`` over ``lr_decay_steps`` optimizer
+    steps, then stays at ``lr_end``; null keeps ``lr`` constant."""
+    lr_decay_steps: int = 100_000
+    """Optimizer steps over which lr decays linearly to ``lr_end`` (ignored when ``lr_end`` is null)."""
 
     def validate(self) -> DQNConfig:
         """Raise ValueError naming the first bad field; return self."""
@@ -107,7 +112,17 @@ class DQNConfig:
             raise ValueError(f"dqn.target_period must be an integer >= 1, got {self.target_period!r}")
         if not _is_number(self.tau) or not 0.0 < self.tau <= 1.0:
             raise ValueError(f"dqn.tau must be in (0, 1], got {self.tau!r}")
+        if self.lr_end is not None:
+            _positive("dqn.lr_end", self.lr_end, suffix=" (or null for a constant lr)")
+        if isinstance(self.lr_decay_steps, bool) or not isinstance(self.lr_decay_steps, int) or self.lr_decay_steps < 1:
+            raise ValueError(f"dqn.lr_decay_steps must be an integer >= 1, got {self.lr_decay_steps!r}")
         return self
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): ``lr``, or its linear decay to ``lr_end``."""
+        if self.lr_end is None:
+            return self.lr
+        return self.lr + (self.lr_end - self.lr) * min(1.0, step / self.lr_decay_steps)
 
 
 def _is_number(value: object) -> bool:
@@ -366,6 +381,11 @@ class DQN:
         if self._grad_sync is not None:
             self._grad_sync(grads)
         grad_norm = clip_grad_norm(grads, cfg.max_grad_norm)  # the norm before clipping
+        if cfg.lr_end is not None:
+            # A function of the step count alone, so a resumed run continues the same schedule.
+            lr = cfg.learning_rate(self.ctx.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
         self.ctx.step += 1
 

@@ -348,6 +348,23 @@ def test_weights_are_a_cpu_copy_loadable_by_actors():
     torch.testing.assert_close(actor_net(obs), dqn.online(obs), rtol=0, atol=0)
 
 
+def test_learning_rate_decays_linearly_by_optimizer_step_and_resumes_on_schedule():
+    config = DQNConfig(lr=1e-3, lr_end=1e-4, lr_decay_steps=4)
+    assert [config.learning_rate(s) for s in (0, 1, 2, 4, 9)] == pytest.approx([1e-3, 7.75e-4, 5.5e-4, 1e-4, 1e-4])
+    assert DQNConfig(lr=1e-3).learning_rate(10**6) == 1e-3
+    dqn = _mlp_dqn(lr=1e-3, lr_end=1e-4, lr_decay_steps=4)
+    rng = np.random.default_rng(0)
+    lrs = [dqn.update(_random_batch(rng)).metrics["lr"] for _ in range(3)]
+    assert lrs == pytest.approx([1e-3, 7.75e-4, 5.5e-4])
+    resumed = _mlp_dqn(lr=1e-3, lr_end=1e-4, lr_decay_steps=4)
+    resumed.load_state_dict(copy.deepcopy(dqn.state_dict()))
+    assert resumed.update(_random_batch(rng)).metrics["lr"] == pytest.approx(3.25e-4)
+    with pytest.raises(ValueError, match=r"dqn.lr_decay_steps must be an integer >= 1, got 0"):
+        DQNConfig(lr_end=1e-4, lr_decay_steps=0).validate()
+    with pytest.raises(ValueError, match=r"dqn.lr_end must be a finite number > 0 \(or null for a constant lr\)"):
+        DQNConfig(lr_end=-1.0).validate()
+
+
 def test_per_sample_loss_is_the_trained_loss_and_refuses_unknown_networks():
     dqn = _linear_dqn(huber_delta=0.5)
     losses = dqn.per_sample_loss(HAND_BATCH)
