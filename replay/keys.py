@@ -52,10 +52,10 @@ _GENERATION_MASK = np.uint64((1 << GENERATION_BITS) - 1)
 
 def table_key(*, index, generation: int):
     """Table key(s) of insert ``index`` (int or uint64 array) in ``generation`` (any int >= 0)."""
-    tag = np.uint64((int(generation) % (1 << GENERATION_BITS)) << INDEX_BITS)
+    tag = (int(generation) % (1 << GENERATION_BITS)) << INDEX_BITS
     if isinstance(index, np.ndarray):
-        return index.astype(np.uint64, copy=False) | tag
-    return int(np.uint64(index) | tag)
+        return index.astype(np.uint64, copy=False) | np.uint64(tag)
+    return int(index) | tag      # plain ints: no numpy scalar arithmetic on the insert path
 
 
 def key_generation(keys):

@@ -501,12 +501,13 @@ class Table:
                     self._writers.move_to_end(writer)
                     while len(self._writers) > MAX_WRITERS:
                         self._writers.popitem(last=False)
-                generation = self.generation
+                start = table_key(index=first, generation=self.generation)
                 self._cond.notify_all()
             finally:
                 if writer:
                     self._inflight.discard(writer)
-        return InsertResult(keys=table_key(index=np.arange(first, first + n, dtype=np.uint64), generation=generation))
+        # The generation bits sit above every index, so the keys are one contiguous range.
+        return InsertResult(keys=np.arange(start, start + n, dtype=np.uint64))
 
     # ------------------------------------------------------------------ sample
     def sample(self, batch_size: int, *, timeout: float | None = None,
@@ -540,7 +541,7 @@ class Table:
             if self._sampler.consumes:  # sampled items leave the table (FIFO)
                 self._sampler.on_remove(first_key=self._oldest, end_key=self._oldest + b)
                 self._oldest += b
-            keys = table_key(index=index, generation=self.generation)
+            keys = index if self.generation % 256 == 0 else table_key(index=index, generation=self.generation)
             self._cond.notify_all()
         return SampleResult(keys=keys, columns=cols, probabilities=probs, table_size=size, priority_mass=mass)
 
