@@ -450,13 +450,19 @@ class ReplayClient:
         deadline = self._deadline(timeout)
         shard = self._get_shards()[shard_of_writer(writer_key, self.num_shards)]
         writer_id, writer_lock = self._writer(writer_key)
-        with writer_lock:   # one insert per writer at a time: sequence numbers reach the shard in order
+        # One insert per writer at a time, so that sequence numbers reach the shard in order.
+        if not writer_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise errors.DeadlineExceeded(f"insert of writer {writer_key!r}: another insert of the same writer "
+                                          "kept this client busy for the whole timeout")
+        try:
             sequence = self._sequences.get(writer_key, 0) + 1
             self._sequences[writer_key] = sequence
             request = InsertRequestParts(table=self.table, writer_key=writer_key, columns=columns,
                                          priorities=None if priorities is None else np.asarray(priorities),
                                          writer_id=writer_id, sequence=sequence)
             response = self._call(shard, "Insert", request.to_bytes, deadline)
+        finally:
+            writer_lock.release()
         if response.duplicate:
             with self._lock:
                 self.duplicate_inserts += 1

@@ -271,24 +271,27 @@ def test_a_blocked_call_ends_with_its_clients_deadline():
 
 
 def test_the_client_retries_a_refusal_for_too_many_blocked_callers():
-    config = TableConfig(name="replay", schema=SCHEMA, capacity=64, min_size_to_sample=2)
+    # Samples wait on the ratio band (not on the minimum size, which the client itself waits out).
+    config = TableConfig(name="replay", schema=SCHEMA, capacity=64, samples_per_insert=1.0, error_buffer=1.0)
     srv = _server(tables=[config], max_blocked_calls=1)
+    refused = 'evergreen_replay_request_errors_total{code="RESOURCE_EXHAUSTED",method="Sample",shard="0"}'
     try:
-        first = ReplayClient([srv.address], timeout=20)
-        second = ReplayClient([srv.address], timeout=20)
-        out = {}
-        threads = [threading.Thread(target=lambda c=c, k=k: out.__setitem__(k, c.sample(1).keys.size))
-                   for k, c in (("a", first), ("b", second))]
-        srv_table = srv.tables["replay"]
-        # Both clients see a sampleable shard once one row is in, so both ask and one must wait.
-        srv_table.insert(_rows(0, 1))
+        srv.tables["replay"].insert(_rows(0, 1))          # diff 1, band [0, 2]
+        ReplayClient([srv.address], timeout=10).sample(1)  # diff 0: the next sample waits
+        clients = [ReplayClient([srv.address], timeout=20) for _ in range(2)]
+        out = []
+        threads = [threading.Thread(target=lambda c=c: out.append(c.sample(1).keys.size)) for c in clients]
         for t in threads:
             t.start()
-        time.sleep(0.5)
-        srv_table.insert(_rows(1, 1))
+        deadline = time.monotonic() + 10
+        while refused not in srv.metrics.exposition().decode() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.blocked_calls == 1 and refused in srv.metrics.exposition().decode()
+        assert out == []                                   # the refused one is retrying, not failed
+        srv.tables["replay"].insert(_rows(1, 2))          # diff 2: both samples fit
         for t in threads:
             t.join(20)
-        assert out == {"a": 1, "b": 1}
+        assert out == [1, 1]
     finally:
         srv.stop()
 
