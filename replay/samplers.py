@@ -6,6 +6,10 @@ ever removed oldest-first: ring overwrite, frame-pool eviction, FIFO consumption
 and disappear. All three satisfy :class:`replay.interfaces.Sampler` and are registered by name in
 :data:`SAMPLERS`.
 
+Priorities must be finite and >= 0, and ``priority ** priority_exponent`` at most
+``replay.limits.MAX_ITEM_MASS`` (1e100), which keeps the sum tree's total finite; positive masses below
+``MIN_ITEM_MASS`` (1e-100) are raised to it so that no draw's probability underflows to 0.
+
 Example::
 
     import numpy as np

@@ -7,6 +7,12 @@ validates and precomputes, and :meth:`commit` (under the lock) only mutates. ``c
 ``evict_before``: every live key below it has been overwritten and must leave the table. Both satisfy
 :class:`replay.interfaces.Storage` and are registered by kind in :data:`STORAGES`.
 
+For checkpoints written while the table serves, :meth:`snapshot` copies the small per-item arrays and
+hands out the large row arrays (ring columns, the Atari frame pool) to be written live: only rows of
+items that commits overwrite change meanwhile, and the table drops those items from the checkpoint.
+:meth:`compact` keeps a subset of the live items, renumbered to the newest keys (a restored shard drops
+rows outside the schema's bounds this way); the Atari frames stay where they are.
+
 Atari storage
 -------------
 ``obs`` and ``next_obs`` are ``uint8 (S, H, W)`` frame stacks. Consecutive transitions share ``S - 1``
