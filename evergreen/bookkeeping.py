@@ -66,6 +66,7 @@ class Bookkeeping:
         self._t0 = time.time()
         self._base_elapsed = 0.0
         self._published_version = 0
+        self._dropped_batches = 0
         self._totals = {"update_seconds": 0.0, "diagnostics_seconds": 0.0, "wait_seconds": 0.0}
         self._last_diagnostics: dict[str, float] = {}
         self._new_interval(time.time())
@@ -120,6 +121,7 @@ class Bookkeeping:
         self._lag_sum += report.policy_lag_sum
         self._lag_count += report.policy_lag_count
         self._published_version = report.published_version
+        self._dropped_batches = report.dropped_batches
         for key in self._totals:
             self._totals[key] += getattr(report, key)
 
@@ -165,7 +167,7 @@ class Bookkeeping:
             "actor_policy_lag_updates": (self._published_version - self._min_policy_version
                                          if self._min_policy_version is not None else None),
             "actor_restarts": pool_stats.restarts_total, "num_actors": pool_stats.num_actors,
-            "actors_running": pool_stats.running,
+            "actors_running": pool_stats.running, "dropped_batches": self._dropped_batches,
         }
         for key, total in self._sums.items():
             mean = total / self._counts[key]

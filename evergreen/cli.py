@@ -2,7 +2,7 @@
 
     evergreen train --preset cartpole            # a training run (see `evergreen train --help`)
     evergreen train --resume runs/cartpole-...   # continue a run from its last checkpoint
-    evergreen replay serve --port 0 --table ...  # one replay shard as a standalone process
+    evergreen replay serve --port 0 --token-file F --table ...  # one replay shard as a standalone process
     evergreen report runs/cartpole-...           # PNG plots + HTML page from a run's metrics log
     evergreen bench plasticity                   # the synthetic plasticity-loss benchmark
 
@@ -18,7 +18,7 @@ USAGE = """usage: evergreen COMMAND ...
 
 commands:
   train             run a training job (presets in configs/; --help for every option)
-  replay serve      run one replay shard as a gRPC server
+  replay serve      run one replay shard as a gRPC server (--token-file, --table; --help)
   report RUN_DIR... render a run's metrics log to PNG plots and an HTML page (several runs: overlay)
   bench plasticity  synthetic continual-learning benchmark of plasticity interventions
 """

@@ -24,6 +24,7 @@ series until a value comes again, so a diverged loss is never shown as its last 
                                                                ``q`` -> evergreen_learner_q_value_mean (``families=``)
     evergreen_learner_grad_norm                      gauge     ``grad_norm``
     evergreen_learner_learning_rate                  gauge     ``lr``
+    evergreen_learner_dropped_batches_total          counter   ``dropped_batches`` (invalid batches refused)
     evergreen_learner_updates_per_second             gauge     ``updates_per_s``
     evergreen_learner_samples_per_second             gauge     updates_per_s * batch_size (only with batch_size)
     evergreen_learner_data_wait_ratio                gauge     ``learner_wait_fraction`` (0..1)
@@ -151,6 +152,8 @@ _FIXED = {
     "loss": ("evergreen_learner_loss", "Learner loss, mean over the log interval.", "gauge"),
     "grad_norm": ("evergreen_learner_grad_norm", "Gradient L2 norm, mean over the log interval.", "gauge"),
     "lr": ("evergreen_learner_learning_rate", "Optimizer learning rate.", "gauge"),
+    "dropped_batches": ("evergreen_learner_dropped_batches", "Sampled batches the learner refused as invalid "
+                        "(dropped, not trained on), cumulative.", "counter"),
     "updates_per_s": ("evergreen_learner_updates_per_second", "Learner updates per second over the interval.",
                       "gauge"),
     "learner_wait_fraction": ("evergreen_learner_data_wait_ratio",

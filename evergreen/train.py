@@ -13,7 +13,8 @@ through the driver or the object store. The links, in the order ``Trainer.run`` 
    diagnostics and telemetry families, from the config and the env's spec;
 2. Ray            — local (with a watchdog that ends it if this process is killed), or a cluster;
 3. replay shards  — one ``replay.ray_shard.ShardActor`` per shard, each running a shard server on
-   its node, checkpointing to its directory (and restoring from it on ``--resume``);
+   its node that refuses calls without the run's token and rows outside the agent's bounds,
+   checkpointing to its directory (and restoring from it on ``--resume``);
 4. telemetry      — this process serves the run's ``/metrics`` (learner and actor statistics);
 5. weight store   — a Ray actor holding the latest (version, object ref) of the acting weights;
 6. learner        — ``learner.ray_learner.RayLearner``: algorithm, prefetching replay dataset,
@@ -33,6 +34,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -126,13 +128,15 @@ def default_error_buffer(config: RunConfig) -> float:
     return float(max(4 * config.learner.batch_size, 2 * config.actors.insert_batch_size * spi))
 
 
-def table_config(config: RunConfig, *, fields: list, obs_shape: tuple[int, ...], obs_dtype: Any) -> Any:
-    """The replay table every shard holds, with the columns the agent's adder writes."""
+def table_config(config: RunConfig, *, fields: list, obs_shape: tuple[int, ...], obs_dtype: Any,
+                 bounds: dict[str, Any] | None = None) -> Any:
+    """The replay table every shard holds: the columns the agent's adder writes, with the agent's bounds."""
     from replay.schema import Field, Schema
     from replay.table import TableConfig
 
     r = config.replay
-    schema = Schema(fields=tuple(Field(name=name, dtype=np.dtype(dtype).name, shape=tuple(shape))
+    bounds = bounds or {}
+    schema = Schema(fields=tuple(Field(name=name, dtype=np.dtype(dtype).name, shape=tuple(shape), bounds=bounds.get(name))
                                  for name, dtype, shape in fields))
     storage = r.storage
     if storage == "auto":
@@ -236,21 +240,27 @@ class Trainer:
     def _start_replay(self, table: Any) -> Any:
         import ray
 
+        from replay.auth import ensure_token_file
         from replay.client import ReplayClient
         from replay.ray_shard import ShardActor
 
         r = self.config.replay
+        # The run's replay token: made once (0600, in the run dir), read again on --resume; shards refuse
+        # calls without it. It travels to shards, actors and the learner inside Ray, never on a command line.
+        token = ensure_token_file(self.run_dir / "replay.token")
         template = r.checkpoint_dir or str(self.run_dir / "replay" / "shard-{shard}")
         for index in range(r.num_shards):
             directory = template.format(shard=index, run=self.run_dir.name)
             self._shards.append(ShardActor.options(**_resources(r.placement)).remote(
                 [table], checkpoint_dir=directory, shard_index=index, host=r.host,
-                cluster=bool(self.config.ray.address)))
+                cluster=bool(self.config.ray.address), token=token,
+                # After a crash the shard's limiter may be ahead of the learner's checkpoint: re-centre it.
+                rebase_limiter_on_restore=self.resume))
         try:
             self._shard_endpoints = ray.get([s.endpoint.remote() for s in self._shards])
         except ray.exceptions.RayError as exc:
             raise ComponentError(f"a replay shard failed to start: {_ray_error(exc)}") from exc
-        return ReplayClient([address for address, _ in self._shard_endpoints], table=table.name)
+        return ReplayClient([address for address, _ in self._shard_endpoints], table=table.name, token=token)
 
     def _start_telemetry(self, builder: Any) -> None:
         """The run's /metrics endpoint, and a Prometheus file_sd targets file naming every exporter."""
@@ -345,11 +355,15 @@ class Trainer:
         spec = env_spec(cfg.env)
         builder = make_builder(cfg, spec)
         table = table_config(cfg, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
-                             obs_dtype=spec.observation_dtype)
+                             obs_dtype=spec.observation_dtype, bounds=builder.replay_bounds())
         print(f"evergreen train: run dir {self.run_dir} ({'resuming' if self.resume else 'new run'}); "
               f"algorithm {cfg.algorithm}, env {cfg.env.id} obs {spec.observation_shape} "
               f"{spec.observation_dtype.name}, actions {spec.actions}")
-        previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Signal handlers can only be installed from the main thread (a run started from another thread,
+        # e.g. in a test or a notebook, is stopped with request_stop instead).
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous_handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+                             if main_thread else {})
         books = None
         try:
             self._start_ray()
@@ -384,7 +398,7 @@ class Trainer:
 
             # SIGINT (Ctrl-C) and SIGTERM (docker stop, Kubernetes) both stop at the next iteration,
             # checkpoint, and shut everything down in order.
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in previous_handlers:
                 signal.signal(sig, on_signal)
             return self._coordinate(books, client)
         finally:

@@ -30,7 +30,14 @@ import torch
 
 from plasticity.base import NetworkSlot
 
-__all__ = ["Algorithm", "NetworkSlot", "UpdateResult"]
+__all__ = ["Algorithm", "InvalidBatch", "NetworkSlot", "UpdateResult"]
+
+
+class InvalidBatch(ValueError):
+    """A batch an algorithm refuses before touching any state (wrong fields, shapes, dtypes or values).
+
+    The learner loop drops such a batch, counts it and goes on: one bad batch must not end a long run.
+    """
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class Algorithm(Protocol):
     device: torch.device
 
     def update(self, batch: Mapping[str, Any], *, weights: Any = None) -> UpdateResult:
-        """One gradient step on ``batch`` (importance ``weights`` [B] or None); bad input raises ValueError first."""
+        """One gradient step on ``batch`` (importance ``weights`` [B] or None); bad input raises InvalidBatch first."""
         ...
 
     def acting_weights(self) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.core import UpdateResult
+from learner.core import InvalidBatch, UpdateResult
 from learner.networks import NetworkConfig, QNetwork, build_network, torch_obs_dtype
 from plasticity.base import Intervention, InterventionContext, InterventionSet, NetworkSlot, structure_version
 
@@ -262,7 +262,7 @@ class DQN:
             return value
         if isinstance(value, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(value))
-        raise ValueError(f"batch[{name!r}] must be a torch.Tensor or numpy array, got {type(value).__name__}")
+        raise InvalidBatch(f"batch[{name!r}] must be a torch.Tensor or numpy array, got {type(value).__name__}")
 
     def _prepare(
         self, batch: Mapping[str, Any], weights: Any
@@ -274,42 +274,42 @@ class DQN:
         """
         missing = [k for k in BATCH_FIELDS if k not in batch]
         if missing:
-            raise ValueError(f"batch lacks fields {missing}; expected {list(BATCH_FIELDS)}, got {sorted(batch)}")
+            raise InvalidBatch(f"batch lacks fields {missing}; expected {list(BATCH_FIELDS)}, got {sorted(batch)}")
         t = {k: self._tensor(k, batch[k]) for k in BATCH_FIELDS}
         size = t["action"].shape[0] if t["action"].dim() >= 1 else 0
         if size < 1:
-            raise ValueError(f"batch['action'] must have shape [B] with B >= 1, got {tuple(t['action'].shape)}")
+            raise InvalidBatch(f"batch['action'] must have shape [B] with B >= 1, got {tuple(t['action'].shape)}")
         for key in ("obs", "next_obs"):
             if tuple(t[key].shape) != (size, *self.obs_shape):
-                raise ValueError(f"batch[{key!r}] has shape {tuple(t[key].shape)}; expected {(size, *self.obs_shape)}")
+                raise InvalidBatch(f"batch[{key!r}] has shape {tuple(t[key].shape)}; expected {(size, *self.obs_shape)}")
             if (t[key].dtype == torch.uint8) != (self._obs_torch_dtype == torch.uint8) or not (
                 t[key].dtype == torch.uint8 or t[key].is_floating_point()
             ):
-                raise ValueError(f"batch[{key!r}] has dtype {t[key].dtype}; expected {self.obs_dtype}")
+                raise InvalidBatch(f"batch[{key!r}] has dtype {t[key].dtype}; expected {self.obs_dtype}")
         for key in ("action", "reward", "discount"):
             if tuple(t[key].shape) != (size,):
-                raise ValueError(f"batch[{key!r}] has shape {tuple(t[key].shape)}; expected ({size},)")
+                raise InvalidBatch(f"batch[{key!r}] has shape {tuple(t[key].shape)}; expected ({size},)")
         if t["action"].is_floating_point() or t["action"].dtype == torch.bool or t["action"].is_complex():
-            raise ValueError(f"batch['action'] must hold integers, got dtype {t['action'].dtype}")
+            raise InvalidBatch(f"batch['action'] must hold integers, got dtype {t['action'].dtype}")
         for key in ("reward", "discount"):
             if not t[key].is_floating_point():
-                raise ValueError(f"batch[{key!r}] must be floating point, got dtype {t[key].dtype}")
+                raise InvalidBatch(f"batch[{key!r}] must be floating point, got dtype {t[key].dtype}")
         w = None
         if weights is not None:
             w = self._tensor("weights", weights)
             if tuple(w.shape) != (size,) or not w.is_floating_point():
-                raise ValueError(f"weights must be a float array of shape ({size},), got {w.dtype} {tuple(w.shape)}")
+                raise InvalidBatch(f"weights must be a float array of shape ({size},), got {w.dtype} {tuple(w.shape)}")
         action = t["action"]
         # min/max in one reduction each; on host tensors these are plain reads.
         low, high = torch.aminmax(action)
         if int(low) < 0 or int(high) >= self.num_actions:
-            raise ValueError(
+            raise InvalidBatch(
                 f"batch['action'] holds values outside [0, {self.num_actions}): min {int(low)}, max {int(high)}"
             )
         if w is not None:
             w_low, w_high = torch.aminmax(w)
             if not (bool(torch.isfinite(w_high)) and float(w_low) >= 0):
-                raise ValueError(f"weights must be finite and >= 0, got min {float(w_low)}, max {float(w_high)}")
+                raise InvalidBatch(f"weights must be finite and >= 0, got min {float(w_low)}, max {float(w_high)}")
         dev = self.device
         return (
             t["obs"].to(dev, non_blocking=True),

@@ -15,6 +15,7 @@ in-process table or a test double. ``learner.service.LearnerService`` passes the
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from learner.core import InvalidBatch
 from learner.dataset import Batch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Batch", "LearnerLoop", "LoopCounters", "Prefetcher"]
 
@@ -130,6 +134,8 @@ class LoopCounters:
     diagnostics_seconds: float = 0.0
     policy_lag_sum: float = 0.0
     policy_lag_count: int = 0
+    dropped_batches: int = 0
+    """Batches the algorithm refused as invalid (``learner.core.InvalidBatch``): dropped, not trained on."""
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -174,7 +180,8 @@ class LearnerLoop:
         self.publish_fn(self.counters.updates, self.algorithm.acting_weights(), self.algorithm.acting_network())
 
     def step(self, *, timeout: float | None = 1.0) -> dict[str, float] | None:
-        """One update; None if no batch arrived within ``timeout`` (replay filling or rate-limited)."""
+        """One update; None if no batch arrived within ``timeout`` (replay filling or rate-limited) or the
+        batch was invalid (counted in ``counters.dropped_batches``, logged, and skipped)."""
         if self._priorities is not None and self._priorities.errors:
             raise RuntimeError(f"priority update failed: {self._priorities.errors[0]}") from self._priorities.errors[0]
         batch = self.prefetcher.get(timeout=timeout)
@@ -186,7 +193,14 @@ class LearnerLoop:
                 diagnostics.before_step()
             self.counters.diagnostics_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        result = self.algorithm.update(batch.tensors, weights=batch.weights)
+        try:
+            result = self.algorithm.update(batch.tensors, weights=batch.weights)
+        except InvalidBatch as exc:
+            # Nothing was changed (the algorithm validates first); a multi-day run goes on without it.
+            self.counters.dropped_batches += 1
+            if self.counters.dropped_batches <= 10 or self.counters.dropped_batches % 1000 == 0:
+                log.warning("dropped an invalid batch (%d so far): %s", self.counters.dropped_batches, exc)
+            return None
         self.counters.update_seconds += time.perf_counter() - start
         self.counters.updates += 1
         if self._priorities is not None and result.priorities is not None:

@@ -69,6 +69,8 @@ class TrainReport:
     published_version: int = 0
     probe_ready: bool = False
     """Whether the diagnostics' probe batch has been sampled (diagnostics run from then on)."""
+    dropped_batches: int = 0
+    """Invalid batches dropped so far (cumulative, this learner process)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -205,6 +207,7 @@ class LearnerService:
         report.published_version = c.published_version
         report.wall_seconds = time.perf_counter() - start
         report.probe_ready = self._probe_ready
+        report.dropped_batches = c.dropped_batches
         return report
 
     def task_switch(self, task: int) -> dict[str, float]:

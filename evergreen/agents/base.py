@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 
 
@@ -19,6 +20,26 @@ class TelemetryFamily:
     kind: Literal["gauge", "counter"] = "gauge"
 
 
+def replay_bounds(spec: Any) -> dict[str, Any]:
+    """The values a transition's columns may hold in an env described by ``spec``: what replay enforces.
+
+    Discrete actions in ``[0, n)``; continuous actions inside the action box; finite rewards; discounts
+    in ``[0, 1]``; finite float observations. A row outside them is refused at insert, naming the
+    field, row and value, so a buggy or hostile writer cannot poison the learner's data.
+    """
+    from actors.envs import DiscreteActions
+    from replay.schema import Bounds
+
+    if isinstance(spec.actions, DiscreteActions):
+        action = Bounds.index(spec.actions.n)
+    else:  # one range for every dimension: the loosest of the box's bounds
+        action = Bounds(low=min(spec.actions.low), high=max(spec.actions.high))
+    bounds = {"action": action, "reward": Bounds(), "discount": Bounds(low=0, high=1)}
+    if np.dtype(spec.observation_dtype).kind == "f":
+        bounds["obs"] = bounds["next_obs"] = Bounds()
+    return bounds
+
+
 class AgentBuilder(Protocol):
     """Makes one algorithm's pieces for a run (built once in the driver, pickled to the processes)."""
 
@@ -29,6 +50,10 @@ class AgentBuilder(Protocol):
 
     def replay_fields(self) -> list[tuple[str, Any, tuple[int, ...]]]:
         """(name, dtype, shape) of every replay column, in order."""
+        ...
+
+    def replay_bounds(self) -> dict[str, Any]:
+        """``replay.schema.Bounds`` per column name, for the columns whose values replay must check."""
         ...
 
     def make_algorithm(self, device: torch.device) -> Any:

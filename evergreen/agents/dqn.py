@@ -18,7 +18,7 @@ import torch
 from actors.adder import NStepAdder
 from actors.envs import EnvSpec
 from actors.policy import ConstantEpsilon, EpsilonGreedyPolicy, LinearEpsilon, apex_epsilon
-from evergreen.agents.base import TelemetryFamily
+from evergreen.agents.base import TelemetryFamily, replay_bounds
 from learner.dqn import DQN
 from learner.networks import NetworkConfig, build_network
 from plasticity.base import InterventionSet
@@ -73,6 +73,9 @@ class DQNBuilder:
 
     def replay_fields(self) -> list[tuple[str, Any, tuple[int, ...]]]:
         return self.make_adder().schema()
+
+    def replay_bounds(self) -> dict[str, Any]:
+        return replay_bounds(self.spec)
 
     def make_adder(self) -> NStepAdder:
         a = self.config.actors

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,7 +102,5 @@ def test_killing_the_driver_leaves_no_process_behind(tmp_path):
         assert survivors == [], f"processes outlived the killed driver: {survivors}"
     finally:
         for p in [driver, *started]:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass

@@ -164,3 +164,47 @@ def test_plasticity_injection_mid_run_reaches_the_actors(tmp_path):
     # after the injection the actors acted with versions published after it
     assert records[-1]["actor_policy_lag_updates"] is not None
     assert records[-1]["actor_policy_lag_updates"] < summary.updates - 30
+
+
+def test_a_poisoning_client_is_refused_and_the_run_trains_and_resumes(tmp_path):
+    """A process on the host that finds a shard's port cannot write: without the run's token it is
+    unauthenticated; with it (an insider, or a buggy writer) rows outside the agent's bounds
+    (action 7 in a 2-action env) are refused, naming the field. The run trains on and resumes."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from replay import errors
+    from replay.client import ReplayClient
+
+    run_dir = tmp_path / "poisoned"
+    trainer = Trainer(_cartpole(3000), run_dir=run_dir)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("summary", trainer.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (run_dir / "placement.json").exists():  # written once every component runs
+        assert time.monotonic() < deadline and thread.is_alive(), "the run did not start"
+        time.sleep(0.2)
+    address = json.loads((run_dir / "placement.json").read_text())["replay"][0]["address"]
+    rows = 64
+    poison = {"obs": np.zeros((rows, 4), np.float32), "action": np.full(rows, 7, np.int64),
+              "reward": np.ones(rows, np.float32), "discount": np.full(rows, 0.99, np.float32),
+              "next_obs": np.zeros((rows, 4), np.float32), "policy_version": np.zeros(rows, np.int64)}
+    outsider = ReplayClient([address], table="replay", timeout=5.0)
+    with pytest.raises(errors.Unauthenticated):
+        outsider.insert(poison, writer_key="attacker")
+    assert (run_dir / "replay.token").stat().st_mode & 0o077 == 0  # the token file is private
+    insider = ReplayClient([address], table="replay", timeout=5.0,
+                           token=(run_dir / "replay.token").read_text().strip())
+    with pytest.raises(errors.InvalidArgument, match=r"action.*7"):
+        insider.insert(poison, writer_key="attacker")
+    outsider.close()
+    insider.close()
+    thread.join(timeout=300)
+    summary = result["summary"]
+    assert summary.env_steps >= 3000 and summary.updates > 0
+    assert _records(run_dir)[-1]["dropped_batches"] == 0  # nothing bad ever reached the learner
+    assert main(["--resume", str(run_dir), "--learner.total_env_steps", str(summary.env_steps + 1000)]) == 0
+    assert load_latest_checkpoint(run_dir / "checkpoints")["counters"]["env_steps"] >= summary.env_steps + 1000

@@ -14,6 +14,7 @@ from evergreen.agents.dqn import DQNBuilder, exploration_schedule
 from evergreen.config import CONFIG_DIR, RunConfig, load_config, read_config, save_config
 from evergreen.configtools import field_docs
 from evergreen.train import build_parser, default_error_buffer, table_config
+from replay.schema import Bounds
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -82,7 +83,11 @@ def test_table_config_follows_the_run_config():
     config = load_config(preset="cartpole", overrides={"replay": {"num_shards": 2, "capacity": 10_000,
                                                                   "samples_per_insert": 8.0}})
     builder = DQNBuilder(config, EnvSpec((4,), np.dtype("float32"), DiscreteActions(2)))
-    table = table_config(config, fields=builder.replay_fields(), obs_shape=(4,), obs_dtype="float32")
+    table = table_config(config, fields=builder.replay_fields(), obs_shape=(4,), obs_dtype="float32",
+                         bounds=builder.replay_bounds())
+    bounds = {f.name: f.bounds for f in table.schema.fields}
+    assert bounds["action"] == Bounds(low=0, high=1) and bounds["discount"] == Bounds(low=0, high=1)
+    assert bounds["reward"] == Bounds() and bounds["obs"] == Bounds() and bounds["policy_version"] is None
     assert table.capacity == 5_000 and table.storage == "ring" and table.sampler == config.replay.sampler
     assert [f.name for f in table.schema.fields] == ["obs", "action", "reward", "discount", "next_obs", "policy_version"]
     # the band holds 2 insert calls of insert_batch_size rows at spi 8, or 4 sample batches if larger

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from learner.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from learner.core import UpdateResult
+from learner.core import InvalidBatch, UpdateResult
 from learner.loop import Batch, LearnerLoop, Prefetcher
 
 
@@ -149,6 +149,30 @@ def test_loop_with_two_networks_prefixes_diagnostics_and_skips_absent_priorities
     assert {k: v for k, v in second.items() if k.startswith("diag/")} == {"diag/actor/srank": 7.0,
                                                                           "diag/critic/srank": 7.0}
     assert written == []  # the algorithm returned no priorities: nothing to write back
+
+
+class _RefusesOdd(_Algorithm):
+    """Refuses every other batch as invalid, as DQN refuses e.g. an action outside its range."""
+
+    def update(self, tensors, *, weights=None):
+        if (self.calls + self.refused) % 2:
+            self.refused += 1
+            raise InvalidBatch("batch['action'] holds values outside [0, 2): min 0, max 7")
+        return super().update(tensors, weights=weights)
+
+
+def test_invalid_batches_are_dropped_counted_and_the_loop_goes_on(caplog):
+    algorithm = _RefusesOdd()
+    algorithm.refused = 0
+    pre = Prefetcher(sample=_source([(np.array([i], dtype=np.uint64), None) for i in range(6)]), depth=1,
+                     poll_timeout_s=0.01).start()
+    loop = LearnerLoop(algorithm=algorithm, prefetcher=pre, update_priorities=None, publish=lambda v, w, net: None)
+    with caplog.at_level("WARNING", logger="learner.loop"):
+        results = [loop.step(timeout=5) for _ in range(6)]
+    loop.close()
+    assert [r is not None for r in results] == [True, False, True, False, True, False]
+    assert loop.counters.dropped_batches == 3 and loop.counters.updates == 3
+    assert "dropped an invalid batch (3 so far): batch['action'] holds values outside [0, 2)" in caplog.text
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
