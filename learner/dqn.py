@@ -325,21 +325,14 @@ class DQN:
     def _td_loss(self, obs, action, reward, discount, next_obs):
         """(per-sample loss [B] with grad, priorities [B], |TD| [B], Q of taken actions [B], features)."""
         cfg = self.config
-        size = obs.shape[0]
-        if cfg.double:
-            # One online pass over obs and next_obs together: half the per-op overhead of two passes,
-            # which dominates small networks. Only the obs half enters the loss; the next_obs half
-            # (the action selector) is detached.
-            features = self.online.encoder(torch.cat([obs, next_obs]))
-            both = self.online.head(features)
-            features, out, selector = features[:size], both[:size], both[size:].detach()
-        else:
-            features = self.online.encoder(obs)
-            out = self.online.head(features)
+        features = self.online.encoder(obs)
+        out = self.online.head(features)
         with torch.no_grad():
+            # The double-DQN action selector gets its own pass without autograd: folding it into the
+            # online pass (one forward over cat(obs, next_obs)) saves per-op overhead in the forward
+            # but doubles the backward's matrix products, and was slower in the learner benchmark.
             next_target = self.target(next_obs)
-            if not cfg.double:
-                selector = next_target
+            selector = self.online(next_obs) if cfg.double else next_target
         if self.distributional:
             per_sample, priorities, td_error, q_taken = self._quantile_loss(out, action, reward, discount, next_target, selector)
         else:
@@ -373,8 +366,13 @@ class DQN:
         extra, terms = self.interventions.loss(self.ctx, "q", obs=obs, features=features)
         loss = td_loss if extra is None else td_loss + extra
 
-        # Gradients are zeroed in place and reused: no per-update allocation of gradient tensors.
-        self.optimizer.zero_grad(set_to_none=False)
+        # Gradients are zeroed in place and reused (no per-update allocation of gradient tensors), in
+        # one foreach call: Optimizer.zero_grad's per-parameter Python loop costs as much as the
+        # small network's backward. Every parameter the optimizer steps (auxiliary heads of an
+        # intervention included) is zeroed; a gradient created since (p.grad was None) is fresh.
+        current = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if current:
+            torch._foreach_zero_(current)
         loss.backward()
         # Frozen parameters (e.g. an injected head's frozen copies) have no gradient and are skipped.
         grads = [p.grad for p in self._online_params if p.grad is not None]
@@ -386,7 +384,7 @@ class DQN:
             lr = cfg.learning_rate(self.ctx.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        self.optimizer.step()
+        adam_step(self.optimizer)
         self.ctx.step += 1
 
         metrics: dict[str, float] = self.interventions.after_step(self.ctx, probe_obs=self._probe)
@@ -547,6 +545,47 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float | None) -> torch.T
     if max_norm is not None:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
+
+
+def adam_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` for a fused Adam with one parameter group, in one kernel call.
+
+    ``Optimizer.step`` spends more time in Python (hooks, regrouping tensors by device and dtype on
+    every call) than the fused kernel takes on a small network. This calls the kernel on the
+    optimizer's own state tensors, so checkpoints and interventions that edit that state see the
+    same thing. Whenever the fast path does not apply (another optimizer or option, a parameter
+    without state yet, e.g. on the first step or after an intervention dropped it), it is plain
+    ``optimizer.step()``.
+
+        loss.backward(); adam_step(optimizer)
+    """
+    groups = optimizer.param_groups
+    group = groups[0]
+    if (len(groups) != 1 or not isinstance(optimizer, torch.optim.Adam) or not group.get("fused")
+            or group["amsgrad"] or group["maximize"] or group.get("decoupled_weight_decay")):
+        optimizer.step()
+        return
+    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    state = optimizer.state
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        s = state.get(p)
+        if not s:
+            optimizer.step()
+            return
+        params.append(p)
+        grads.append(p.grad)
+        exp_avgs.append(s["exp_avg"])
+        exp_avg_sqs.append(s["exp_avg_sq"])
+        steps.append(s["step"])
+    if not params:
+        return
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
+                       beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                       maximize=False, grad_scale=None, found_inf=None)
 
 
 def _adam(params, *, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
