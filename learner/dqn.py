@@ -548,7 +548,8 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float | None) -> torch.T
 
 
 def adam_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()`` for a fused Adam with one parameter group, in one kernel call.
+    """``optimizer.step()`` for a fused Adam with one parameter group on one device and dtype (as
+    :func:`_adam` builds it for DQN), in one kernel call.
 
     ``Optimizer.step`` spends more time in Python (hooks, regrouping tensors by device and dtype on
     every call) than the fused kernel takes on a small network. This calls the kernel on the
