@@ -7,6 +7,7 @@ For each preset:
 * **bare (now)**: a loop of the preset's ``Algorithm.update`` (built by the agent builder, exactly
   as the learner process builds it) on synthetic batches of the preset's shapes and dtypes, with
   the learner's torch thread count, nothing else running;
+* **bare (now, eager)**: where the preset sets ``dqn.compile``, the same loop with it off;
 * **bare (before)**: the same loop with ``learner/dqn.py`` as it was at git revision ``--before``
   (loaded from git into this process), to show what the hot-path work changed;
 * **system, learner-bound**: ``evergreen train --preset <preset>`` (Ray actors, gRPC replay shard, the
@@ -100,17 +101,21 @@ def bare_rates(config, *, old_module, seconds: float, rounds: int) -> dict[str, 
     threads = config.learner.num_threads or max(1, int(config.learner.placement.num_cpus))
     torch.set_num_threads(threads)
     batches = synthetic_batches(spec, config.learner.batch_size, 16)
-    new = builder.make_algorithm(torch.device("cpu"))
-    rates = {"now": [], "before": []}
-    old = None
+    loops = {"now": builder.make_algorithm(torch.device("cpu")).update}
+    if config.dqn.compile and old_module is not None:  # the same update without compilation, for the table
+        eager = dataclasses.replace(config, dqn=dataclasses.replace(config.dqn, compile=False))
+        loops["eager"] = make_builder(eager, spec).make_algorithm(torch.device("cpu")).update
     if old_module is not None:
-        old = old_module.DQN(config.dqn, config.network, obs_shape=spec.observation_shape,
-                             num_actions=spec.num_actions, obs_dtype=spec.observation_dtype.name, seed=config.seed)
+        loops["before"] = old_module.DQN(
+            config.dqn, config.network, obs_shape=spec.observation_shape, num_actions=spec.num_actions,
+            obs_dtype=spec.observation_dtype.name, seed=config.seed).update
+    for update in loops.values():
+        update(batches[0])  # outside every window: with dqn.compile this first call compiles
+    rates = {name: [] for name in loops}
     for _ in range(rounds):
-        rates["now"].append(updates_per_second(new.update, batches, seconds))
-        if old is not None:
-            rates["before"].append(updates_per_second(old.update, batches, seconds))
-    return {k: max(v) for k, v in rates.items() if v} | {"threads": threads}
+        for name, update in loops.items():
+            rates[name].append(updates_per_second(update, batches, seconds))
+    return {k: max(v) for k, v in rates.items()} | {"threads": threads}
 
 
 def main() -> int:
@@ -148,10 +153,10 @@ def main() -> int:
         rows.append((preset, pre, bare_now, system, paced, config.replay.samples_per_insert))
         print(f"   bare now after {post['now']:.0f}/s", flush=True)
 
-    print("\n| preset | torch threads | bare before (updates/s) | bare now (updates/s) | now / before "
-          "| system, learner-bound (updates/s) | system / bare now | learner waited on data "
+    print("\n| preset | torch threads | bare before (updates/s) | bare now, eager (updates/s) | bare now (updates/s) "
+          "| now / before | system, learner-bound (updates/s) | system / bare now | learner waited on data "
           "| system, preset ratio (updates/s) | its env steps/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ok = True
     for preset, pre, bare_now, system, paced, ratio_limit in rows:
         before = pre.get("before", float("nan"))
@@ -159,7 +164,8 @@ def main() -> int:
         ok &= ratio >= 0.8
         if preset == "cartpole" and "before" in pre:
             ok &= bare_now / before >= 2.0
-        print(f"| {preset} | {pre['threads']} | {before:.0f} | {bare_now:.0f} | {bare_now / before:.2f}x "
+        eager = f"{pre['eager']:.0f}" if "eager" in pre else "(no dqn.compile)"
+        print(f"| {preset} | {pre['threads']} | {before:.0f} | {eager} | {bare_now:.0f} | {bare_now / before:.2f}x "
               f"| {system['updates_per_s']:.0f} | **{ratio:.2f}** | {100 * system['wait']:.0f}% "
               f"| {paced['updates_per_s']:.0f} ({ratio_limit:g} samples/insert) | {paced['env_steps_per_s']:.0f} |")
     print(f"\ntargets (learner-bound system >= 0.8x bare now on every preset; cartpole bare now >= 2x before): "

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,6 +63,7 @@ from learner.networks import NetworkConfig, QNetwork, build_network, torch_obs_d
 from plasticity.base import Intervention, InterventionContext, InterventionSet, NetworkSlot, structure_version
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs")
+_log = logging.getLogger(__name__)
 _STATE_FORMAT = 2
 
 
@@ -97,7 +99,12 @@ class DQNConfig:
     steps, then stays at ``lr_end``; null keeps ``lr`` constant."""
     lr_decay_steps: int = 100_000
     """Optimizer steps over which lr decays linearly to ``lr_end`` (ignored when ``lr_end`` is null)."""
-
+    compile: bool = False
+    """Compute the TD loss and its gradient in one ``torch.compile``-d function (inductor; on the CPU it
+    needs a C compiler). On small networks the eager update is mostly per-op overhead, which this
+    removes (about 2x the updates/s of the eager update for the cartpole preset); it costs a one-time
+    compilation of ~10-30 s at the first update. Used only while no intervention adds a loss term
+    (those run eager); if compilation fails the learner logs why and stays eager."""
     def validate(self) -> DQNConfig:
         """Raise ValueError naming the first bad field; return self."""
         if not isinstance(self.double, bool):
@@ -116,6 +123,8 @@ class DQNConfig:
             _positive("dqn.lr_end", self.lr_end, suffix=" (or null for a constant lr)")
         if isinstance(self.lr_decay_steps, bool) or not isinstance(self.lr_decay_steps, int) or self.lr_decay_steps < 1:
             raise ValueError(f"dqn.lr_decay_steps must be an integer >= 1, got {self.lr_decay_steps!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"dqn.compile must be true or false, got {self.compile!r}")
         return self
 
     def learning_rate(self, step: int) -> float:
@@ -220,6 +229,9 @@ class DQN:
             else None
         )
         self.interventions.setup(self.ctx)
+        # The compiled gradient function (config.compile), built at the first update that uses it.
+        self._compiled_grad: Callable | None = None
+        self._compile_state = "off" if not config.compile or self._has_loss_terms() else "pending"
         self._cache_parameters()
 
     # ------------------------------------------------------------------ properties
@@ -250,6 +262,13 @@ class DQN:
                 "different parameter counts; an intervention changed one without the other"
             )
         self._structure = structure_version(self.ctx)
+        self._grad_names = [name for name, p in self.online.named_parameters() if p.requires_grad]
+        self._compiled_grad = None  # a changed module tree gets a freshly compiled function,
+        if self._compile_state == "on":  # compiled under the same fallback as the first one
+            self._compile_state = "pending"
+
+    def _has_loss_terms(self) -> bool:
+        return any(type(iv).loss is not Intervention.loss for name, iv in self.interventions.bound if name == "q")
 
     def _refresh_if_restructured(self) -> None:
         if structure_version(self.ctx) != self._structure:
@@ -352,6 +371,42 @@ class DQN:
         obs, action, reward, discount, next_obs, _ = self._prepare(batch, None)
         return self._td_loss(obs, action, reward, discount, next_obs)[0]
 
+    # ------------------------------------------------------------------ the compiled gradient
+
+    def _compiled_loss_and_grads(self, obs, action, reward, discount, next_obs, w):
+        """With ``config.compile``: set every trainable parameter's ``.grad`` from one compiled call and
+        return (loss, priorities, |TD|, Q of taken actions), all detached; None where the eager path runs.
+
+        The function compiled is ``torch.func.grad_and_value`` of :meth:`_td_loss` evaluated with the
+        online network's parameters passed in (``functional_call``), so forward, backward and the
+        loss arithmetic become a few fused kernels instead of a few hundred eager ops. Gradients are
+        the same quantity the eager ``backward`` produces (equal up to float rounding; tested).
+        """
+        if self._compile_state in ("off", "failed"):
+            return None
+        if self._compiled_grad is None:
+            loss_module = _TDLossModule(self)
+            self._compiled_grad = torch.compile(torch.func.grad_and_value(
+                lambda params, *batch: torch.func.functional_call(loss_module, params, batch), has_aux=True),
+                dynamic=False)
+        params = dict(zip(self._grad_names, (p for p in self._online_params if p.requires_grad), strict=True))
+        detached = {f"online.{name}": p.detach() for name, p in params.items()}
+        if self._compile_state == "pending":
+            _log.info("compiling the DQN loss and gradient (torch.compile; once, ~10-30 s)")
+            try:
+                grads, (loss, aux) = self._compiled_grad(detached, obs, action, reward, discount, next_obs, w)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: stay eager, say why
+                _log.warning("torch.compile of the DQN update failed (%s: %s); running eager",
+                             type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self._compile_state = "failed"
+                return None
+            self._compile_state = "on"
+        else:
+            grads, (loss, aux) = self._compiled_grad(detached, obs, action, reward, discount, next_obs, w)
+        for name, p in params.items():
+            p.grad = grads[f"online.{name}"]
+        return (loss, *aux)
+
     # ------------------------------------------------------------------ the update
 
     def update(self, batch: Mapping[str, torch.Tensor | np.ndarray], *, weights: Any = None) -> UpdateResult:
@@ -361,19 +416,24 @@ class DQN:
         """
         obs, action, reward, discount, next_obs, w = self._prepare(batch, weights)
         cfg = self.config
-        per_sample, priorities, td_error, q_taken, features = self._td_loss(obs, action, reward, discount, next_obs)
-        td_loss = (per_sample * w).mean() if w is not None else per_sample.mean()
-        extra, terms = self.interventions.loss(self.ctx, "q", obs=obs, features=features)
-        loss = td_loss if extra is None else td_loss + extra
+        stats = self._compiled_loss_and_grads(obs, action, reward, discount, next_obs, w)
+        if stats is not None:
+            loss, priorities, td_error, q_taken = stats
+            td_loss, terms = loss, {}
+        else:
+            per_sample, priorities, td_error, q_taken, features = self._td_loss(obs, action, reward, discount, next_obs)
+            td_loss = (per_sample * w).mean() if w is not None else per_sample.mean()
+            extra, terms = self.interventions.loss(self.ctx, "q", obs=obs, features=features)
+            loss = td_loss if extra is None else td_loss + extra
 
-        # Gradients are zeroed in place and reused (no per-update allocation of gradient tensors), in
-        # one foreach call: Optimizer.zero_grad's per-parameter Python loop costs as much as the
-        # small network's backward. Every parameter the optimizer steps (auxiliary heads of an
-        # intervention included) is zeroed; a gradient created since (p.grad was None) is fresh.
-        current = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if current:
-            torch._foreach_zero_(current)
-        loss.backward()
+            # Gradients are zeroed in place and reused (no per-update allocation of gradient tensors),
+            # in one foreach call: Optimizer.zero_grad's per-parameter Python loop costs as much as the
+            # small network's backward. Every parameter the optimizer steps (auxiliary heads of an
+            # intervention included) is zeroed; a gradient created since (p.grad was None) is fresh.
+            current = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if current:
+                torch._foreach_zero_(current)
+            loss.backward()
         # Frozen parameters (e.g. an injected head's frozen copies) have no gradient and are skipped.
         grads = [p.grad for p in self._online_params if p.grad is not None]
         if self._grad_sync is not None:
@@ -533,6 +593,22 @@ class DQN:
         self.ctx.task = int(state["task"])
         self.ctx.generator.set_state(state["generator"])
         self._cache_parameters()
+
+
+class _TDLossModule(nn.Module):
+    """The weighted TD loss of ``dqn`` as a module whose one submodule is ``dqn.online``, so that
+    ``torch.func.functional_call`` can run it with the online parameters passed in (the target
+    network's parameters stay constants)."""
+
+    def __init__(self, dqn: DQN):
+        super().__init__()
+        self.online = dqn.online
+        self._loss = dqn._td_loss  # a bound method: dqn itself is not registered as a submodule
+
+    def forward(self, obs, action, reward, discount, next_obs, w):
+        per_sample, priorities, td_error, q_taken, _ = self._loss(obs, action, reward, discount, next_obs)
+        loss = (per_sample * w).mean() if w is not None else per_sample.mean()
+        return loss, (priorities.detach(), td_error.detach(), q_taken.detach())
 
 
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:

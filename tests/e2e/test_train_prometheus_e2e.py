@@ -37,6 +37,7 @@ def test_training_job_metrics_reach_prometheus_and_every_dashboard_query_returns
         "runs_dir": str(runs_dir),
         "replay": {"capacity": 5000, "min_size_to_sample": 200, "samples_per_insert": 8.0},
         "learner": {"total_env_steps": 10**7, "stop_at_return": None, "log_every_s": 1.0},
+        "dqn": {"compile": False},  # the compiled update has its own tests; here it would only add minutes
         "plasticity": {"interventions": "layer_norm,weight_decay,redo", "options": {"redo": {"period": 20}},
                        "diagnostics": "all", "diagnostics_every": 25},
     }).validate()

@@ -29,6 +29,7 @@ def _cartpole(total: int, **learner):
         "learner": {"total_env_steps": total, "stop_at_return": None, "log_every_s": 1.0, **learner},
         "plasticity": {"diagnostics_every": 20, "interventions": "layer_norm,weight_decay,redo",
                        "options": {"redo": {"period": 50}}},
+        "dqn": {"compile": False},  # minutes of compilation on a loaded 2-core box; the injection test compiles
     }).validate()
 
 
@@ -149,7 +150,9 @@ def test_interrupt_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path, how
 
 
 def test_plasticity_injection_mid_run_reaches_the_actors(tmp_path):
-    """Injection changes the head's architecture; actors must keep acting with the new network."""
+    """Injection changes the head's architecture; actors must keep acting with the new network.
+
+    With the preset's ``dqn.compile``: the learner recompiles its update for the new module tree."""
     config = load_config(preset="cartpole", overrides={
         "replay": {"capacity": 4000, "min_size_to_sample": 200, "samples_per_insert": 8.0},
         "learner": {"total_env_steps": 2500, "stop_at_return": None, "log_every_s": 1.0, "publish_every": 10},

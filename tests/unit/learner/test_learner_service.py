@@ -52,7 +52,7 @@ def _setup(tmp_path, *, samples_per_insert=0.0, diagnostics="", rows=600):
     config = load_config(preset="cartpole", overrides={
         "replay": {"capacity": 2000, "min_size_to_sample": 100, "samples_per_insert": samples_per_insert,
                    "sampler": "prioritized"},
-        "learner": {"batch_size": 32}, "network": {"hidden_sizes": [16, 16]},
+        "learner": {"batch_size": 32}, "network": {"hidden_sizes": [16, 16]}, "dqn": {"compile": False},
         "plasticity": {"diagnostics": diagnostics, "diagnostics_every": 5, "probe_size": 16},
     }).validate()
     builder = DQNBuilder(config, SPEC)
