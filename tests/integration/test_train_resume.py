@@ -116,7 +116,7 @@ def test_interrupt_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path, how
     cmd = [sys.executable, "-m", "evergreen", "train", "--preset", "cartpole", "--run-dir", str(run_dir),
            "--runs_dir", str(tmp_path / "runs"),
            "--learner.total_env_steps", "1000000", "--replay.min_size_to_sample", "200",
-           "--learner.log_every_s", "1"]
+           "--learner.log_every_s", "1", "--dqn.compile", "false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
