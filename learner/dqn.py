@@ -105,6 +105,7 @@ class DQNConfig:
     removes (about 2x the updates/s of the eager update for the cartpole preset); it costs a one-time
     compilation of ~10-30 s at the first update. Used only while no intervention adds a loss term
     (those run eager); if compilation fails the learner logs why and stays eager."""
+
     def validate(self) -> DQNConfig:
         """Raise ValueError naming the first bad field; return self."""
         if not isinstance(self.double, bool):
@@ -229,8 +230,7 @@ class DQN:
             else None
         )
         self.interventions.setup(self.ctx)
-        # The compiled gradient function (config.compile), built at the first update that uses it.
-        self._compiled_grad: Callable | None = None
+        # config.compile: "pending" until the first compiled call succeeds ("on") or fails ("failed").
         self._compile_state = "off" if not config.compile or self._has_loss_terms() else "pending"
         self._cache_parameters()
 
@@ -262,8 +262,9 @@ class DQN:
                 "different parameter counts; an intervention changed one without the other"
             )
         self._structure = structure_version(self.ctx)
-        self._grad_names = [name for name, p in self.online.named_parameters() if p.requires_grad]
-        self._compiled_grad = None  # a changed module tree gets a freshly compiled function,
+        # Trainable parameters by their name in _TDLossModule (what the compiled function takes).
+        self._trainable = [(f"online.{name}", p) for name, p in self.online.named_parameters() if p.requires_grad]
+        self._compiled_grad: Callable | None = None  # a changed module tree gets a freshly compiled function,
         if self._compile_state == "on":  # compiled under the same fallback as the first one
             self._compile_state = "pending"
 
@@ -389,22 +390,22 @@ class DQN:
             self._compiled_grad = torch.compile(torch.func.grad_and_value(
                 lambda params, *batch: torch.func.functional_call(loss_module, params, batch), has_aux=True),
                 dynamic=False)
-        params = dict(zip(self._grad_names, (p for p in self._online_params if p.requires_grad), strict=True))
-        detached = {f"online.{name}": p.detach() for name, p in params.items()}
-        if self._compile_state == "pending":
+        first = self._compile_state == "pending"
+        if first:
             _log.info("compiling the DQN loss and gradient (torch.compile; once, ~10-30 s)")
-            try:
-                grads, (loss, aux) = self._compiled_grad(detached, obs, action, reward, discount, next_obs, w)
-            except Exception as error:  # noqa: BLE001 - any compiler failure: stay eager, say why
-                _log.warning("torch.compile of the DQN update failed (%s: %s); running eager",
-                             type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-                self._compile_state = "failed"
-                return None
-            self._compile_state = "on"
-        else:
-            grads, (loss, aux) = self._compiled_grad(detached, obs, action, reward, discount, next_obs, w)
-        for name, p in params.items():
-            p.grad = grads[f"online.{name}"]
+        try:
+            grads, (loss, aux) = self._compiled_grad(
+                {name: p.detach() for name, p in self._trainable}, obs, action, reward, discount, next_obs, w)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: stay eager, say why
+            if not first:
+                raise
+            _log.warning("torch.compile of the DQN update failed (%s: %s); running eager",
+                         type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            self._compile_state = "failed"
+            return None
+        self._compile_state = "on"
+        for name, p in self._trainable:
+            p.grad = grads[name]
         return (loss, *aux)
 
     # ------------------------------------------------------------------ the update
@@ -422,7 +423,7 @@ class DQN:
             td_loss, terms = loss, {}
         else:
             per_sample, priorities, td_error, q_taken, features = self._td_loss(obs, action, reward, discount, next_obs)
-            td_loss = (per_sample * w).mean() if w is not None else per_sample.mean()
+            td_loss = _weighted_mean(per_sample, w)
             extra, terms = self.interventions.loss(self.ctx, "q", obs=obs, features=features)
             loss = td_loss if extra is None else td_loss + extra
 
@@ -607,8 +608,12 @@ class _TDLossModule(nn.Module):
 
     def forward(self, obs, action, reward, discount, next_obs, w):
         per_sample, priorities, td_error, q_taken, _ = self._loss(obs, action, reward, discount, next_obs)
-        loss = (per_sample * w).mean() if w is not None else per_sample.mean()
-        return loss, (priorities.detach(), td_error.detach(), q_taken.detach())
+        return _weighted_mean(per_sample, w), (priorities.detach(), td_error.detach(), q_taken.detach())
+
+
+def _weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The batch loss: ``mean_i w_i * loss_i`` (plain mean without importance weights)."""
+    return (per_sample * weights).mean() if weights is not None else per_sample.mean()
 
 
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:

@@ -10,13 +10,7 @@ from learner.dqn import DQN, DQNConfig
 from learner.networks import NetworkConfig
 from plasticity.interventions import build_interventions
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dqn(*, compile: bool, network: NetworkConfig, interventions=(), seed: int = 3) -> DQN:

@@ -17,14 +17,7 @@ from learner.networks import NetworkConfig, build_network
 from plasticity.base import Intervention
 from plasticity.interventions import INTERVENTIONS, build_interventions
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These networks are tiny: intra-op threads only add synchronization (30x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 LINEAR = NetworkConfig(encoder="mlp", hidden_sizes=())  # Q(s) = W s + b: the head's output layer alone

@@ -12,14 +12,7 @@ from learner.networks import ChannelLayerNorm, NetworkConfig, QHead, QNetwork, b
 from plasticity.activations import ACTIVATION_NAMES, CReLU
 from plasticity.layers import hidden_layers
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These networks are tiny: intra-op threads only add synchronization (30x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Small but structurally complete variants of every encoder; CNN inputs are as small as each allows.
