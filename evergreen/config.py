@@ -123,6 +123,8 @@ class LearnerConfig:
     """Checkpoint (learner + replay shards) every this many seconds, and at the end."""
     prefetch_batches: int = 4
     """Sampled batches kept ready by the prefetch thread."""
+    batches_per_sample: int = 1
+    """Batches fetched from replay in one sample call (> 1 for small networks, whose update costs less than a call)."""
     device: str = "auto"
     """Torch device for the learner: "auto" (cuda if present), "cpu", "cuda", "cuda:1"."""
     num_threads: int = 0
@@ -218,9 +220,11 @@ class RunConfig:
         _check(r.samples_per_insert >= 0, "replay.samples_per_insert", r.samples_per_insert, ">= 0")
         _check(r.error_buffer >= 0, "replay.error_buffer", r.error_buffer, ">= 0")
         if r.samples_per_insert and r.error_buffer:
-            need = max(lrn.batch_size, 2 * self.actors.insert_batch_size * r.samples_per_insert) / 2
+            call = lrn.batch_size * lrn.batches_per_sample
+            need = max(call, 2 * self.actors.insert_batch_size * r.samples_per_insert) / 2
             _check(r.error_buffer >= need, "replay.error_buffer", r.error_buffer,
-                   f">= {need:g} so that one sample batch ({lrn.batch_size}) and one insert call "
+                   f">= {need:g} so that one sample call ({call} rows: learner.batch_size x "
+                   "learner.batches_per_sample) and one insert call "
                    f"(~2 x actors.insert_batch_size x samples_per_insert) fit in the limiter's band; or 0 for automatic")
         _check(a.num_actors >= 1, "actors.num_actors", a.num_actors, ">= 1")
         _check(a.n_step >= 1, "actors.n_step", a.n_step, ">= 1")
@@ -236,6 +240,11 @@ class RunConfig:
         _check(lrn.publish_every >= 1, "learner.publish_every", lrn.publish_every, ">= 1")
         _check(lrn.checkpoint_every_s > 0, "learner.checkpoint_every_s", lrn.checkpoint_every_s, "> 0")
         _check(lrn.prefetch_batches >= 1, "learner.prefetch_batches", lrn.prefetch_batches, ">= 1")
+        _check(lrn.batches_per_sample >= 1, "learner.batches_per_sample", lrn.batches_per_sample, ">= 1")
+        _check(lrn.batch_size * lrn.batches_per_sample <= r.capacity // r.num_shards, "learner.batches_per_sample",
+               lrn.batches_per_sample, f"at most {max(1, (r.capacity // r.num_shards) // lrn.batch_size)}: one sample "
+               f"call (learner.batch_size x batches_per_sample rows) must fit in a shard's capacity "
+               f"({r.capacity // r.num_shards})")
         _check(lrn.log_every_s > 0, "learner.log_every_s", lrn.log_every_s, "> 0")
         _check(
             lrn.device == "auto" or lrn.device == "cpu" or lrn.device.startswith("cuda"),

@@ -121,11 +121,12 @@ def default_error_buffer(config: RunConfig) -> float:
 
     Small on purpose: the band bounds how far updates and env steps may drift apart (here a few
     batches either way), so a fast learner and a slow one train on the same data per update. It
-    must hold one sample batch and one insert call (``insert_batch_size * spi`` sampled rows), or
-    the limiter would refuse calls that could never fit.
+    must hold one sample call (``batch_size * batches_per_sample`` rows) and one insert call
+    (``insert_batch_size * spi`` sampled rows), or the limiter would refuse calls that could never fit.
     """
-    spi = config.replay.samples_per_insert
-    return float(max(4 * config.learner.batch_size, 2 * config.actors.insert_batch_size * spi))
+    spi, lrn = config.replay.samples_per_insert, config.learner
+    return float(max(4 * lrn.batch_size, 2 * lrn.batch_size * lrn.batches_per_sample,
+                     2 * config.actors.insert_batch_size * spi))
 
 
 def table_config(config: RunConfig, *, fields: list, obs_shape: tuple[int, ...], obs_dtype: Any,
@@ -288,6 +289,8 @@ class Trainer:
             # Pacing without a replay rate limiter; with one, the limiter ties updates to env steps.
             updates_per_env_step=0.0 if cfg.replay.samples_per_insert else lrn.updates_per_env_step,
             prefetch_batches=lrn.prefetch_batches,
+            # Several batches per replay call, each call's rows drawn with the run's seed.
+            batches_per_sample=lrn.batches_per_sample, sample_seed=cfg.seed,
             make_diagnostics=builder.make_diagnostics if cfg.plasticity.diagnostics else None,
             probe_size=cfg.plasticity.probe_size, device=lrn.device,
             num_threads=lrn.num_threads or max(1, int(lrn.placement.num_cpus)),

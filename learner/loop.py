@@ -15,6 +15,7 @@ in-process table or a test double. ``learner.service.LearnerService`` passes the
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -35,12 +36,17 @@ __all__ = ["Batch", "LearnerLoop", "LoopCounters", "Prefetcher"]
 
 
 class Prefetcher:
-    """A background thread that keeps ``depth`` batches ready.
+    """A background thread that keeps the results of ``depth`` sample calls ready.
 
-    ``sample(timeout_s)`` returns a :class:`Batch` or ``None`` when nothing could be sampled within
-    the timeout (replay still filling, or the rate limiter holding the learner back); the thread
-    retries, which keeps it responsive to ``stop()``. Any other exception is re-raised in the
-    consumer on the next ``get`` so that failures are not swallowed by the thread.
+    ``sample(timeout_s)`` returns a :class:`Batch`, a list of them (the batches of one replay call,
+    handed out in order), or ``None`` when nothing could be sampled within the timeout (replay still
+    filling, or the rate limiter holding the learner back); the thread retries, which keeps it
+    responsive to ``stop()``. Any other exception is re-raised in the consumer on the next ``get`` so
+    that failures are not swallowed by the thread.
+
+    A list travels through the queue as one item and is unpacked on the consumer's side: for a small
+    network an update takes about as long as waking a thread, so the sampling thread should wake once
+    per replay call, not once per batch (each wake-up also takes the GIL from the update).
     """
 
     def __init__(
@@ -53,7 +59,8 @@ class Prefetcher:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self._sample, self._poll = sample, poll_timeout_s
-        self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[list[Batch] | BaseException] = queue.Queue(maxsize=depth)
+        self._ready: collections.deque[Batch] = collections.deque()  # consumer side: the rest of a call's batches
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self.wait_seconds = 0.0
@@ -66,8 +73,12 @@ class Prefetcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                item: Batch | BaseException | None = self._sample(self._poll)
+                item: list[Batch] | Batch | BaseException | None = self._sample(self._poll)
                 if item is None:
+                    continue
+                if isinstance(item, Batch):
+                    item = [item]
+                elif not item:
                     continue
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
                 item = exc
@@ -82,6 +93,8 @@ class Prefetcher:
 
     def get(self, *, timeout: float | None = None) -> Batch | None:
         """The next batch, or None if none arrived within ``timeout`` seconds."""
+        if self._ready:
+            return self._ready.popleft()
         start = time.perf_counter()
         try:
             item = self._queue.get(timeout=timeout)
@@ -91,7 +104,8 @@ class Prefetcher:
             self.wait_seconds += time.perf_counter() - start
         if isinstance(item, BaseException):
             raise RuntimeError(f"replay sampling failed in the prefetch thread: {item}") from item
-        return item
+        self._ready.extend(item[1:])
+        return item[0]
 
     def stop(self) -> None:
         self._stop.set()

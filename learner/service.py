@@ -97,6 +97,8 @@ class LearnerService:
         total_env_steps: int = 1,
         updates_per_env_step: float = 0.0,
         prefetch_batches: int = 4,
+        batches_per_sample: int = 1,
+        sample_seed: int | None = None,
         make_diagnostics: Callable[[Algorithm, torch.Tensor], Mapping[str, Any]] | None = None,
         probe_size: int = 256,
         device: str = "auto",
@@ -116,7 +118,8 @@ class LearnerService:
         self._prioritized = bool(prioritized)
         self._prefetch_batches = int(prefetch_batches)
         self.dataset = ReplayDataset(client, batch_size=batch_size, prioritized=prioritized, beta_start=beta_start,
-                                     total_env_steps=total_env_steps, device=self.device)
+                                     total_env_steps=total_env_steps, device=self.device,
+                                     batches_per_sample=batches_per_sample, seed=sample_seed)
         self._start_updates = 0
         self._loop: LearnerLoop | None = None
         self._probe_ready = make_diagnostics is None
@@ -146,7 +149,9 @@ class LearnerService:
         return extra
 
     def _start(self) -> LearnerLoop:
-        prefetcher = Prefetcher(sample=self.dataset.sample, depth=self._prefetch_batches).start()
+        # prefetch_batches counts batches; the queue holds sample calls of batches_per_sample each.
+        calls = -(-self._prefetch_batches // self.dataset.batches_per_sample)
+        prefetcher = Prefetcher(sample=self.dataset.sample, depth=calls).start()
         loop = LearnerLoop(algorithm=self.algorithm, prefetcher=prefetcher,
                            update_priorities=self.client.update_priorities if self._prioritized else None,
                            publish=self._publish, publish_every=self._publish_every,

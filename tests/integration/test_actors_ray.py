@@ -180,3 +180,39 @@ def test_pool_bad_arguments():
     pool = ActorPool(1, lambda i: {})
     with pytest.raises(ValueError, match="number of actors"):
         pool.resize(2.5)
+
+
+def test_weight_publisher_hands_the_newest_weights_to_actors_off_the_update_thread():
+    import torch
+
+    from evergreen.weights import RayWeightSource, WeightPublisher, WeightStore
+
+    net = nn.Linear(3, 2)
+    store = WeightStore.remote()
+    publisher, source = WeightPublisher(store, actor_keys=set(net.state_dict())), RayWeightSource(store)
+    assert source.get(0) is None and source.latest_version() == -1
+    for version in range(1, 6):  # faster than the thread publishes: the newest one must win
+        with torch.no_grad():
+            net.weight.fill_(version)
+        publisher(version, {k: v.clone() for k, v in net.state_dict().items()}, net)
+    publisher.flush()
+    assert source.latest_version() == 5
+    state = source.get(5)
+    assert set(state) == {"weight", "bias"} and isinstance(state["weight"], torch.Tensor)
+    assert torch.equal(state["weight"], torch.full((2, 3), 5.0)) and torch.equal(state["bias"], net.bias.detach())
+    state["weight"].add_(1)  # the actor's copy is its own, writable, and not the store's
+    assert torch.equal(source.get(5)["weight"], torch.full((2, 3), 5.0))
+
+    # An architecture the actors do not build travels as the whole network.
+    wider = nn.Sequential(nn.Linear(3, 2))
+    publisher(6, {k: v.clone() for k, v in wider.state_dict().items()}, wider)
+    publisher.flush()
+    payload = source.get(6)
+    assert isinstance(payload, nn.Sequential) and torch.equal(payload[0].weight, wider[0].weight)
+
+    # A store that died surfaces in the learner: at the latest by the publish after the failed one.
+    ray.kill(store)
+    with pytest.raises(RuntimeError, match="publishing weights to the weight store failed"):
+        for version in range(7, 10):
+            publisher(version, {k: v.clone() for k, v in net.state_dict().items()}, net)
+            publisher.flush()

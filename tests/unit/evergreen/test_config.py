@@ -66,6 +66,10 @@ def test_config_round_trips_through_the_run_dir(tmp_path):
         ({"plasticity": {"interventions": "redo", "options": {"redo": {"networks": ["critic"]}}}},
          "redo: option 'networks' names ['critic']; this algorithm's networks are ['q']"),
         ({"env": {"id": "Nope-v0"}}, "is not an id of any env family"),
+        ({"learner": {"batches_per_sample": 0}}, "learner.batches_per_sample = 0 is invalid: expected >= 1"),
+        ({"learner": {"batches_per_sample": 1000}}, "learner.batches_per_sample = 1000 is invalid: expected at most 781"),
+        ({"learner": {"batches_per_sample": 40}, "replay": {"samples_per_insert": 1.0, "error_buffer": 1000.0}},
+         "one sample call (5120 rows: learner.batch_size x learner.batches_per_sample)"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(overrides, message):
@@ -90,9 +94,12 @@ def test_table_config_follows_the_run_config():
     assert bounds["reward"] == Bounds() and bounds["obs"] == Bounds() and bounds["policy_version"] is None
     assert table.capacity == 5_000 and table.storage == "ring" and table.sampler == config.replay.sampler
     assert [f.name for f in table.schema.fields] == ["obs", "action", "reward", "discount", "next_obs", "policy_version"]
-    # the band holds 2 insert calls of insert_batch_size rows at spi 8, or 4 sample batches if larger
-    expected = max(2 * config.actors.insert_batch_size * 8.0, 4 * config.learner.batch_size)
-    assert table.error_buffer == default_error_buffer(config) == expected
+    # the band holds 2 insert calls of insert_batch_size rows at spi 8, 4 sample batches, or 2 sample calls
+    # (batches_per_sample batches each), whichever is largest: here 2 calls of 8 batches of 128
+    lrn = config.learner
+    assert lrn.batches_per_sample == 8
+    expected = max(2 * config.actors.insert_batch_size * 8.0, 4 * lrn.batch_size, 2 * lrn.batch_size * 8)
+    assert expected == 2048 and table.error_buffer == default_error_buffer(config) == expected
     pong = load_config(preset="pong")
     atari_builder = DQNBuilder(pong, EnvSpec((4, 84, 84), np.dtype("uint8"), DiscreteActions(6)))
     atari = table_config(pong, fields=atari_builder.replay_fields(), obs_shape=(4, 84, 84), obs_dtype="uint8")
