@@ -17,6 +17,12 @@ For each preset:
   core of its own as the bare loop has; measured over a steady window from its metrics log. This is
   the row the target is about. (With no ratio limit at all the free-running actors take the cores
   the learner needs: on 2 cores that row measures CPU sharing, not the learner.)
+* **bare (now), beside replay sampling**: the bare (now) loop while a second process samples the
+  learner's batches from a real replay shard process at the rate the system's learner asks for them
+  (one call of ``batch_size x batches_per_sample`` rows per ``batches_per_sample`` updates of the
+  bare loop's rate). The update loop shares nothing with them but the machine: this column measures
+  what the rest of a running system costs the learner through the cores alone (on a VM whose two
+  vCPUs interfere, a lot), and so how much of the system's gap the learner's own code can still close.
 * **system, preset ratio**: the same with the preset's ``samples_per_insert``: the rate limiter holds
   updates to the env steps the actors deliver, so where the actors are slower than the learner (the
   cartpole preset on 2 shared cores) this row shows the actors' pace, not the learner's.
@@ -95,6 +101,51 @@ def updates_per_second(update, batches, seconds: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _sample_forever(address: str, rows: int, calls_per_s: float, stop) -> None:
+    """In a child process: sample ``rows`` rows ``calls_per_s`` times a second until ``stop`` is set."""
+    from replay.client import ReplayClient
+
+    client = ReplayClient([address])
+    period, due = 1.0 / calls_per_s, time.perf_counter()
+    while not stop.is_set():
+        client.sample(rows, beta=1.0, timeout=5.0)
+        due += period
+        time.sleep(max(0.0, due - time.perf_counter()))
+    client.close()
+
+
+def bare_beside_sampling(config, *, rate: float, seconds: float, rounds: int) -> float:
+    """The bare (now) loop's rate while another process samples from a real shard (see the docstring)."""
+    import multiprocessing
+
+    from evergreen.train import table_config
+    from replay.launch import ShardProcess
+
+    spec = env_spec(config.env)
+    builder = make_builder(config, spec)
+    table = table_config(config, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
+                         obs_dtype=spec.observation_dtype, bounds=builder.replay_bounds())
+    table = dataclasses.replace(table, samples_per_insert=None, capacity=max(table.min_size_to_sample, 4096))
+    per_call = config.learner.batch_size * config.learner.batches_per_sample
+    with ShardProcess([table]) as shard:
+        from replay.client import ReplayClient
+
+        with ReplayClient([shard.address]) as client:  # fill it with rows of the right shapes
+            rows = {k: v.numpy() for k, v in synthetic_batches(spec, table.capacity, 1)[0].items()}
+            rows["policy_version"] = np.zeros(table.capacity, dtype=np.int64)
+            client.insert(rows, writer_key="bench")
+        context = multiprocessing.get_context("spawn")
+        stop = context.Event()
+        sampler = context.Process(target=_sample_forever, daemon=True,
+                                  args=(shard.address, per_call, rate / config.learner.batches_per_sample, stop))
+        sampler.start()
+        try:
+            return bare_rates(config, old_module=None, seconds=seconds, rounds=rounds)["now"]
+        finally:
+            stop.set()
+            sampler.join(timeout=30)
+
+
 def bare_rates(config, *, old_module, seconds: float, rounds: int) -> dict[str, float]:
     spec = env_spec(config.env)
     builder = make_builder(config, spec)
@@ -150,15 +201,18 @@ def main() -> int:
         post = bare_rates(dataclasses.replace(config), old_module=None, seconds=args.bare_seconds,
                           rounds=args.rounds)
         bare_now = (pre["now"] + post["now"]) / 2
-        rows.append((preset, pre, bare_now, system, paced, config.replay.samples_per_insert))
         print(f"   bare now after {post['now']:.0f}/s", flush=True)
+        beside = bare_beside_sampling(config, rate=bare_now, seconds=args.bare_seconds, rounds=args.rounds)
+        print(f"   bare now beside replay sampling {beside:.0f}/s", flush=True)
+        rows.append((preset, pre, bare_now, beside, system, paced, config.replay.samples_per_insert))
 
     print("\n| preset | torch threads | bare before (updates/s) | bare now, eager (updates/s) | bare now (updates/s) "
-          "| now / before | system, learner-bound (updates/s) | system / bare now | learner waited on data "
+          "| now / before | bare now beside replay sampling (updates/s) | system, learner-bound (updates/s) "
+          "| system / bare now | system / bare beside sampling | learner waited on data "
           "| system, preset ratio (updates/s) | its env steps/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ok = True
-    for preset, pre, bare_now, system, paced, ratio_limit in rows:
+    for preset, pre, bare_now, beside, system, paced, ratio_limit in rows:
         before = pre.get("before", float("nan"))
         ratio = system["updates_per_s"] / bare_now
         ok &= ratio >= 0.8
@@ -166,7 +220,8 @@ def main() -> int:
             ok &= bare_now / before >= 2.0
         eager = f"{pre['eager']:.0f}" if "eager" in pre else "(no dqn.compile)"
         print(f"| {preset} | {pre['threads']} | {before:.0f} | {eager} | {bare_now:.0f} | {bare_now / before:.2f}x "
-              f"| {system['updates_per_s']:.0f} | **{ratio:.2f}** | {100 * system['wait']:.0f}% "
+              f"| {beside:.0f} | {system['updates_per_s']:.0f} | **{ratio:.2f}** "
+              f"| {system['updates_per_s'] / beside:.2f} | {100 * system['wait']:.0f}% "
               f"| {paced['updates_per_s']:.0f} ({ratio_limit:g} samples/insert) | {paced['env_steps_per_s']:.0f} |")
     print(f"\ntargets (learner-bound system >= 0.8x bare now on every preset; cartpole bare now >= 2x before): "
           f"{'met' if ok else 'NOT met'}")
