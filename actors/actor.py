@@ -4,6 +4,12 @@ The loop knows no algorithm: the agent's ``Policy`` (acting network + exploratio
 ``actors.policy``) picks actions and the agent's ``Adder`` (see ``actors.adder``) turns steps into
 replay rows. Weights are pulled by version; every row carries the version of the policy that acted.
 
+In a continual scenario the actor is given every task (``tasks``, a list of
+:class:`actors.tasks.EnvTask`) and a weights source that also answers ``current_task()``: at each
+weight poll it checks the task, and on a change it drops the adder's open n-step windows (a
+transition never spans two tasks), closes the env and builds the new task's env. Every row carries
+the index of the task it was collected on.
+
 Usage::
 
     env = EnvConfig(id="CartPole-v1", num_envs=8)
@@ -36,6 +42,7 @@ from actors.adder import Adder, EnvStep
 from actors.envs import EnvConfig, VectorEnv, make_vector_env
 from actors.inserter import AsyncInserter
 from actors.policy import Policy
+from actors.tasks import EnvTask
 
 __all__ = ["Actor", "ActorStats", "WeightsSource"]
 
@@ -48,6 +55,8 @@ class WeightsSource(Protocol):
     def get(self, version: int) -> dict[str, Any] | nn.Module:
         """A state dict for the actor's network, or a whole network when the architecture changed."""
         ...
+
+    # Optional, for continual scenarios: ``current_task() -> int``, the index of the task to act on.
 
 
 @dataclass
@@ -134,6 +143,8 @@ class Actor:
         env_steps_offset: int = 0,
         torch_threads: int | None = 1,
         async_inserts: bool = True,
+        tasks: list[EnvTask] | None = None,
+        task: int = 0,
     ) -> None:
         if not isinstance(env_config, EnvConfig):
             raise ValueError(f"env_config must be an EnvConfig, got {type(env_config).__name__}")
@@ -156,11 +167,16 @@ class Actor:
         self.weights_poll_interval = _check_positive_int("weights_poll_interval", weights_poll_interval)
         if isinstance(env_steps_offset, bool) or not isinstance(env_steps_offset, (int, np.integer)) or env_steps_offset < 0:
             raise ValueError(f"Actor env_steps_offset must be an integer >= 0, got {env_steps_offset!r}")
-        if seed is not None:
-            env_config = env_config.replace(seed=seed)
+        if tasks is not None and (not tasks or not all(isinstance(t, EnvTask) for t in tasks)):
+            raise ValueError(f"tasks must be a non-empty list of actors.tasks.EnvTask, got {tasks!r}")
+        self.tasks = list(tasks) if tasks is not None else [EnvTask(name=env_config.id, env_config=env_config)]
+        if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 0 <= task < len(self.tasks):
+            raise ValueError(f"Actor task must be an index into its {len(self.tasks)} task(s), got {task!r}")
+        self.seed = env_config.seed if seed is None else int(seed)
+        self.task = int(task)
+        env_config = self.tasks[self.task].env_config.replace(seed=self.seed)
         env_config.validate()
         self.env_config = env_config
-        self.seed = env_config.seed
         if torch_threads is not None:
             # Actors are one per core; intra-op threads would fight the other actors for it.
             torch.set_num_threads(_check_positive_int("torch_threads", torch_threads))
@@ -170,7 +186,7 @@ class Actor:
         self._insert = AsyncInserter(insert) if async_inserts else insert
         self._weights = weights_source
 
-        self._env: VectorEnv = make_vector_env(env_config)
+        self._env: VectorEnv = self._make_env(self.task)
         self._schema = adder.schema()
         self._obs: np.ndarray | None = None
         self._version = -1
@@ -247,10 +263,36 @@ class Actor:
         self._recent = ActorStats(actor_index=self.actor_index)
         return recent
 
+    def _make_env(self, task: int) -> VectorEnv:
+        spec = self.tasks[task]
+        return make_vector_env(spec.env_config.replace(seed=self.seed), variation=spec.variation,
+                               task_name=spec.name if len(self.tasks) > 1 else None)
+
+    def switch_task(self, task: int) -> None:
+        """Act on task ``task`` from the next step: open n-step windows are dropped and unfinished
+        episodes end uncounted (they belong to no task's statistics); rows already made are kept."""
+        if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 0 <= task < len(self.tasks):
+            raise ValueError(f"task must be an index into this actor's {len(self.tasks)} task(s), got {task!r}")
+        if task == self.task:
+            return
+        self._collect_episodes(self._run_stats)  # finished episodes are counted under the old task
+        self._flush()
+        new_env = self._make_env(int(task))
+        old, self._env, self.task = self._env, new_env, int(task)
+        old.close()
+        self.env_config = self.tasks[self.task].env_config.replace(seed=self.seed)
+        self.adder.reset()
+        self._obs = None
+
     def poll_weights(self) -> bool:
-        """Load the newest published weights if their version differs from ours; True if loaded."""
+        """Load the newest published weights if their version differs from ours; True if loaded.
+
+        With a scenario, first switch to the source's current task if it changed."""
         if self._weights is None:
             return False
+        current_task = getattr(self._weights, "current_task", None)
+        if callable(current_task) and len(self.tasks) > 1:
+            self.switch_task(int(current_task()))
         latest = int(self._weights.latest_version())
         if latest < 0 or latest == self._version:
             return False
@@ -280,10 +322,12 @@ class Actor:
     def _step(self) -> None:
         if self._vector_steps % self.weights_poll_interval == 0:
             self.poll_weights()
+        if self._obs is None:  # a task switch replaced the env
+            self._obs = self._env.reset()
         obs = self._obs
         decision = self.policy.act(obs, env_steps=self._total_env_steps)
         next_obs, reward, terminated, truncated, _ = self._env.step(decision.actions)
-        step = EnvStep(obs, decision.actions, reward, terminated, truncated, next_obs, self._version)
+        step = EnvStep(obs, decision.actions, reward, terminated, truncated, next_obs, self._version, self.task)
         rows = self.adder.add(step, decision.extras)
         if rows is not None:
             self._buffer(rows)
@@ -330,5 +374,9 @@ class Actor:
     def _collect_episodes(self, stats: ActorStats) -> None:
         returns, lengths = self._env.pop_episode_stats()
         if returns.size:
-            stats.episode_returns[self._env.task_id] = returns
-            stats.episode_lengths[self._env.task_id] = lengths
+            task = self._env.task_id
+            if task in stats.episode_returns:  # collected before a task switch and again after
+                returns = np.concatenate([stats.episode_returns[task], returns])
+                lengths = np.concatenate([stats.episode_lengths[task], lengths])
+            stats.episode_returns[task] = returns
+            stats.episode_lengths[task] = lengths

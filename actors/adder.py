@@ -3,7 +3,7 @@
 An ``Adder`` declares the columns it writes (:meth:`Adder.schema`, the replay table's schema is made
 from it) and turns each :class:`EnvStep` plus the policy's extras into zero or more rows.
 
-The n-step adder emits rows ``(obs, action, reward, discount, next_obs, policy_version, *extras)`` with
+The n-step adder emits rows ``(obs, action, reward, discount, next_obs, policy_version, task, *extras)`` with
 
     reward   = sum_{j<k} gamma^j r_{t+j}          (k = steps actually summed, 1 <= k <= n)
     discount = gamma^k * (1 - terminal)            (0 when the k-th step terminated the episode)
@@ -11,7 +11,8 @@ The n-step adder emits rows ``(obs, action, reward, discount, next_obs, policy_v
 
 so that a learner's target is ``reward + discount * max_a Q(next_obs, a)`` regardless of whether the
 window was cut by an episode end. ``policy_version`` is the version of the policy that chose
-``action``; extras are those of the step that chose it. Actions are int64 scalars for discrete
+``action``; ``task`` the index of the continual scenario's task the env was on (an n-step window never
+spans two tasks: the actor resets the adder at a switch); extras are those of the step that chose it. Actions are int64 scalars for discrete
 action spaces and float32 arrays for continuous ones.
 
 Episode ends (gymnasium NEXT_STEP autoreset): on ``terminated`` every pending transition of that env
@@ -46,7 +47,7 @@ from actors.envs import BoxActions, DiscreteActions, EnvSpec
 
 __all__ = ["Adder", "EnvStep", "FieldSpec", "NStepAdder", "TRANSITION_FIELDS", "schema"]
 
-TRANSITION_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "policy_version")
+TRANSITION_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "policy_version", "task")
 
 #: A column an adder writes: (name, dtype, per-row shape).
 FieldSpec = tuple[str, np.dtype, tuple[int, ...]]
@@ -63,6 +64,8 @@ class EnvStep:
     truncated: np.ndarray
     next_obs: np.ndarray
     policy_version: int | np.ndarray = 0
+    task: int = 0
+    """Index of the scenario task the env is on (every row records it; 0 for a single-task run)."""
 
 
 @runtime_checkable
@@ -98,6 +101,7 @@ def schema(spec: EnvSpec, extras: Sequence[FieldSpec] = ()) -> list[FieldSpec]:
         ("discount", np.dtype(np.float32), ()),
         ("next_obs", dtype, shape),
         ("policy_version", np.dtype(np.int64), ()),
+        ("task", np.dtype(np.int64), ()),
     ]
     names = {f[0] for f in fields}
     for name, extra_dtype, extra_shape in extras:
@@ -143,6 +147,7 @@ class NStepAdder:
         self._pushed = np.zeros(self.num_envs, dtype=np.int64)  # steps pushed in the current episode
         self._count = np.zeros(self.num_envs, dtype=np.int64)  # pending (not yet emitted) steps
         self._skip = np.zeros(self.num_envs, dtype=bool)  # next add for this env is an autoreset step
+        self._task = 0  # the task of every pending step (a switch needs reset() first)
 
     def __setstate__(self, state: dict) -> None:
         # Arrays unpickled from a zero-copy transport (Ray's object store) arrive read-only; this
@@ -160,7 +165,8 @@ class NStepAdder:
         return list(self._schema)
 
     def reset(self) -> None:
-        """Drop all pending steps (e.g. after the env was reset out of band)."""
+        """Drop all pending steps (after the env was reset out of band, or at a task switch: an n-step
+        window must not span two tasks)."""
         self._pushed[:] = 0
         self._count[:] = 0
         self._skip[:] = False
@@ -171,6 +177,14 @@ class NStepAdder:
             step.obs, step.action, step.reward, step.terminated, step.truncated, step.next_obs, step.policy_version
         )
         extra_values = self._check_extras(extras or {})
+        task = step.task
+        if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or task < 0:
+            raise ValueError(f"task must be an integer >= 0, got {task!r}")
+        if task != self._task:
+            if self._count.any():
+                raise ValueError(f"task changed from {self._task} to {task} with {int(self._count.sum())} steps "
+                                 "pending; call reset() at a task switch (an n-step window must not span two tasks)")
+            self._task = int(task)
 
         live = ~self._skip
         # An env whose episode ended on this step skips the next (autoreset) step.
@@ -215,6 +229,7 @@ class NStepAdder:
             "discount": np.full(envs.size, self._powers[n], dtype=np.float32),
             "next_obs": np.ascontiguousarray(next_obs[envs]),
             "policy_version": self._version[envs, oldest],
+            "task": np.full(envs.size, self._task, dtype=np.int64),
         }
         rows.update({name: buf[envs, oldest] for name, buf in self._extra.items()})
         return rows
@@ -242,6 +257,7 @@ class NStepAdder:
             "discount": discount,
             "next_obs": np.repeat(final_obs[None], count, axis=0),
             "policy_version": self._version[env, slots],
+            "task": np.full(count, self._task, dtype=np.int64),
         }
         rows.update({name: buf[env, slots] for name, buf in self._extra.items()})
         return rows

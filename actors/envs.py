@@ -224,9 +224,11 @@ class VectorEnv:
     unclipped) and ``info["autoreset"]`` (bool: this step was an autoreset step for that env).
     """
 
-    def __init__(self, *, config: EnvConfig, env: Any, actions: DiscreteActions | BoxActions) -> None:
+    def __init__(self, *, config: EnvConfig, env: Any, actions: DiscreteActions | BoxActions,
+                 variation: Any = None, task_name: str | None = None) -> None:
         self.config = config
         self._env = env
+        self._task_name = task_name
         self.num_envs = config.num_envs
         space = env.single_observation_space
         self.spec = EnvSpec(
@@ -240,6 +242,9 @@ class VectorEnv:
             self._low = np.asarray(actions.low, dtype=np.float32).reshape(actions.shape)
             self._high = np.asarray(actions.high, dtype=np.float32).reshape(actions.shape)
         self._clip = config.clip_rewards
+        # A continual task's fixed permutations (actors.tasks.TaskVariation); None = identity.
+        self._obs_perm = variation.observation_permutation(self.observation_shape) if variation else None
+        self._action_perm = variation.action_permutation(actions) if variation else None
         self._episode_return = np.zeros(self.num_envs, dtype=np.float64)
         self._episode_length = np.zeros(self.num_envs, dtype=np.int64)
         self._autoreset = np.zeros(self.num_envs, dtype=bool)
@@ -249,7 +254,15 @@ class VectorEnv:
 
     @property
     def task_id(self) -> str:
-        return self.config.id
+        """The task's name in a continual scenario, else the env id (the label of episode statistics)."""
+        return self._task_name or self.config.id
+
+    def _observe(self, obs: Any) -> np.ndarray:
+        obs = np.asarray(obs)
+        if self._obs_perm is not None:
+            flat = obs.reshape(obs.shape[0], -1) if obs.ndim == 2 else obs.reshape(*obs.shape[:2], -1)
+            obs = flat[..., self._obs_perm].reshape(obs.shape)
+        return np.ascontiguousarray(obs)
 
     def reset(self) -> np.ndarray:
         """Reset every env (seeded from the config) and return the observations ``[N, ...]``."""
@@ -257,11 +270,13 @@ class VectorEnv:
         self._episode_return[:] = 0.0
         self._episode_length[:] = 0
         self._autoreset[:] = False
-        return np.ascontiguousarray(obs)
+        return self._observe(obs)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """Step every env with ``actions``: ints ``[N]`` in ``[0, n)``, or float32 ``[N, *shape]`` within the box."""
         actions = self._checked_actions(actions)
+        if self._action_perm is not None:  # the agent's action i is the env's action perm[i]
+            actions = self._action_perm[actions] if actions.ndim == 1 else actions[:, self._action_perm]
         obs, reward, terminated, truncated, info = self._env.step(actions)
         raw = np.asarray(reward, dtype=np.float32)
         terminated = np.asarray(terminated, dtype=bool)
@@ -284,7 +299,7 @@ class VectorEnv:
         info["raw_reward"] = raw
         info["autoreset"] = autoreset
         train_reward = np.sign(raw).astype(np.float32) if self._clip else raw
-        return np.ascontiguousarray(obs), train_reward, terminated, truncated, info
+        return self._observe(obs), train_reward, terminated, truncated, info
 
     @property
     def num_actions(self) -> int:
@@ -355,8 +370,8 @@ class EnvFamily:
     describe: str
     """For error messages: which ids the family takes."""
     accepts: Callable[[str], bool]
-    build: Callable[[EnvConfig, int], VectorEnv]
-    """``build(config, num_threads) -> VectorEnv``."""
+    build: Callable[[EnvConfig, int, Any], VectorEnv]
+    """``build(config, num_threads, variation) -> VectorEnv`` (``variation``: an actors.tasks.TaskVariation or None)."""
 
 
 def _is_gymnasium_id(env_id: str) -> bool:
@@ -368,9 +383,10 @@ def _is_gymnasium_id(env_id: str) -> bool:
 #: Every env family, tried in order; the first whose ``accepts(id)`` holds builds the env.
 ENV_FAMILIES: tuple[EnvFamily, ...] = (
     EnvFamily("atari", "ALE games: 'ALE/<Game>-v5' or a ROM name such as 'pong'",
-              accepts=is_atari_id, build=lambda config, threads: _make_atari(config, num_threads=threads)),
+              accepts=is_atari_id,
+              build=lambda config, threads, variation: _make_atari(config, num_threads=threads, variation=variation)),
     EnvFamily("gymnasium", "any id registered with gymnasium (classic control, Box2D, MuJoCo, ...)",
-              accepts=_is_gymnasium_id, build=lambda config, threads: _make_gymnasium(config)),
+              accepts=_is_gymnasium_id, build=lambda config, threads, variation: _make_gymnasium(config, variation)),
 )
 
 
@@ -383,14 +399,18 @@ def env_family(env_id: str) -> EnvFamily:
     raise ValueError(f"EnvConfig.id={env_id!r} is not an id of any env family ({listing})")
 
 
-def make_vector_env(config: EnvConfig, *, num_threads: int = 1) -> VectorEnv:
+def make_vector_env(config: EnvConfig, *, num_threads: int = 1, variation: Any = None,
+                    task_name: str | None = None) -> VectorEnv:
     """Build the vector env described by ``config`` (validated first) with its family's builder.
 
     ``num_threads`` is the ALE worker-thread count (Atari only); the default 1 suits one actor per
-    CPU core, which is how the actor pool places them.
+    CPU core, which is how the actor pool places them. ``variation`` (an
+    :class:`actors.tasks.TaskVariation`) and ``task_name`` make it one task of a continual scenario.
     """
     config.validate()
-    return env_family(config.id).build(config, num_threads)
+    env = env_family(config.id).build(config, num_threads, variation)
+    env._task_name = task_name
+    return env
 
 
 def env_spec(config: EnvConfig) -> EnvSpec:
@@ -402,10 +422,12 @@ def env_spec(config: EnvConfig) -> EnvSpec:
         env.close()
 
 
-def _make_atari(config: EnvConfig, *, num_threads: int) -> VectorEnv:
+def _make_atari(config: EnvConfig, *, num_threads: int, variation: Any = None) -> VectorEnv:
     from ale_py.vector_env import AtariVectorEnv
     from gymnasium.vector import AutoresetMode
 
+    if variation is not None and (variation.mode is not None or variation.difficulty is not None):
+        return _make_atari_mode(config, variation)
     game = atari_game_name(config.id)
     env = AtariVectorEnv(
         game,
@@ -425,10 +447,34 @@ def _make_atari(config: EnvConfig, *, num_threads: int) -> VectorEnv:
         # Clipped here instead, so that episode statistics see the real score.
         reward_clipping=False,
     )
-    return VectorEnv(config=config, env=env, actions=DiscreteActions(int(env.single_action_space.n)))
+    if variation is not None and variation.params:
+        env.close()
+        raise ValueError(f"variation.params {sorted(variation.params)}: Atari games have no physical parameters "
+                         "(permutations apply to any env)")
+    return VectorEnv(config=config, env=env, actions=DiscreteActions(int(env.single_action_space.n)),
+                     variation=variation)
 
 
-def _make_gymnasium(config: EnvConfig) -> VectorEnv:
+def _make_atari_mode(config: EnvConfig, variation: Any) -> VectorEnv:
+    """An Atari game in a chosen mode/difficulty (``actors.atari_modes``: the vectorized ALE env cannot set them)."""
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    from actors.atari_modes import make_mode_env
+
+    if variation.params:
+        raise ValueError(f"variation.params {sorted(variation.params)}: Atari games have no physical parameters")
+    game = atari_game_name(config.id)
+    make_mode_env(game, config, mode=variation.mode, difficulty=variation.difficulty).close()  # refuses bad values
+
+    def make_one() -> Any:
+        return make_mode_env(game, config, mode=variation.mode, difficulty=variation.difficulty)
+
+    env = SyncVectorEnv([make_one for _ in range(config.num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
+    return VectorEnv(config=config, env=env, actions=DiscreteActions(int(env.single_action_space.n)),
+                     variation=variation)
+
+
+def _make_gymnasium(config: EnvConfig, variation: Any = None) -> VectorEnv:
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
@@ -460,4 +506,13 @@ def _make_gymnasium(config: EnvConfig) -> VectorEnv:
         raise ValueError(
             f"EnvConfig.id={config.id!r} has action space {space}; actors take a Discrete space or a bounded Box"
         )
+    if variation is not None:
+        try:
+            if variation.mode is not None or variation.difficulty is not None:
+                raise ValueError(f"variation mode/difficulty: {config.id} is not an Atari game (they are ALE switches)")
+            variation.apply_params(env.envs, env_id=config.id)
+            return VectorEnv(config=config, env=env, actions=actions, variation=variation)
+        except ValueError:
+            env.close()
+            raise
     return VectorEnv(config=config, env=env, actions=actions)

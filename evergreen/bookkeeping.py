@@ -60,7 +60,10 @@ class Bookkeeping:
         self.run_dir = Path(run_dir)
         self.telemetry = telemetry
         self.stop_at_return = stop_at_return
-        self.counters: dict[str, Any] = {"env_steps": 0, "updates": 0, "episodes": 0, "elapsed_s": 0.0}
+        self.counters: dict[str, Any] = {"env_steps": 0, "updates": 0, "episodes": 0, "elapsed_s": 0.0, "visit": 0}
+        self.task: str | None = None  # the scenario task's name in records (None: a single-task run)
+        self.task_index = 0
+        self._switch: dict[str, Any] | None = None  # the switch the next record announces
         self.returns: deque[float] = deque(maxlen=100)
         self._log = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
         self._t0 = time.time()
@@ -82,6 +85,7 @@ class Bookkeeping:
         self._wait = self._learner_wall = 0.0
         self._lag_sum, self._lag_count = 0.0, 0
         self._min_policy_version: int | None = None
+        self._task_rows: dict[int, int] = {}
 
     # -- inputs ------------------------------------------------------------------------------------
 
@@ -108,6 +112,19 @@ class Bookkeeping:
             low = self._min_policy_version
             self._min_policy_version = stats.min_policy_version if low is None else min(low, stats.min_policy_version)
 
+    def set_task(self, *, index: int, name: str) -> None:
+        """The scenario task the run is on (records carry its name from now on)."""
+        self.task_index, self.task = int(index), name
+
+    def task_switch(self, *, visit: int, index: int, task: str, env_steps: int,
+                    metrics: dict[str, float] | None = None) -> None:
+        """The scenario moved to visit ``visit`` (task ``index``, named ``task``); the next record says so,
+        with what the interventions' task-switch hooks reported (``task_switch_metrics``)."""
+        self.counters["visit"] = int(visit)
+        self.set_task(index=index, name=task)
+        self._switch = {"task_switch": task, "switch_env_steps": int(env_steps),
+                        "task_switch_metrics": {k: float(v) for k, v in (metrics or {}).items()}}
+
     def add_learner_report(self, report: Any) -> None:
         """A ``learner.service.TrainReport``."""
         self.counters["updates"] = report.updates
@@ -122,6 +139,8 @@ class Bookkeeping:
         self._lag_count += report.policy_lag_count
         self._published_version = report.published_version
         self._dropped_batches = report.dropped_batches
+        for task, rows in report.task_rows.items():
+            self._task_rows[task] = self._task_rows.get(task, 0) + rows
         for key in self._totals:
             self._totals[key] += getattr(report, key)
 
@@ -169,6 +188,16 @@ class Bookkeeping:
             "actor_restarts": pool_stats.restarts_total, "num_actors": pool_stats.num_actors,
             "actors_running": pool_stats.running, "dropped_batches": self._dropped_batches,
         }
+        if self.task is not None:
+            record["task"] = self.task
+            record["visit"] = c["visit"]
+            trained = sum(self._task_rows.values())
+            # Which share of the rows the learner trained on came from the task the actors are on.
+            record["replay_current_task_fraction"] = (round(self._task_rows.get(self.task_index, 0) / trained, 4)
+                                                      if trained else None)
+        if self._switch is not None:
+            record.update(self._switch)
+            self._switch = None
         for key, total in self._sums.items():
             mean = total / self._counts[key]
             record[key] = mean if math.isfinite(mean) else None

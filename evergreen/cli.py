@@ -4,6 +4,7 @@
     evergreen train --resume runs/cartpole-...   # continue a run from its last checkpoint
     evergreen replay serve --port 0 --token-file F --table ...  # one replay shard as a standalone process
     evergreen report runs/cartpole-...           # PNG plots + HTML page from a run's metrics log
+    evergreen eval runs/cartpole-... --episodes 10   # evaluate a checkpoint on the run's tasks
     evergreen bench plasticity                   # the synthetic plasticity-loss benchmark
 
 Each subcommand lives with the code it runs; this module only dispatches, importing lazily so that
@@ -20,6 +21,7 @@ commands:
   train             run a training job (presets in configs/; --help for every option)
   replay serve      run one replay shard as a gRPC server (--token-file, --table; --help)
   report RUN_DIR... render a run's metrics log to PNG plots and an HTML page (several runs: overlay)
+  eval RUN_DIR      evaluate a checkpoint on every task of the run (--checkpoint, --tasks, --episodes)
   bench plasticity  synthetic continual-learning benchmark of plasticity interventions
 """
 
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from evergreen.report import main as report_main
 
         return report_main(rest)
+    if command == "eval":
+        from evergreen.evaluation import main as eval_main
+
+        return eval_main(rest)
     if command == "bench" and rest[:1] == ["plasticity"]:
         from evergreen.bench.plasticity import main as bench_main
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from actors.envs import EnvConfig
 from evergreen.configtools import from_dict, to_dict
+from evergreen.scenario import ScenarioConfig
 from learner.dqn import DQNConfig
 from learner.networks import NetworkConfig
 
@@ -152,6 +153,21 @@ class PlasticityConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    every_env_steps: int = 0
+    """Evaluate every task of the run every this many env steps (0 = not periodically)."""
+    at_switch: bool = True
+    """With a continual scenario: evaluate every task at the end of each visit and at the end of the run
+    (what forgetting and average performance are computed from)."""
+    episodes: int = 10
+    """Episodes per task and evaluation (the first episode of each of this many seeded envs)."""
+    epsilon: float = 0.001
+    """Exploration rate of the evaluation policy (Machado et al.: 0.001 for Atari)."""
+    placement: Placement = field(default_factory=lambda: Placement(num_cpus=0.5))
+    """Ray resources of each evaluation process (it runs beside training and never writes to replay)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     """Run name; the run directory is runs_dir/name-<timestamp>."""
@@ -179,16 +195,27 @@ class RunConfig:
     """Learner loop."""
     plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
     """Plasticity interventions and diagnostics."""
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    """Continual scenario: the tasks a run goes through (evergreen.scenario); none = the env above."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Evaluation of the current policy on every task, beside training (evergreen.evaluation)."""
 
     def validate(self) -> RunConfig:
         """Check every field and cross-field rule; raise ValueError naming the first bad value."""
         from evergreen.agents import AGENTS
+        from evergreen.scenario import Scenario
 
         _check(self.algorithm in AGENTS, "algorithm", self.algorithm, f"one of {sorted(AGENTS)}")
         self.env.validate()
+        Scenario.from_config(self)  # its tasks' fields (whether one network serves them all: at train start)
         AGENTS[self.algorithm].validate(self)
         r, a, lrn, p = self.replay, self.actors, self.learner, self.plasticity
-        for name, placement in (("replay", r.placement), ("actors", a.placement), ("learner", lrn.placement)):
+        ev = self.evaluation
+        _check(ev.every_env_steps >= 0, "evaluation.every_env_steps", ev.every_env_steps, ">= 0")
+        _check(ev.episodes >= 1, "evaluation.episodes", ev.episodes, ">= 1")
+        _check(0.0 <= ev.epsilon <= 1.0, "evaluation.epsilon", ev.epsilon, "in [0, 1]")
+        for name, placement in (("replay", r.placement), ("actors", a.placement), ("learner", lrn.placement),
+                                ("evaluation", ev.placement)):
             _check_placement(f"{name}.placement", placement)
         _check(isinstance(self.ray.address, str), "ray.address", self.ray.address, 'a string: "", "auto" or "ray://host:port"')
         _check(self.ray.num_cpus >= 0, "ray.num_cpus", self.ray.num_cpus, ">= 0")

@@ -100,7 +100,9 @@ def coerce(value: Any, tp: Any, *, path: str) -> Any:
                 raise ValueError(f"{path}: {value!r} is not one of {list(choices)}")
             return value
         if origin is tuple:
-            if isinstance(value, str):
+            if isinstance(value, str) and value.lstrip().startswith("["):
+                value = json.loads(value)  # a JSON list on the command line (e.g. of objects)
+            elif isinstance(value, str):
                 value = [v for v in value.split(",") if v]
             args = typing.get_args(base)
             item = args[0] if args else str

@@ -52,7 +52,8 @@ _LOSSES = (("loss", "loss"), ("td_error", "|TD error|"), ("q", "Q mean"), ("grad
            ("lr", "learning rate"))
 _TOP_LEVEL = {"time", "elapsed_s", "env_steps", "updates", "episodes", "env_steps_per_s", "updates_per_s",
               "return_mean_100", "return_recent", "replay_size", "learner_wait_fraction", "policy_lag_updates",
-              "actor_restarts", "num_actors", "task", "task_switch"}
+              "actor_restarts", "num_actors", "task", "task_switch", "visit", "switch_env_steps",
+              "task_switch_metrics"}
 _LOG_SCALE = {"effective_lr", "grad_l1", "grad_l2", "grad_norm_l1", "grad_norm_l2"}
 
 

@@ -175,7 +175,7 @@ _FIXED = {
              "Unix time of the trainer's last metrics record (its heartbeat).", "gauge"),
 }
 # Record keys handled by the task/actor bookkeeping rather than as plain families.
-_SPECIAL = {"env_steps", "episodes", "task", "task_switch"}
+_SPECIAL = {"env_steps", "episodes", "task", "task_switch", "task_switch_metrics"}
 
 _ENV_STEPS = "evergreen_actor_env_steps"
 _EPISODES = "evergreen_actor_episodes"
@@ -366,6 +366,25 @@ class TelemetryExporter:
         with self._lock:
             state = self._state.copy()
             self._apply(state, record, episodes_by_task, env_steps_by_task, task_switch)
+            self._state = state
+
+    def update_evaluation(self, scores: Mapping[str, Mapping[str, Any]]) -> None:
+        """The newest evaluation of every task (``evaluations.jsonl`` scores): ``evergreen_eval_return`` and,
+        for Atari, ``evergreen_eval_human_normalized``, labelled by ``task`` (the scenario's tasks: bounded)."""
+        with self._lock:
+            state = self._state.copy()
+            for task, score in scores.items():
+                if not isinstance(task, str) or not task:
+                    raise ValueError(f"evaluation task {task!r}: expected a non-empty task name")
+                labels = (self.run, task)
+                self._set_gauge(state, "evergreen_eval_return", "Mean return of the latest evaluation, per task.",
+                                ("run", "task"), labels, _number("eval mean", score.get("mean")), f"eval/{task}")
+                normalized = score.get("normalized")
+                if normalized is not None:
+                    self._set_gauge(state, "evergreen_eval_human_normalized",
+                                    "Human-normalized mean return of the latest evaluation (Atari), per task.",
+                                    ("run", "task"), labels, _number("eval normalized", normalized),
+                                    f"eval/{task}/normalized")
             self._state = state
 
     def _apply(self, s: _State, record, episodes_by_task, env_steps_by_task, task_switch) -> None:

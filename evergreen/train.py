@@ -16,14 +16,16 @@ through the driver or the object store. The links, in the order ``Trainer.run`` 
    its node that refuses calls without the run's token and rows outside the agent's bounds,
    checkpointing to its directory (and restoring from it on ``--resume``);
 4. telemetry      — this process serves the run's ``/metrics`` (learner and actor statistics);
-5. weight store   — a Ray actor holding the latest (version, object ref) of the acting weights;
+5. weight store   — a Ray actor holding the latest (version, object ref) of the acting weights, and
+   the continual scenario's current task (``evergreen.scenario``), which actors follow at their polls;
 6. learner        — ``learner.ray_learner.RayLearner``: algorithm, prefetching replay dataset,
    updates, priority write-back, weight publishing, diagnostics, checkpoints; restored on ``--resume``;
 7. actors         — ``actors.ray_actor.ActorPool``: each actor writes straight to replay over gRPC
    and pulls weights by version;
-8. coordination   — learner ``train`` calls kept queued, actor statistics polled, records, progress
-   line and checkpoints by ``evergreen.bookkeeping``; the run stops on its env-step budget, a solved
-   task, Ctrl-C/SIGTERM, or a component that failed.
+8. coordination   — learner ``train`` calls kept queued, actor statistics polled, the scenario's task
+   switches at their env steps (learner first, then the store), records, progress line and checkpoints
+   by ``evergreen.bookkeeping``; the run stops on its env-step budget, a solved task, Ctrl-C/SIGTERM,
+   or a component that failed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import numpy as np
 from evergreen.bookkeeping import Bookkeeping, Summary
 from evergreen.config import RunConfig, load_config, read_config, save_config
 from evergreen.configtools import add_flags, apply_flags
+from evergreen.scenario import Scenario
 
 #: Seconds of learner work per ``train`` call; two calls are kept queued so the learner never idles.
 LEARNER_CHUNK_S = 0.25
@@ -130,13 +133,16 @@ def default_error_buffer(config: RunConfig) -> float:
 
 
 def table_config(config: RunConfig, *, fields: list, obs_shape: tuple[int, ...], obs_dtype: Any,
-                 bounds: dict[str, Any] | None = None) -> Any:
-    """The replay table every shard holds: the columns the agent's adder writes, with the agent's bounds."""
-    from replay.schema import Field, Schema
+                 bounds: dict[str, Any] | None = None, num_tasks: int = 1) -> Any:
+    """The replay table every shard holds: the columns the agent's adder writes, with the agent's bounds
+    (and task ids within the scenario's ``num_tasks``)."""
+    from replay.schema import Bounds, Field, Schema
     from replay.table import TableConfig
 
     r = config.replay
-    bounds = bounds or {}
+    bounds = dict(bounds or {})
+    if any(name == "task" for name, _, _ in fields):
+        bounds.setdefault("task", Bounds.index(num_tasks))
     schema = Schema(fields=tuple(Field(name=name, dtype=np.dtype(dtype).name, shape=tuple(shape), bounds=bounds.get(name))
                                  for name, dtype, shape in fields))
     storage = r.storage
@@ -205,10 +211,18 @@ class Trainer:
         self._shard_endpoints: list[tuple[str, int | None]] = []
         self._learner = None
         self._pool = None
+        self._store = None
+        self._evaluations = None
+        self.scenario: Scenario | None = None
         self._telemetry = None
         self._guard = None
         self._started_ray = False
         self._targets_dir = Path(config.runs_dir) / "prometheus_targets"
+
+    def _evaluates(self) -> bool:
+        """Whether this run evaluates beside training (periodically, or at a scenario's switches)."""
+        ev = self.config.evaluation
+        return ev.every_env_steps > 0 or (ev.at_switch and Scenario.from_config(self.config).switches)
 
     def request_stop(self, reason: str) -> None:
         """Ask a running ``run()`` to stop at its next loop iteration (checkpointing as usual)."""
@@ -231,7 +245,8 @@ class Trainer:
             before = {p.pid for p in psutil.Process().children(recursive=True)}
             self._guard = ProcessGuard.start()
             need = (cfg.replay.num_shards * cfg.replay.placement.num_cpus + cfg.learner.placement.num_cpus
-                    + cfg.actors.num_actors * cfg.actors.placement.num_cpus)
+                    + cfg.actors.num_actors * cfg.actors.placement.num_cpus
+                    + (cfg.evaluation.placement.num_cpus if self._evaluates() else 0.0))
             # Logical CPUs: enough for every component's reservation; they share the machine's cores.
             ray.init(num_cpus=cfg.ray.num_cpus or max(int(np.ceil(need)), os.cpu_count() or 1),
                      include_dashboard=False, log_to_driver=True, configure_logging=False)
@@ -299,12 +314,16 @@ class Trainer:
 
     def _start_actors(self, builder: Any, client: Any, store: Any, *, env_steps: int, episodes: int) -> Any:
         from actors.ray_actor import ActorPool
+        from actors.tasks import EnvTask
         from evergreen.weights import RayWeightSource
 
         cfg, a = self.config, self.config.actors
         weight_source = RayWeightSource(store)
         # On resume, each actor's exploration schedule continues where the run left off.
         step_offset = env_steps // max(1, a.num_actors)
+        # Every task of the scenario; an actor follows the store's current task from its first poll.
+        tasks = ([EnvTask(name=t.name, env_config=t.env_config, variation=t.variation) for t in self.scenario.tasks]
+                 if self.scenario.switches else None)
 
         def actor_kwargs(index: int) -> dict[str, Any]:
             return dict(
@@ -315,7 +334,7 @@ class Trainer:
                 weights_source=weight_source,
                 actor_index=index, env_steps_offset=step_offset,
                 insert_batch_size=a.insert_batch_size, weights_poll_interval=a.weight_poll_steps,
-                seed=cfg.seed * 10_007 + index * 1_000 + episodes,
+                seed=cfg.seed * 10_007 + index * 1_000 + episodes, tasks=tasks,
             )
 
         self._pool = ActorPool(a.num_actors, actor_kwargs, restart_backoff_s=a.restart_backoff_s,
@@ -357,8 +376,12 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.json")
         spec = env_spec(cfg.env)
         builder = make_builder(cfg, spec)
+        scenario = self.scenario = Scenario.from_config(cfg)
+        if scenario.switches:
+            scenario.check_compatible()  # one network must serve every task: refused before anything starts
         table = table_config(cfg, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
-                             obs_dtype=spec.observation_dtype, bounds=builder.replay_bounds())
+                             obs_dtype=spec.observation_dtype, bounds=builder.replay_bounds(),
+                             num_tasks=len(scenario.tasks))
         print(f"evergreen train: run dir {self.run_dir} ({'resuming' if self.resume else 'new run'}); "
               f"algorithm {cfg.algorithm}, env {cfg.env.id} obs {spec.observation_shape} "
               f"{spec.observation_dtype.name}, actions {spec.actions}")
@@ -375,7 +398,7 @@ class Trainer:
             client = self._start_replay(table)
             self._start_telemetry(builder)
             books = Bookkeeping(self.run_dir, telemetry=self._telemetry, stop_at_return=cfg.learner.stop_at_return)
-            store = WeightStore.remote()
+            store = self._store = WeightStore.remote()
             publisher = WeightPublisher(store, actor_keys=set(builder.acting_network().state_dict()))
             learner = self._start_learner(builder, client, publisher)
             try:
@@ -392,8 +415,25 @@ class Trainer:
                     {"updates": books.counters["updates"], "env_steps": books.counters["env_steps"],
                      "state_digest": extra["state_digest"]}) + "\n")
                 print(f"  resumed at env step {books.counters['env_steps']:,}, update {books.counters['updates']:,}")
+            if scenario.switches:  # actors start on the current visit's task (a resumed run's included)
+                visit = scenario.visits[books.counters["visit"]]
+                books.set_task(index=visit.task, name=scenario.tasks[visit.task].name)
+                ray.get(store.set_task.remote(visit.task))
+                print(f"  scenario: {len(scenario.tasks)} tasks x {scenario.cycles} cycle(s), "
+                      f"{scenario.total_steps:,} env steps; on visit {visit.index} (task {books.task!r})")
             self._start_actors(builder, client, store, env_steps=books.counters["env_steps"],
                                episodes=books.counters["episodes"])
+            if self._evaluates():
+                from actors.tasks import EnvTask
+                from evergreen.evaluation import RunEvaluations
+
+                ev = cfg.evaluation
+                # Evaluation processes never write to replay: they act on the store's newest weights.
+                self._evaluations = RunEvaluations(
+                    builder=builder, store=store, run_dir=self.run_dir, episodes=ev.episodes, epsilon=ev.epsilon,
+                    tasks=[EnvTask(name=t.name, env_config=t.env_config, variation=t.variation) for t in scenario.tasks],
+                    seed=cfg.seed * 7_919 + 1_000_000, options=_resources(ev.placement),
+                    on_result=self._telemetry.update_evaluation if self._telemetry is not None else None)
 
             def on_signal(signum, _frame):
                 name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -445,6 +485,36 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - reported; the run goes on / ends regardless
                 print(f"  replay checkpoint failed ({exc}); shards keep their previous checkpoint", file=sys.stderr)
 
+        def follow_scenario() -> None:
+            """Switch tasks when the run's env steps reached the next visit (each switch exactly once:
+            the visit index is in every checkpoint, beside the learner state that saw the switch)."""
+            target = self.scenario.visit_at(books.counters["env_steps"]).index
+            if target == books.counters["visit"]:
+                return
+            while inflight:  # the queued updates finish on the old task first
+                take_report(inflight.popleft())
+            if self._evaluations is not None and cfg_eval.at_switch:  # the end of the visit: its weights, pre-switch
+                self._evaluations.submit(f"end of visit {books.counters['visit']}",
+                                         env_steps=books.counters["env_steps"], visit=books.counters["visit"])
+            for index in range(books.counters["visit"] + 1, target + 1):  # visits too short to see: each once
+                visit = self.scenario.visits[index]
+                task = self.scenario.tasks[visit.task]
+                try:
+                    metrics = ray.get(learner.task_switch.remote(visit.task))
+                    ray.get(self._store.set_task.remote(visit.task))
+                except ray.exceptions.RayError as exc:
+                    raise ComponentError(f"the task switch to {task.name!r} failed: {_ray_error(exc)}") from exc
+                books.task_switch(visit=index, index=visit.task, task=task.name, env_steps=books.counters["env_steps"],
+                                  metrics=metrics)
+                done = ", ".join(f"{k} {v:g}" for k, v in sorted(metrics.items()))
+                print(f"  task switch at env step {books.counters['env_steps']:,}: visit {index}, task "
+                      f"{task.name!r} ({task.variation.describe()}){'; ' + done if done else ''}", flush=True)
+            inflight.extend(train_call() for _ in range(2))
+
+        cfg_eval = self.config.evaluation
+        every = cfg_eval.every_env_steps
+        next_eval = (books.counters["env_steps"] // every + 1) * every if every else None
+
         inflight.extend(train_call() for _ in range(2))
         stats = poll_actors()
         placement_recorded = False
@@ -460,6 +530,14 @@ class Trainer:
                 if now - last_poll >= ACTOR_POLL_S:
                     stats = poll_actors()
                     last_poll = now
+                    if self.scenario.switches:
+                        follow_scenario()
+                    if next_eval is not None and books.counters["env_steps"] >= next_eval:
+                        self._evaluations.submit("periodic", env_steps=books.counters["env_steps"],
+                                                 visit=books.counters["visit"])
+                        next_eval = (books.counters["env_steps"] // every + 1) * every
+                    if self._evaluations is not None:
+                        self._evaluations.poll()
                 if books.counters["env_steps"] >= lrn.total_env_steps:
                     break
                 if books.solved:
@@ -484,10 +562,30 @@ class Trainer:
                 take_report(inflight.popleft())
         books.emit(replay_info=client.info(), pool_stats=stats)  # the log ends on the run's final state
         checkpoint()
+        if self._evaluations is not None:  # the end of the run: what forgetting is measured against
+            self._evaluations.submit("end of run", env_steps=books.counters["env_steps"], visit=books.counters["visit"])
+            self._evaluations.finish()
+            if self.scenario.switches:
+                self._write_continual_summary()
         line = books.learner_time_line()
         if line:
             print(line)
         return books.summary(stopped_by=stopped_by)
+
+    def _write_continual_summary(self) -> None:
+        """continual.json: average performance, forgetting, visit AUCs and plasticity, from evaluations.jsonl."""
+        from evergreen.continual import summarize_evaluations
+
+        path = self.run_dir / "evaluations.jsonl"
+        entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if not entries:
+            return
+        summary = summarize_evaluations(entries, self.scenario.visits, self.scenario.task_names())
+        (self.run_dir / "continual.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if "average_performance" in summary:
+            forgot = ", ".join(f"{k} {v:+.1f}" for k, v in summary["forgetting"].items())
+            print(f"  continual: average performance {summary['average_performance']:.1f}; forgetting {forgot} "
+                  f"({self.run_dir / 'continual.json'})")
 
     def _shutdown(self) -> None:
         """Stop everything this run started, in order: telemetry, actors, learner, shards, Ray."""

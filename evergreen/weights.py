@@ -10,6 +10,8 @@ and experience never passes through Ray at all (it goes to replay over gRPC).
     publisher(120, dqn.acting_weights(), dqn.acting_network())   # learner side
     source = RayWeightSource(store)                        # picklable; give it to actors
     if source.latest_version() > mine: state = source.get(source.latest_version())
+    store.set_task.remote(1)                               # driver: a continual scenario moved on
+    source.current_task()                                  # 1: actors switch at their next poll
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import torch
 class WeightStore:
     """Holds the latest (version, object ref) pair. Refs are wrapped in a list so Ray does not resolve them."""
 
-    def __init__(self) -> None:
+    def __init__(self, task: int = 0) -> None:
         self._version = -1
         self._ref: list[Any] = []
+        self._task = int(task)  # the scenario task actors act on (continual runs)
 
     def publish(self, version: int, ref_holder: list[Any]) -> None:
         if version >= self._version:
@@ -40,6 +43,12 @@ class WeightStore:
 
     def latest(self) -> tuple[int, list[Any]]:
         return self._version, self._ref
+
+    def set_task(self, task: int) -> None:
+        self._task = int(task)
+
+    def current_task(self) -> int:
+        return self._task
 
 
 class WeightPublisher:
@@ -123,13 +132,17 @@ class WeightPublisher:
 
 
 class RayWeightSource:
-    """Actor side: the ``weights_source`` interface of ``actors.actor.Actor`` over a WeightStore handle."""
+    """Actor side: the ``weights_source`` interface of ``actors.actor.Actor`` over a WeightStore handle
+    (``current_task()`` included: actors switch tasks when they poll for weights)."""
 
     def __init__(self, store: Any):
         self.store = store
 
     def latest_version(self) -> int:
         return ray.get(self.store.latest_version.remote())
+
+    def current_task(self) -> int:
+        return ray.get(self.store.current_task.remote())
 
     def get(self, version: int) -> dict[str, Any] | Any | None:
         """The newest weights as a state dict of tensors (or a whole network), None before the first publish."""

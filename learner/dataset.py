@@ -40,7 +40,7 @@ from replay.errors import DeadlineExceeded
 __all__ = ["Batch", "ReplayDataset"]
 
 #: Columns that describe a row rather than feed the loss.
-METADATA_FIELDS = ("policy_version",)
+METADATA_FIELDS = ("policy_version", "task")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Batch:
     keys: np.ndarray
     weights: torch.Tensor | None
     policy_version: np.ndarray | None = None
+    task: np.ndarray | None = None
+    """The scenario task each row was collected on (None if the table has no task column)."""
 
 
 class ReplayDataset:
@@ -124,7 +126,8 @@ class ReplayDataset:
             if self.prioritized:
                 w = weights[rows]
                 batch_weights = self._tensor(w / w.max() if k > 1 else w)
-            versions = columns.get("policy_version")
+            versions, tasks = columns.get("policy_version"), columns.get("task")
             batches.append(Batch(tensors=tensors, keys=keys[rows], weights=batch_weights,
-                                 policy_version=None if versions is None else versions[rows]))
+                                 policy_version=None if versions is None else versions[rows],
+                                 task=None if tasks is None else tasks[rows]))
         return batches

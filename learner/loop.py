@@ -150,6 +150,8 @@ class LoopCounters:
     policy_lag_count: int = 0
     dropped_batches: int = 0
     """Batches the algorithm refused as invalid (``learner.core.InvalidBatch``): dropped, not trained on."""
+    task_rows: dict[int, int] = field(default_factory=dict)
+    """Rows trained on per scenario task (from the batches' ``task`` column)."""
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -219,6 +221,10 @@ class LearnerLoop:
         self.counters.updates += 1
         if self._priorities is not None and result.priorities is not None:
             self._priorities.submit(self._update_priorities, batch.keys, np.asarray(result.priorities, dtype=np.float64))
+        if batch.task is not None and len(batch.task):
+            tasks, counts = np.unique(batch.task, return_counts=True)
+            for task, count in zip(tasks.tolist(), counts.tolist(), strict=True):
+                self.counters.task_rows[task] = self.counters.task_rows.get(task, 0) + count
         if batch.policy_version is not None and len(batch.policy_version):
             lag = self.counters.published_version - float(np.mean(batch.policy_version))
             self.counters.policy_lag_sum += lag

@@ -71,6 +71,8 @@ class TrainReport:
     """Whether the diagnostics' probe batch has been sampled (diagnostics run from then on)."""
     dropped_batches: int = 0
     """Invalid batches dropped so far (cumulative, this learner process)."""
+    task_rows: dict[int, int] = field(default_factory=dict)
+    """Rows trained on in this call per scenario task (which tasks the learner's data came from)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -185,6 +187,7 @@ class LearnerService:
         c = loop.counters
         before = (c.updates, loop.prefetcher.wait_seconds, c.update_seconds, c.diagnostics_seconds)
         lag_sum, lag_count = c.policy_lag_sum, c.policy_lag_count
+        task_rows = dict(c.task_rows)
         report = TrainReport(updates=c.updates, new_updates=0)
         while time.perf_counter() < deadline:
             if not self._probe_ready:
@@ -213,6 +216,7 @@ class LearnerService:
         report.wall_seconds = time.perf_counter() - start
         report.probe_ready = self._probe_ready
         report.dropped_batches = c.dropped_batches
+        report.task_rows = {t: n - task_rows.get(t, 0) for t, n in c.task_rows.items() if n != task_rows.get(t, 0)}
         return report
 
     def task_switch(self, task: int) -> dict[str, float]:

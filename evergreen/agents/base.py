@@ -64,6 +64,10 @@ class AgentBuilder(Protocol):
         """Actor ``actor_index``'s Policy; its exploration schedule resumes at ``env_steps_offset``."""
         ...
 
+    def make_eval_policy(self, network: torch.nn.Module, *, epsilon: float) -> Any:
+        """The Policy the evaluation protocol acts with (near-greedy, or the deterministic action)."""
+        ...
+
     def make_adder(self) -> Any:
         """An Adder for ``env.num_envs`` environments, writing :meth:`replay_fields`."""
         ...

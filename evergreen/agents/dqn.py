@@ -96,6 +96,10 @@ class DQNBuilder:
 
     # -- learner --------------------------------------------------------------------------------------
 
+    def make_eval_policy(self, network: torch.nn.Module, *, epsilon: float) -> EpsilonGreedyPolicy:
+        """The evaluation protocol's policy: greedy in ``network`` but for a constant ``epsilon``."""
+        return EpsilonGreedyPolicy(network=network, epsilon=ConstantEpsilon(epsilon), seed=[self.config.seed, 999])
+
     def make_algorithm(self, device: torch.device) -> DQN:
         cfg = self.config
         return DQN(cfg.dqn, cfg.network, obs_shape=self.spec.observation_shape, num_actions=self.spec.num_actions,

@@ -211,3 +211,52 @@ def test_a_poisoning_client_is_refused_and_the_run_trains_and_resumes(tmp_path):
     assert _records(run_dir)[-1]["dropped_batches"] == 0  # nothing bad ever reached the learner
     assert main(["--resume", str(run_dir), "--learner.total_env_steps", str(summary.env_steps + 1000)]) == 0
     assert load_latest_checkpoint(run_dir / "checkpoints")["counters"]["env_steps"] >= summary.env_steps + 1000
+
+
+def test_a_scenario_switches_tasks_at_their_env_steps_exactly_once_across_resume(tmp_path):
+    # A switch lands at the first poll of the actors' statistics past its env step; 32 samples per insert
+    # (4 env steps per update) keeps the actors close behind the learner, so that is ~100 env steps late.
+    scenario = {"steps_per_task": 2000, "tasks": [
+        {"name": "pole-0.5"},
+        {"name": "pole-2.0", "variation": {"params": {"length": 2.0}}},
+        {"name": "permuted", "variation": {"permute_observations": True}}]}
+    config = load_config(preset="cartpole", overrides={
+        "replay": {"capacity": 4000, "min_size_to_sample": 200, "samples_per_insert": 32.0},
+        "actors": {"num_actors": 1, "epsilon_decay_steps": 500, "weight_poll_steps": 5},
+        "learner": {"total_env_steps": 3000, "stop_at_return": None, "log_every_s": 1.0},
+        "plasticity": {"interventions": "shrink_perturb", "diagnostics": ""},
+        "dqn": {"compile": False}, "scenario": scenario, "evaluation": {"episodes": 3},
+    }).validate()
+    run_dir = tmp_path / "continual"
+    first = Trainer(config, run_dir=run_dir).run()
+    state = load_latest_checkpoint(run_dir / "checkpoints")
+    assert state["counters"]["visit"] == 1 and state["algorithm"]["task"] == 1
+    records = _records(run_dir)
+    switches = [r for r in records if "task_switch" in r]
+    assert [(r["task_switch"], r["visit"]) for r in switches] == [("pole-2.0", 1)]
+    assert 2000 <= switches[0]["switch_env_steps"] < 3000
+    # the intervention's task-switch hook ran, once
+    assert switches[0]["task_switch_metrics"] == {"shrink_perturb/applied": 1.0}
+    before = [r for r in records if r["env_steps"] < 2000]
+    assert before and all(r["task"] == "pole-0.5" and r["replay_current_task_fraction"] in (1.0, None)
+                          for r in before)
+    assert any(r["replay_current_task_fraction"] == 1.0 for r in before)
+    after = [r for r in records if r.get("visit") == 1 and r.get("replay_current_task_fraction") is not None]
+    # the learner trains on both tasks' rows once the new task's transitions arrive (replay keeps the old)
+    assert after and after[-1]["task"] == "pole-2.0" and 0.0 < after[-1]["replay_current_task_fraction"] < 1.0
+
+    # Resume past the next boundary: visit 1 is not switched to again, visit 2 is, once.
+    assert first.env_steps < 4000
+    assert main(["--resume", str(run_dir), "--learner.total_env_steps", "4500"]) == 0
+    resumed = _records(run_dir)[len(records):]
+    assert resumed[0]["task"] == "pole-2.0" and resumed[0]["visit"] == 1
+    assert [(r["task_switch"], r["visit"]) for r in resumed if "task_switch" in r] == [("permuted", 2)]
+    state = load_latest_checkpoint(run_dir / "checkpoints")
+    assert state["counters"]["visit"] == 2 and state["algorithm"]["task"] == 2
+    # Every task was evaluated at the end of each visit and of each run segment, never writing to replay.
+    evaluations = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in evaluations] == ["end of visit 0", "end of run", "end of visit 1", "end of run"]
+    assert all(set(e["scores"]) == {"pole-0.5", "pole-2.0", "permuted"} and
+               all(s["episodes"] == 3 for s in e["scores"].values()) for e in evaluations)
+    summary = json.loads((run_dir / "continual.json").read_text())
+    assert summary["visits_reached"] == 3 and set(summary["forgetting"]) == {"pole-0.5", "pole-2.0", "permuted"}

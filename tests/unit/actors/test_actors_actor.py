@@ -266,3 +266,47 @@ def test_actor_bad_arguments():
             wrong_head.run(-1)
     finally:
         wrong_head.close()
+
+
+class TaskWeights(VersionedWeights):
+    """A weights source that also names the scenario's current task, as the run's weight store does."""
+
+    def __init__(self):
+        super().__init__()
+        self.task = 0
+
+    def current_task(self):
+        return self.task
+
+
+def test_actor_follows_the_task_at_its_weight_polls_and_rows_carry_their_task():
+    from actors.tasks import EnvTask, TaskVariation
+
+    env = EnvConfig(id="CartPole-v1", num_envs=2, seed=1)
+    tasks = [EnvTask("short", env), EnvTask("long", env, TaskVariation.from_dict({"params": {"length": 3.0}}))]
+    inserter, weights = RecordingInserter(), TaskWeights()
+    weights.publish(0, prefer_action(0))
+    actor = Actor(env_config=env, policy=policy(), adder=adder(env), insert=inserter, weights_source=weights,
+                  insert_batch_size=16, weights_poll_interval=10, tasks=tasks)
+    try:
+        first = actor.run(40)
+        assert actor.task == 0 and set(first.episode_returns) <= {"short"}
+        assert actor.env._env.envs[0].unwrapped.length == 0.5
+        weights.task = 1
+        rows_before = len(inserter.column("task"))
+        second = actor.run(60)
+        assert actor.task == 1 and actor.env.task_id == "long" and actor.env._env.envs[0].unwrapped.length == 3.0
+        assert set(second.episode_returns) <= {"short", "long"} and "long" in second.episode_returns
+        task_column = inserter.column("task")
+        assert set(task_column[:rows_before].tolist()) == {0}
+        assert task_column[rows_before:].tolist() == sorted(task_column[rows_before:].tolist())  # 0s, then 1s
+        assert task_column[-1] == 1
+        # No n-step window spans the switch: every row made after it holds an observation of the new env,
+        # and the adder was reset (no pending steps of the old task made it into a task-1 row).
+        assert actor.adder.pending.max() <= 3
+    finally:
+        actor.close()
+    with pytest.raises(ValueError, match="tasks must be a non-empty list of actors.tasks.EnvTask"):
+        Actor(env_config=env, policy=policy(), adder=adder(env), insert=inserter, tasks=[])
+    with pytest.raises(ValueError, match="Actor task must be an index into its 2 task"):
+        Actor(env_config=env, policy=policy(), adder=adder(env), insert=inserter, tasks=tasks, task=2)

@@ -208,6 +208,7 @@ def test_schema_matches_columns():
         ("discount", np.dtype(np.float32), ()),
         ("next_obs", np.dtype(np.float32), (4,)),
         ("policy_version", np.dtype(np.int64), ()),
+        ("task", np.dtype(np.int64), ()),
     ]
     with pytest.raises(ValueError, match="observation shape must have positive dimensions"):
         schema(EnvSpec((0, 4), np.dtype(np.uint8), DiscreteActions(2)))
@@ -250,3 +251,25 @@ def test_bad_add_leaves_state_untouched():
     rows = add(a, **{**good, "obs": o(1, 11), "next_obs": o(2, 12)})
     np.testing.assert_array_equal(rows["obs"][:, 0], [0, 10])
     np.testing.assert_allclose(rows["reward"], [1.9, 1.9], rtol=1e-6)
+
+
+def test_rows_carry_their_task_and_a_task_change_needs_a_reset_first():
+    a = make(1, 2, 0.9)
+    spec = a.spec
+    obs = np.zeros((1, *spec.observation_shape), dtype=spec.observation_dtype)
+    no = np.zeros(1, dtype=bool)
+
+    def step(task, done=False):
+        return a.add(EnvStep(obs, np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.float32),
+                             np.array([done]), no, obs, 0, task))
+
+    assert step(3) is None
+    rows = step(3)
+    assert rows["task"].tolist() == [3] and rows["task"].dtype == np.int64
+    with pytest.raises(ValueError, match="task changed from 3 to 4 with 1 steps pending; call reset"):
+        step(4)
+    assert a.pending.tolist() == [1]  # the refused step changed nothing
+    a.reset()
+    assert step(4) is None and step(4, done=True)["task"].tolist() == [4, 4]
+    with pytest.raises(ValueError, match="task must be an integer >= 0, got -1"):
+        step(-1)

@@ -93,7 +93,8 @@ def test_table_config_follows_the_run_config():
     assert bounds["action"] == Bounds(low=0, high=1) and bounds["discount"] == Bounds(low=0, high=1)
     assert bounds["reward"] == Bounds() and bounds["obs"] == Bounds() and bounds["policy_version"] is None
     assert table.capacity == 5_000 and table.storage == "ring" and table.sampler == config.replay.sampler
-    assert [f.name for f in table.schema.fields] == ["obs", "action", "reward", "discount", "next_obs", "policy_version"]
+    assert [f.name for f in table.schema.fields] == ["obs", "action", "reward", "discount", "next_obs", "policy_version",
+                                                     "task"]
     # the band holds 2 insert calls of insert_batch_size rows at spi 8, 4 sample batches, or 2 sample calls
     # (batches_per_sample batches each), whichever is largest: here 2 calls of 8 batches of 128
     lrn = config.learner

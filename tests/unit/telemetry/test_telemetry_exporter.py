@@ -342,3 +342,17 @@ def test_write_targets_sd_dir_and_clear(tmp_path):
     assert not (sd_dir / "pong-7.json").exists()
     assert (run_dir / "prometheus_targets.json").exists()
     assert clear_targets(run_dir, sd_dir=sd_dir) is False
+
+
+def test_evaluations_are_exported_per_task_and_bad_ones_change_nothing(exporter):
+    exporter.update_evaluation({"pong": {"mean": -3.0, "normalized": 0.5014}, "breakout": {"mean": 12.0,
+                                                                                          "normalized": None}})
+    got = scrape(exporter)
+    assert got["evergreen_eval_return"] == {(("run", "run-a"), ("task", "pong")): -3.0,
+                                            (("run", "run-a"), ("task", "breakout")): 12.0}
+    assert got["evergreen_eval_human_normalized"] == {(("run", "run-a"), ("task", "pong")): 0.5014}
+    exporter.update_evaluation({"pong": {"mean": 1.0}})  # the newest evaluation replaces the value
+    assert scrape(exporter)["evergreen_eval_return"][(("run", "run-a"), ("task", "pong"))] == 1.0
+    with pytest.raises(ValueError, match="eval mean"):
+        exporter.update_evaluation({"pong": {"mean": 7.0}, "breakout": {"mean": "high"}})
+    assert scrape(exporter)["evergreen_eval_return"][(("run", "run-a"), ("task", "pong"))] == 1.0  # all or nothing
