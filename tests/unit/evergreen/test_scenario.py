@@ -143,3 +143,19 @@ def test_the_scenario_presets_are_served_by_one_network(preset):
     scenario = Scenario.from_config(config)
     assert scenario.switches and len(scenario.tasks) >= 4
     scenario.check_compatible()
+
+
+def test_a_scenario_can_be_given_on_the_command_line_as_json():
+    from evergreen.config import RunConfig
+    from evergreen.configtools import apply_flags
+    from evergreen.train import build_parser
+
+    args = build_parser().parse_args([
+        "--preset", "cartpole", "--scenario.steps_per_task", "500",
+        "--scenario.tasks", '[{"name": "a"}, {"name": "b", "variation": {"params": {"gravity": 12.0}}}]'])
+    config = apply_flags(load_config(preset="cartpole"), args, RunConfig).validate()
+    scenario = Scenario.from_config(config)
+    assert scenario.task_names() == ["a", "b"] and scenario.tasks[1].variation.params == {"gravity": 12.0}
+    with pytest.raises(ValueError, match="scenario.tasks"):
+        apply_flags(load_config(preset="cartpole"),
+                    build_parser().parse_args(["--scenario.tasks", "[{broken"]), RunConfig)

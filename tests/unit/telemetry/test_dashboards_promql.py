@@ -106,6 +106,9 @@ def test_plasticity_dashboard_covers_the_diagnostics_and_annotations():
     assert len(per_layer) >= 6
     names = {a["name"] for a in dash["annotations"]["list"]}
     assert {"Intervention events", "Task switches", "Current task"} <= names
+    # continual runs: the latest evaluation of every task, and which task the actors are on
+    assert "evergreen_eval_return" in text and "evergreen_eval_human_normalized" in text
+    assert "evergreen_actor_env_steps_total" in text
 
 
 def test_system_dashboard_covers_throughput_replay_and_processes():
