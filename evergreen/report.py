@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-PLOTS = ("learning_curve", "plasticity", "throughput", "losses", "interventions")
+PLOTS = ("learning_curve", "evaluation", "plasticity", "throughput", "losses", "interventions")
 _THROUGHPUT = (("env_steps_per_s", "env steps / s"), ("updates_per_s", "updates / s"),
                ("replay_size", "replay size (items)"), ("learner_wait_fraction", "learner wait (fraction)"),
                ("policy_lag_updates", "policy lag (updates)"), ("num_actors", "actors"),
@@ -70,6 +70,8 @@ class Run:
     interventions: str
     records: list[dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    """``evaluations.jsonl`` entries (evaluation of every task beside training), if the run has any."""
 
     def column(self, key: str) -> np.ndarray:
         """float64 values of ``key`` per record; NaN where absent, None or non-numeric."""
@@ -135,9 +137,21 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             interventions = str(json.loads(config.read_text()).get("plasticity", {}).get("interventions") or "")
         except (json.JSONDecodeError, AttributeError) as exc:
             warnings.append(f"{config}: unreadable ({exc}); interventions unknown")
+    evaluations = []
+    eval_log = path / "evaluations.jsonl"
+    if eval_log.is_file():
+        for lineno, line in enumerate(eval_log.read_text().splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                if isinstance(entry, dict) and isinstance(entry.get("scores"), dict) and "env_steps" in entry:
+                    evaluations.append(entry)
+                    continue
+            except json.JSONDecodeError:
+                pass
+            warnings.append(f"{eval_log}:{lineno}: skipped a line that is not an evaluation entry")
     name = path.resolve().name
     return Run(path=path, label=f"{name} ({interventions or 'no interventions'})", interventions=interventions,
-               records=records, warnings=warnings)
+               records=records, warnings=warnings, evaluations=evaluations)
 
 
 def _diagnostics(run: Run) -> dict[str, dict[str, str]]:
@@ -234,6 +248,43 @@ def plot_learning_curve(runs: Sequence[Run], path: Path) -> Path:
     return _finish(fig, [ax], path, "Learning curve")
 
 
+def _shade_visits(ax, run: Run) -> None:
+    """Alternate light bands for the stays on each task (between the run's task switches)."""
+    edges = [0.0] + [steps for steps, _ in run.switches()]
+    end = float(np.nanmax(run.column("env_steps")))
+    edges.append(max(end, edges[-1]))
+    for i, (start, stop) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        if i % 2 == 1 and stop > start:
+            ax.axvspan(start, stop, color="0.5", alpha=0.08, linewidth=0)
+
+
+def plot_evaluation(runs: Sequence[Run], path: Path) -> Path | None:
+    """Evaluation return of every task over env steps (one line per task and run), task stays shaded."""
+    if not any(r.evaluations for r in runs):
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    tasks = list(dict.fromkeys(t for r in runs for e in r.evaluations for t in e["scores"]))
+    task_colors = dict(zip(tasks, _colors(len(tasks)), strict=True))
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        if len(runs) == 1:
+            _shade_visits(ax, run)
+        entries = sorted(run.evaluations, key=lambda e: e["env_steps"])
+        for task in tasks:
+            points = [(e["env_steps"], e["scores"][task]["mean"]) for e in entries if task in e["scores"]]
+            if points:
+                x, y = (np.array(v, dtype=np.float64) for v in zip(*points, strict=True))
+                label = task if len(runs) == 1 else f"{run.label}: {task}"
+                _line(ax, x, y, color=task_colors[task], linestyle=styles[i % len(styles)], marker="o",
+                      markersize=3, label=label)
+    _mark_switches(ax, runs, _colors(len(runs)))
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("evaluation return (mean)")
+    return _finish(fig, [ax], path, "Evaluation per task (task stays shaded)")
+
+
 def plot_plasticity(runs: Sequence[Run], path: Path) -> Path | None:
     per_run = [_diagnostics(r) for r in runs]
     names = list(dict.fromkeys(n for d in per_run for n in d))
@@ -311,6 +362,7 @@ def render_report(run_dirs: Sequence[str | os.PathLike], *, out: str | os.PathLi
     images: list[tuple[str, Path]] = []
     made = {
         "learning_curve": plot_learning_curve(runs, out / "learning_curve.png"),
+        "evaluation": plot_evaluation(runs, out / "evaluation.png"),
         "plasticity": plot_plasticity(runs, out / "plasticity.png"),
         "throughput": _panels(runs, out / "throughput.png", _THROUGHPUT, x="elapsed_s",
                               title="Throughput, replay and actors"),
@@ -350,6 +402,8 @@ def _summary(run: Run) -> dict[str, str]:
 
 _CAPTIONS = {
     "learning_curve": "Mean return of the last 100 episodes (line) and of each interval (dots); dashed lines: task switches.",
+    "evaluation": "Evaluation return of every task (evaluations.jsonl: near-greedy policy, never training); shaded: "
+                  "every other stay on a task; dashed lines: task switches.",
     "plasticity": "Plasticity diagnostics (evergreen_plasticity_*): per layer for one run, network totals when comparing.",
     "throughput": "Throughput, replay size, learner wait, policy lag and actors against wall time.",
     "losses": "Learner metrics averaged over each log interval.",

@@ -171,3 +171,18 @@ def test_missing_run_dir_and_no_partial_output(tmp_path):
         render_report([])
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_evaluations_are_plotted_per_task_with_the_task_stays_shaded(tmp_path):
+    run = make_run(tmp_path, "continual", interventions="")
+    entries = [{"env_steps": 5000 * k, "visit": k // 3, "reason": "periodic",
+                "scores": {"Pong": {"mean": -21.0 + k}, "Breakout": {"mean": 2.0 * k}}} for k in range(1, 7)]
+    (run / "evaluations.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\nnot json\n")
+    warnings = []
+    page = render_report([run], on_warning=warnings.append)
+    assert_png(run / "report" / "evaluation.png")
+    assert 'id="evaluation"' in page.read_text()
+    assert any("evaluations.jsonl:7: skipped a line" in w for w in warnings)
+    plain = make_run(tmp_path, "single", interventions="", tasks=False)
+    render_report([plain])
+    assert not (plain / "report" / "evaluation.png").exists()  # no evaluations: no plot
