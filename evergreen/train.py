@@ -248,7 +248,9 @@ class Trainer:
                     + cfg.actors.num_actors * cfg.actors.placement.num_cpus
                     + (cfg.evaluation.placement.num_cpus if self._evaluates() else 0.0))
             # Logical CPUs: enough for every component's reservation; they share the machine's cores.
-            ray.init(num_cpus=cfg.ray.num_cpus or max(int(np.ceil(need)), os.cpu_count() or 1),
+            # address="local": a Ray of this run's own, even where RAY_ADDRESS is set or a `ray start`
+            # cluster runs on the machine (with no address, ray.init would join the latest of those).
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(int(np.ceil(need)), os.cpu_count() or 1),
                      include_dashboard=False, log_to_driver=True, configure_logging=False)
             self._guard.watch(p for p in psutil.Process().children(recursive=True) if p.pid not in before)
         self._started_ray = True

@@ -27,7 +27,8 @@ from tests.e2e.conftest import dashboard_and_alert_exprs, query, wait_for
 pytestmark = pytest.mark.e2e
 
 CONDITIONAL = ("alert ", "plasticity: annotation Task switches", "system: annotation Task switches",
-               "plasticity: annotation Intervention events")
+               "plasticity: annotation Intervention events",
+               "plasticity: Human-normalized evaluation (Atari)")  # CartPole has no human reference score
 
 
 def test_training_job_metrics_reach_prometheus_and_every_dashboard_query_returns_data(tmp_path, prometheus):
@@ -38,6 +39,7 @@ def test_training_job_metrics_reach_prometheus_and_every_dashboard_query_returns
         "replay": {"capacity": 5000, "min_size_to_sample": 200, "samples_per_insert": 8.0},
         "learner": {"total_env_steps": 10**7, "stop_at_return": None, "log_every_s": 1.0},
         "dqn": {"compile": False},  # the compiled update has its own tests; here it would only add minutes
+        "evaluation": {"every_env_steps": 1000, "episodes": 2},  # so the evaluation panels have data
         "plasticity": {"interventions": "layer_norm,weight_decay,redo", "options": {"redo": {"period": 20}},
                        "diagnostics": "all", "diagnostics_every": 25},
     }).validate()
@@ -50,7 +52,7 @@ def test_training_job_metrics_reach_prometheus_and_every_dashboard_query_returns
             for family in ("evergreen_learner_updates_total", "evergreen_replay_size",
                            "evergreen_actor_env_steps_total", "evergreen_plasticity_dormant_ratio",
                            "evergreen_plasticity_hessian_max_eigenvalue", "evergreen_actor_episode_return_bucket",
-                           "evergreen_intervention_events_total"):
+                           "evergreen_intervention_events_total", "evergreen_eval_return"):
                 wait_for(lambda f=family: query(port, f'{f}{{run="{run}"}}'), timeout=150, what=family)
             time.sleep(4.0)  # a few more scrapes, so rate() and increase() have two points
             results["layers"] = {r["metric"]["layer"]
