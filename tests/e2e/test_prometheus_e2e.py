@@ -98,6 +98,9 @@ def test_prometheus_scrapes_the_exporter_and_every_expression_returns_series(tmp
                 task_switch="Pong" if i == 5 else None)
             client.insert({"obs": rows * i, "reward": np.full(16, i, dtype=np.float32)}, writer_key="actor-0")
             client.sample(8, timeout=10)
+        # An evaluation of both tasks, as a run's evaluation processes report it.
+        exporter.update_evaluation({"CartPole-v1": {"mean": 120.0, "normalized": None},
+                                    "Pong": {"mean": -15.0, "normalized": 0.161}})
         time.sleep(3.0)  # a few scrapes and rule evaluations of the final state
 
         # Families arrive with their labels.
@@ -122,6 +125,9 @@ def test_prometheus_scrapes_the_exporter_and_every_expression_returns_series(tmp
         assert ups == {("evergreen-learner", RUN, None): 1.0, ("evergreen-replay", RUN, "0"): 1.0,
                        ("evergreen-replay", RUN, "1"): 0.0, ("evergreen-learner", DEAD_RUN, None): 0.0}
         assert query(port, f'process_resident_memory_bytes{{run="{RUN}",job="evergreen-learner"}}')
+        evaluation = {r["metric"]["task"]: float(r["value"][1])
+                      for r in query(port, f'evergreen_eval_return{{run="{RUN}"}}')}
+        assert evaluation == {"CartPole-v1": 120.0, "Pong": -15.0}
 
         # Every dashboard and alert expression parses and returns series.
         empty = [where for where, expr in dashboard_and_alert_exprs() if not query(port, expr)]
