@@ -194,7 +194,8 @@ def test_a_poisoning_client_is_refused_and_the_run_trains_and_resumes(tmp_path):
     rows = 64
     poison = {"obs": np.zeros((rows, 4), np.float32), "action": np.full(rows, 7, np.int64),
               "reward": np.ones(rows, np.float32), "discount": np.full(rows, 0.99, np.float32),
-              "next_obs": np.zeros((rows, 4), np.float32), "policy_version": np.zeros(rows, np.int64)}
+              "next_obs": np.zeros((rows, 4), np.float32), "policy_version": np.zeros(rows, np.int64),
+              "task": np.zeros(rows, np.int64)}
     outsider = ReplayClient([address], table="replay", timeout=5.0)
     with pytest.raises(errors.Unauthenticated):
         outsider.insert(poison, writer_key="attacker")
@@ -203,6 +204,10 @@ def test_a_poisoning_client_is_refused_and_the_run_trains_and_resumes(tmp_path):
                            token=(run_dir / "replay.token").read_text().strip())
     with pytest.raises(errors.InvalidArgument, match=r"action.*7"):
         insider.insert(poison, writer_key="attacker")
+    # a task id outside the run's scenario (one task here: only 0) is refused too
+    with pytest.raises(errors.InvalidArgument, match=r"task.*5"):
+        insider.insert(dict(poison, action=np.zeros(rows, np.int64), task=np.full(rows, 5, np.int64)),
+                       writer_key="attacker")
     outsider.close()
     insider.close()
     thread.join(timeout=300)
