@@ -61,7 +61,7 @@ def _setup(tmp_path, *, samples_per_insert=0.0, diagnostics="", rows=600):
     table.insert({"obs": rng.standard_normal((rows, 4)).astype(np.float32), "action": rng.integers(0, 2, rows),
                   "reward": np.ones(rows, np.float32), "discount": np.full(rows, 0.97, np.float32),
                   "next_obs": rng.standard_normal((rows, 4)).astype(np.float32),
-                  "policy_version": np.zeros(rows, np.int64)})
+                  "policy_version": np.zeros(rows, np.int64), "task": np.zeros(rows, np.int64)})
     published = []
 
     def make(**kwargs):
