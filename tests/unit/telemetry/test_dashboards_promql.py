@@ -164,6 +164,7 @@ def test_every_referenced_family_is_exported():
                  "hessian_max_eig", "plasticity_probe/loss", "plasticity_probe/fresh_loss", "plasticity_probe/ratio"):
         rec[f"diag/{name}"] = 0.5
     exp.update(rec, episodes_by_task={"default": {"returns": [1.0], "lengths": [1]}})
+    exp.update_evaluation({"pong": {"mean": 1.0, "normalized": 0.6}})  # what a run's evaluations report
     exported = set(re.findall(r"^(\w+)", exp.exposition().decode(), flags=re.M))
     exported |= replay_exported_names()
     exported |= {"up"}
