@@ -8,6 +8,7 @@ the last two frames max-pooled, 84x84 by area averaging, ``frame_stack`` frames 
 ``noop_max`` no-ops after a reset and FIRE after it for games that need it to start. One Python
 object per env, so such a task steps slower than the vectorized one.
 
+    check_mode("breakout", mode=4, difficulty=1)     # ValueError listing the game's modes otherwise
     env = make_mode_env("breakout", EnvConfig(id="breakout", full_action_space=True), mode=4, difficulty=1)
     obs, info = env.reset(seed=0)           # uint8 [4, 84, 84]
 """
@@ -20,7 +21,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["AtariModePreprocessing", "available_modes", "make_mode_env"]
+__all__ = ["AtariModePreprocessing", "available_modes", "check_mode", "make_mode_env"]
 
 
 def _gym_id(game: str) -> str:
@@ -42,15 +43,19 @@ def available_modes(game: str) -> dict[str, list[int]]:
         env.close()
 
 
-def make_mode_env(game: str, config: Any, *, mode: int | None, difficulty: int | None) -> Any:
-    """A preprocessed single-game env of ``game`` in ``mode``/``difficulty`` (ValueError for values it lacks)."""
-    import ale_py
-
+def check_mode(game: str, *, mode: int | None, difficulty: int | None) -> None:
+    """ValueError unless ``game`` has ``mode`` and ``difficulty`` (None: the game's default), listing the ones it has."""
     available = available_modes(game)
-    chosen = {"mode": mode, "difficulty": difficulty}
-    for key, value in chosen.items():
+    for key, value in (("mode", mode), ("difficulty", difficulty)):
         if value is not None and value not in available[key]:
             raise ValueError(f"variation.{key} = {value} is invalid for {game}: its {key}s are {available[key]}")
+
+
+def make_mode_env(game: str, config: Any, *, mode: int | None, difficulty: int | None) -> Any:
+    """A preprocessed single-game env of ``game`` in ``mode``/``difficulty`` (checked with :func:`check_mode`)."""
+    import ale_py
+
+    chosen = {"mode": mode, "difficulty": difficulty}
     gym.register_envs(ale_py)
     env = gym.make(_gym_id(game), frameskip=1, obs_type="grayscale",
                    repeat_action_probability=config.repeat_action_probability,

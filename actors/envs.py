@@ -225,10 +225,11 @@ class VectorEnv:
     """
 
     def __init__(self, *, config: EnvConfig, env: Any, actions: DiscreteActions | BoxActions,
-                 variation: Any = None, task_name: str | None = None) -> None:
+                 variation: Any = None) -> None:
         self.config = config
         self._env = env
-        self._task_name = task_name
+        # The continual task this env steps (set by make_vector_env(task_name=...)); None outside a scenario.
+        self.task_name: str | None = None
         self.num_envs = config.num_envs
         space = env.single_observation_space
         self.spec = EnvSpec(
@@ -255,7 +256,7 @@ class VectorEnv:
     @property
     def task_id(self) -> str:
         """The task's name in a continual scenario, else the env id (the label of episode statistics)."""
-        return self._task_name or self.config.id
+        return self.task_name or self.config.id
 
     def _observe(self, obs: Any) -> np.ndarray:
         obs = np.asarray(obs)
@@ -409,7 +410,7 @@ def make_vector_env(config: EnvConfig, *, num_threads: int = 1, variation: Any =
     """
     config.validate()
     env = env_family(config.id).build(config, num_threads, variation)
-    env._task_name = task_name
+    env.task_name = task_name
     return env
 
 
@@ -426,6 +427,9 @@ def _make_atari(config: EnvConfig, *, num_threads: int, variation: Any = None) -
     from ale_py.vector_env import AtariVectorEnv
     from gymnasium.vector import AutoresetMode
 
+    if variation is not None and variation.params:
+        raise ValueError(f"variation.params {sorted(variation.params)}: Atari games have no physical parameters "
+                         "(permutations apply to any env)")
     if variation is not None and (variation.mode is not None or variation.difficulty is not None):
         return _make_atari_mode(config, variation)
     game = atari_game_name(config.id)
@@ -447,10 +451,6 @@ def _make_atari(config: EnvConfig, *, num_threads: int, variation: Any = None) -
         # Clipped here instead, so that episode statistics see the real score.
         reward_clipping=False,
     )
-    if variation is not None and variation.params:
-        env.close()
-        raise ValueError(f"variation.params {sorted(variation.params)}: Atari games have no physical parameters "
-                         "(permutations apply to any env)")
     return VectorEnv(config=config, env=env, actions=DiscreteActions(int(env.single_action_space.n)),
                      variation=variation)
 
@@ -459,12 +459,10 @@ def _make_atari_mode(config: EnvConfig, variation: Any) -> VectorEnv:
     """An Atari game in a chosen mode/difficulty (``actors.atari_modes``: the vectorized ALE env cannot set them)."""
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-    from actors.atari_modes import make_mode_env
+    from actors.atari_modes import check_mode, make_mode_env
 
-    if variation.params:
-        raise ValueError(f"variation.params {sorted(variation.params)}: Atari games have no physical parameters")
     game = atari_game_name(config.id)
-    make_mode_env(game, config, mode=variation.mode, difficulty=variation.difficulty).close()  # refuses bad values
+    check_mode(game, mode=variation.mode, difficulty=variation.difficulty)  # once, before any env is built
 
     def make_one() -> Any:
         return make_mode_env(game, config, mode=variation.mode, difficulty=variation.difficulty)
@@ -477,6 +475,9 @@ def _make_atari_mode(config: EnvConfig, variation: Any) -> VectorEnv:
 def _make_gymnasium(config: EnvConfig, variation: Any = None) -> VectorEnv:
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    if variation is not None and (variation.mode is not None or variation.difficulty is not None):
+        raise ValueError(f"variation mode/difficulty: {config.id} is not an Atari game (they are ALE switches)")
 
     p = config.repeat_action_probability
 
@@ -508,8 +509,6 @@ def _make_gymnasium(config: EnvConfig, variation: Any = None) -> VectorEnv:
         )
     if variation is not None:
         try:
-            if variation.mode is not None or variation.difficulty is not None:
-                raise ValueError(f"variation mode/difficulty: {config.id} is not an Atari game (they are ALE switches)")
             variation.apply_params(env.envs, env_id=config.id)
             return VectorEnv(config=config, env=env, actions=actions, variation=variation)
         except ValueError:

@@ -24,6 +24,7 @@ first (below 1 = the network learns that task more slowly than it did the first 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -155,8 +156,7 @@ def summarize_evaluations(entries: Sequence[Mapping[str, Any]], visits: Sequence
                 steps, values = curves.setdefault(task, ([], []))
                 steps.append(float(e["env_steps"]))
                 values.append(float(e["scores"][name]["mean"]))
-    cut = [type(v)(index=v.index, task=v.task, start=v.start, end=min(v.end, max(final, v.start + 1)))
-           for v in reached]
+    cut = [dataclasses.replace(v, end=min(v.end, max(final, v.start + 1))) for v in reached]
     aucs = visit_aucs(cut, curves)
     out: dict[str, Any] = {"env_steps": final, "visits_reached": len(reached),
                            "visit_auc": {str(k): v for k, v in aucs.items()},

@@ -168,7 +168,6 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: int | None = None, tasks: l
     import torch
 
     from actors.envs import env_spec
-    from actors.tasks import EnvTask
     from evergreen.agents import make_builder
     from evergreen.config import read_config
     from evergreen.scenario import Scenario
@@ -192,20 +191,19 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: int | None = None, tasks: l
                              f"there are {sorted(by_step)}")
         path = by_step[checkpoint]
     scenario = Scenario.from_config(config)
-    chosen = list(scenario.tasks)
+    chosen = list(enumerate(scenario.env_tasks()))
     if tasks:
         names = scenario.task_names()
         unknown = [t for t in tasks if t not in names]
         if unknown:
             raise ValueError(f"--tasks: unknown task(s) {unknown}; this run's tasks are {names}")
-        chosen = [t for t in scenario.tasks if t.name in tasks]
+        chosen = [(i, t) for i, t in chosen if t.name in tasks]
     builder = make_builder(config, env_spec(config.env))
     algorithm = builder.make_algorithm(torch.device("cpu"))
     algorithm.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["algorithm"])
     policy = builder.make_eval_policy(algorithm.acting_network(), epsilon=epsilon)
     print(f"evergreen eval: {path} ({len(chosen)} task(s) x {episodes} episodes, epsilon {epsilon:g})", flush=True)
-    return [evaluate_policy(policy, EnvTask(name=t.name, env_config=t.env_config, variation=t.variation),
-                            episodes=episodes, seed=1_000_000 + 1_000 * t.index) for t in chosen]
+    return [evaluate_policy(policy, task, episodes=episodes, seed=1_000_000 + 1_000 * index) for index, task in chosen]
 
 
 def evaluate_weights(builder: Any, weights: Any, tasks: list[Any], *, episodes: int, epsilon: float,
@@ -300,12 +298,11 @@ class RunEvaluations:
 def _evaluate_remote(builder: Any, holder: list[Any], tasks: list[Any], *, episodes: int, epsilon: float,
                      seed: int) -> list[dict[str, Any]]:
     import ray
-    import torch
 
-    payload = ray.get(holder[0])
-    if isinstance(payload, dict):
-        payload = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in payload.items()}
-    return evaluate_weights(builder, payload, tasks, episodes=episodes, epsilon=epsilon, seed=seed)
+    from evergreen.weights import as_weights
+
+    return evaluate_weights(builder, as_weights(ray.get(holder[0])), tasks, episodes=episodes, epsilon=epsilon,
+                            seed=seed)
 
 
 def format_table(scores: list[TaskScore]) -> str:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.envs import EnvConfig, make_vector_env
-from actors.tasks import TaskVariation
+from actors.tasks import EnvTask, TaskVariation
 
 __all__ = ["Scenario", "ScenarioConfig", "Task", "Visit"]
 
@@ -110,6 +110,10 @@ class Scenario:
 
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def env_tasks(self) -> list[EnvTask]:
+        """What an actor or an evaluation process needs to step each task, in task order."""
+        return [EnvTask(name=t.name, env_config=t.env_config, variation=t.variation) for t in self.tasks]
 
     @classmethod
     def from_config(cls, config: Any) -> Scenario:

@@ -222,7 +222,7 @@ class Trainer:
     def _evaluates(self) -> bool:
         """Whether this run evaluates beside training (periodically, or at a scenario's switches)."""
         ev = self.config.evaluation
-        return ev.every_env_steps > 0 or (ev.at_switch and Scenario.from_config(self.config).switches)
+        return ev.every_env_steps > 0 or (ev.at_switch and self.scenario.switches)
 
     def request_stop(self, reason: str) -> None:
         """Ask a running ``run()`` to stop at its next loop iteration (checkpointing as usual)."""
@@ -316,7 +316,6 @@ class Trainer:
 
     def _start_actors(self, builder: Any, client: Any, store: Any, *, env_steps: int, episodes: int) -> Any:
         from actors.ray_actor import ActorPool
-        from actors.tasks import EnvTask
         from evergreen.weights import RayWeightSource
 
         cfg, a = self.config, self.config.actors
@@ -324,8 +323,7 @@ class Trainer:
         # On resume, each actor's exploration schedule continues where the run left off.
         step_offset = env_steps // max(1, a.num_actors)
         # Every task of the scenario; an actor follows the store's current task from its first poll.
-        tasks = ([EnvTask(name=t.name, env_config=t.env_config, variation=t.variation) for t in self.scenario.tasks]
-                 if self.scenario.switches else None)
+        tasks = self.scenario.env_tasks() if self.scenario.switches else None
 
         def actor_kwargs(index: int) -> dict[str, Any]:
             return dict(
@@ -426,14 +424,13 @@ class Trainer:
             self._start_actors(builder, client, store, env_steps=books.counters["env_steps"],
                                episodes=books.counters["episodes"])
             if self._evaluates():
-                from actors.tasks import EnvTask
                 from evergreen.evaluation import RunEvaluations
 
                 ev = cfg.evaluation
                 # Evaluation processes never write to replay: they act on the store's newest weights.
                 self._evaluations = RunEvaluations(
                     builder=builder, store=store, run_dir=self.run_dir, episodes=ev.episodes, epsilon=ev.epsilon,
-                    tasks=[EnvTask(name=t.name, env_config=t.env_config, variation=t.variation) for t in scenario.tasks],
+                    tasks=scenario.env_tasks(),
                     seed=cfg.seed * 7_919 + 1_000_000, options=_resources(ev.placement),
                     on_result=self._telemetry.update_evaluation if self._telemetry is not None else None)
 

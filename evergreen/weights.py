@@ -149,7 +149,12 @@ class RayWeightSource:
         latest, holder = ray.get(self.store.latest.remote())
         if latest < 0 or not holder:
             return None
-        payload = ray.get(holder[0])
-        if isinstance(payload, dict):  # numpy arrays from the object store (read-only): own copies
-            return {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in payload.items()}
-        return payload
+        return as_weights(ray.get(holder[0]))
+
+
+def as_weights(payload: Any) -> Any:
+    """What a publish put in the object store, as an actor loads it: a state dict of tensors (own, writable
+    copies of the store's read-only numpy arrays), or the whole network as it was sent."""
+    if isinstance(payload, dict):
+        return {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in payload.items()}
+    return payload
