@@ -27,6 +27,15 @@ Choices worth knowing:
   the dense layer. The first convolution of each stack and the blocks' second convolutions write
   into the residual stream, a sum of several producers, so they have no unit-wise reset and are
   not listed.
+* ``penultimate="soft_moe"`` (the ``soft_moe`` intervention; Obando-Ceron et al. 2024) replaces the
+  CNN encoders' dense layer by a Soft MoE (:mod:`plasticity.soft_moe`) whose tokens are the
+  positions of the last feature map and whose experts are MLPs ``token -> expert_hidden -> token``;
+  the features are the flattened output tokens (a linear read-out, no activation after it). Its
+  hidden layers are each expert's hidden units (``encoder.moe.expert<i>.fc0``, read only by that
+  expert's output Linear, so a unit reset is as exact as in a dense layer). The Nature CNN's last
+  convolution stays a hidden layer whose consumers are the router's ``phi`` and every expert's first
+  Linear; zeroing those columns removes a channel from what the slots and logits read, except that
+  the router l2-normalizes each token, so the channel still enters that token's norm.
 * Weights use PyTorch's default initialization; seeding is the caller's business
   (``learner.dqn.DQN`` builds under a forked, seeded RNG).
 
@@ -53,10 +62,13 @@ from torch import nn
 from plasticity.activations import ACTIVATION_NAMES, make_activation
 from plasticity.layers import HiddenLayer
 from plasticity.layers import hidden_layers as infer_hidden_layers
+from plasticity.soft_moe import SoftMoE
 
 ENCODERS = ("mlp", "nature_cnn", "impala")
 DISTRIBUTIONAL = ("none", "qr")
 NORMS = ("none", "layer_norm")
+#: What sits between a CNN torso and the head: the dense layer, or a Soft MoE over the feature map.
+PENULTIMATE = ("dense", "soft_moe")
 #: Observation dtypes a network accepts; uint8 is scaled by 1/255 inside the encoder.
 OBS_DTYPES = ("uint8", "float16", "float32", "float64")
 _TORCH_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -97,6 +109,14 @@ class NetworkConfig:
     """"layer_norm": LayerNorm on the pre-activations of every hidden layer (conv: over channels)."""
     activation: str | Callable[[], nn.Module] = "relu"
     """Hidden activation: relu|tanh|gelu|elu|leaky_relu|crelu|fourier|rational, or a zero-arg module factory."""
+    penultimate: Literal["dense", "soft_moe"] = "dense"
+    """CNN encoders: "dense" layer after the convolutions, or "soft_moe" over the feature map's positions."""
+    moe_experts: int = 8
+    """Soft MoE: number of experts (used only when penultimate == "soft_moe")."""
+    moe_slots_per_expert: int = 1
+    """Soft MoE: slots per expert; the router mixes the tokens into experts * slots_per_expert slots."""
+    moe_expert_hidden: int = 0
+    """Soft MoE: hidden width of each expert MLP; 0 = the width of the dense layer it replaces."""
 
     def __post_init__(self) -> None:
         # JSON and CLI hand tuples over as lists; keep the frozen config hashable and comparable.
@@ -110,6 +130,7 @@ class NetworkConfig:
         _choice("encoder", self.encoder, ENCODERS)
         _choice("distributional", self.distributional, DISTRIBUTIONAL)
         _choice("norm", self.norm, NORMS)
+        _choice("penultimate", self.penultimate, PENULTIMATE)
         if not isinstance(self.hidden_sizes, tuple) or not all(_is_pos_int(h) for h in self.hidden_sizes):
             raise ValueError(f"network.hidden_sizes must be a tuple of integers >= 1, got {self.hidden_sizes!r}")
         if (
@@ -120,11 +141,20 @@ class NetworkConfig:
             raise ValueError(
                 f"network.impala_channels must be a non-empty tuple of integers >= 1, got {self.impala_channels!r}"
             )
-        for name in ("cnn_dense_size", "impala_dense_size", "impala_blocks", "num_quantiles"):
+        for name in ("cnn_dense_size", "impala_dense_size", "impala_blocks", "num_quantiles", "moe_experts",
+                     "moe_slots_per_expert"):
             if not _is_pos_int(getattr(self, name)):
                 raise ValueError(f"network.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if isinstance(self.head_hidden_size, bool) or not isinstance(self.head_hidden_size, int) or self.head_hidden_size < 0:
-            raise ValueError(f"network.head_hidden_size must be an integer >= 0, got {self.head_hidden_size!r}")
+        for name in ("head_hidden_size", "moe_expert_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"network.{name} must be an integer >= 0, got {value!r}")
+        if self.penultimate == "soft_moe" and self.encoder not in ("nature_cnn", "impala"):
+            raise ValueError(
+                f"network.penultimate 'soft_moe' (the soft_moe intervention) needs a convolutional encoder, "
+                f"'nature_cnn' or 'impala': its tokens are the positions of the conv feature map; "
+                f"got encoder {self.encoder!r}"
+            )
         if not isinstance(self.dueling, bool):
             raise ValueError(f"network.dueling must be true or false, got {self.dueling!r}")
         if isinstance(self.activation, str):
@@ -267,6 +297,37 @@ def _dense_stack(parts: _Parts, width: int, sizes: Sequence[int], prefix: str) -
     return modules, slots, width
 
 
+@dataclass(frozen=True)
+class SoftMoESpec:
+    """Sizes of a Soft MoE penultimate layer (``NetworkConfig.moe_*``, ``expert_hidden`` resolved)."""
+
+    experts: int
+    slots_per_expert: int
+    expert_hidden: int
+
+
+def _soft_moe(parts: _Parts, spec: SoftMoESpec, token_dim: int) -> tuple[SoftMoE, list[_Slot], list[nn.Linear]]:
+    """The Soft MoE over a ``[B, token_dim, H, W]`` map, its experts' hidden slots, and its token readers.
+
+    Each expert is Linear(token_dim, expert_hidden) -> (LayerNorm) -> activation -> Linear(., token_dim),
+    as Soft MoE's MLP experts; output tokens keep the token width. The token readers (the router's
+    ``phi`` and every expert's first Linear) are the consumers of the layer producing the tokens.
+    """
+    experts: list[nn.Module] = []
+    slots: list[_Slot] = []
+    readers: list[nn.Linear] = []
+    for index in range(spec.experts):
+        modules, expert_slots, width = _dense_stack(parts, token_dim, [spec.expert_hidden], f"encoder.moe.expert{index}.fc")
+        out = nn.Linear(width, token_dim)
+        # An expert's hidden units are read by its own output layer only: resetting one is exact.
+        expert_slots[-1].consumers = [out]
+        experts.append(nn.Sequential(*modules, out))
+        slots += expert_slots
+        readers.append(modules[0])
+    moe = SoftMoE(token_dim=token_dim, experts=experts, slots_per_expert=spec.slots_per_expert)
+    return moe, slots, [moe.router.phi, *readers]
+
+
 class MLPEncoder(Encoder):
     """Flatten -> [Linear -> (LayerNorm) -> activation] per hidden size."""
 
@@ -285,9 +346,13 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
 
 
 class NatureCNNEncoder(Encoder):
-    """Mnih et al. (2015): conv 32x8x8/4, 64x4x4/2, 64x3x3/1, flatten, dense; each followed by (LN) + activation."""
+    """Mnih et al. (2015): conv 32x8x8/4, 64x4x4/2, 64x3x3/1, flatten, dense; each followed by (LN) + activation.
 
-    def __init__(self, *, obs_shape: tuple[int, ...], obs_dtype: str, dense_size: int, parts: _Parts):
+    With ``soft_moe`` the dense layer is replaced by a Soft MoE over the last feature map's positions.
+    """
+
+    def __init__(self, *, obs_shape: tuple[int, ...], obs_dtype: str, dense_size: int, parts: _Parts,
+                 soft_moe: SoftMoESpec | None = None):
         super().__init__()
         channels, height, width = obs_shape
         self.scale = ObsScale(obs_dtype)
@@ -308,13 +373,23 @@ class NatureCNNEncoder(Encoder):
             modules += [conv, *([norm] if norm is not None else []), act]
             self._slots.append(_Slot(f"encoder.conv{index}", conv, norm, act, None))
             in_channels = out_channels * _multiplier(act)
-        dense_modules, dense_slots, self.output_dim = _dense_stack(parts, in_channels * h * w, [dense_size], "encoder.dense")
-        self._slots[-1].consumers = [dense_modules[0]]
-        self._slots += dense_slots
-        self.body = nn.Sequential(*modules, nn.Flatten(), *dense_modules)
+        self.moe: SoftMoE | None = None
+        if soft_moe is None:
+            dense_modules, dense_slots, self.output_dim = _dense_stack(
+                parts, in_channels * h * w, [dense_size], "encoder.dense"
+            )
+            self._slots[-1].consumers = [dense_modules[0]]
+            self._slots += dense_slots
+            self.body = nn.Sequential(*modules, nn.Flatten(), *dense_modules)
+        else:
+            self.moe, moe_slots, self._slots[-1].consumers = _soft_moe(parts, soft_moe, in_channels)
+            self._slots += moe_slots
+            self.body = nn.Sequential(*modules)
+            self.output_dim = h * w * in_channels
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.body(self.scale(obs))
+        x = self.body(self.scale(obs))
+        return x if self.moe is None else self.moe(x)
 
 
 class ResidualBlock(nn.Module):
@@ -336,7 +411,11 @@ class ResidualBlock(nn.Module):
 
 class ImpalaEncoder(Encoder):
     """Espeholt et al. (2018): per stack conv 3x3 -> max-pool 3x3/2 -> residual blocks; then activation,
-    flatten, dense. Hidden layers: each block's inner conv, and the dense layer (see the module docstring)."""
+    flatten, dense. Hidden layers: each block's inner conv, and the dense layer (see the module docstring).
+
+    With ``soft_moe`` the flatten and dense layer are replaced by a Soft MoE over the feature map's
+    positions (its tokens come from the residual stream, which has no unit-wise reset).
+    """
 
     def __init__(
         self,
@@ -347,6 +426,7 @@ class ImpalaEncoder(Encoder):
         blocks: int,
         dense_size: int,
         parts: _Parts,
+        soft_moe: SoftMoESpec | None = None,
     ):
         super().__init__()
         in_channels, h, w = obs_shape
@@ -370,15 +450,22 @@ class ImpalaEncoder(Encoder):
         self.stacks = nn.Sequential(*stacks)
         self.final_norm = parts.norm(in_channels, conv=True) or nn.Identity()
         self.final_act = parts.activation()
-        flat = in_channels * _multiplier(self.final_act) * h * w
-        dense_modules, dense_slots, self.output_dim = _dense_stack(parts, flat, [dense_size], "encoder.dense")
-        self._slots += dense_slots
-        self.dense = nn.Sequential(*dense_modules)
+        token_dim = in_channels * _multiplier(self.final_act)
+        self.moe: SoftMoE | None = None
+        if soft_moe is None:
+            dense_modules, dense_slots, self.output_dim = _dense_stack(parts, token_dim * h * w, [dense_size], "encoder.dense")
+            self._slots += dense_slots
+            self.dense = nn.Sequential(*dense_modules)
+        else:
+            self.moe, moe_slots, _ = _soft_moe(parts, soft_moe, token_dim)
+            self._slots += moe_slots
+            self.output_dim = h * w * token_dim
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = self.stacks(self.scale(obs))
-        x = self.final_act(self.final_norm(x)).flatten(1)
-        return self.dense(x)
+        x = self.final_act(self.final_norm(x))
+        # The dense layer reads the map flattened; the Soft MoE reads its positions as tokens.
+        return self.dense(x.flatten(1)) if self.moe is None else self.moe(x)
 
 
 class Stream(nn.Module):
@@ -525,19 +612,26 @@ def build_network(config: NetworkConfig, *, obs_shape: tuple[int, ...], num_acti
     if config.encoder != "mlp" and len(obs_shape) != 3:
         raise ValueError(f"encoder {config.encoder!r} needs image observations (C, H, W), got obs_shape {obs_shape}")
     parts = _Parts(config)
+    dense_size = config.cnn_dense_size if config.encoder == "nature_cnn" else config.impala_dense_size
+    soft_moe = None
+    if config.penultimate == "soft_moe":  # validate() has refused it for the MLP encoder
+        # Experts as wide as the dense layer they replace unless told otherwise (the paper's setup).
+        soft_moe = SoftMoESpec(config.moe_experts, config.moe_slots_per_expert, config.moe_expert_hidden or dense_size)
     encoder: Encoder
     if config.encoder == "mlp":
         encoder = MLPEncoder(obs_shape=obs_shape, obs_dtype=obs_dtype, hidden_sizes=config.hidden_sizes, parts=parts)
     elif config.encoder == "nature_cnn":
-        encoder = NatureCNNEncoder(obs_shape=obs_shape, obs_dtype=obs_dtype, dense_size=config.cnn_dense_size, parts=parts)
+        encoder = NatureCNNEncoder(obs_shape=obs_shape, obs_dtype=obs_dtype, dense_size=dense_size, parts=parts,
+                                   soft_moe=soft_moe)
     else:
         encoder = ImpalaEncoder(
             obs_shape=obs_shape,
             obs_dtype=obs_dtype,
             channels=config.impala_channels,
             blocks=config.impala_blocks,
-            dense_size=config.impala_dense_size,
+            dense_size=dense_size,
             parts=parts,
+            soft_moe=soft_moe,
         )
     num_quantiles = config.num_quantiles if config.distributional == "qr" else None
     head = QHead(
@@ -567,6 +661,7 @@ __all__ = [
     "NetworkConfig",
     "QHead",
     "QNetwork",
+    "SoftMoESpec",
     "build_network",
     "collect_head_layers",
     "torch_obs_dtype",

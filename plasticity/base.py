@@ -137,7 +137,9 @@ class Intervention:
         """Build time: fields of the learner's network config to override, e.g. ``{"norm": "layer_norm"}``.
 
         Keys understood by ``learner.networks.NetworkConfig``: ``norm`` ("none" | "layer_norm"),
-        ``activation`` (a name, or an ``nn.Module`` factory with an ``out_multiplier`` attribute).
+        ``activation`` (a name, or an ``nn.Module`` factory with an ``out_multiplier`` attribute),
+        ``penultimate`` ("dense" | "soft_moe") with ``moe_experts``, ``moe_slots_per_expert`` and
+        ``moe_expert_hidden``.
         """
         return {}
 

@@ -29,6 +29,7 @@ from plasticity.interventions.activation_swaps import (
     FourierActivation,
     RationalActivationSwap,
 )
+from plasticity.interventions.architecture import SoftMoEIntervention
 from plasticity.interventions.auxiliary import InFeR
 from plasticity.interventions.injection import PlasticityInjection
 from plasticity.interventions.normalization import ELRIncrease, LayerNormIntervention, NormalizeAndProject
@@ -60,6 +61,7 @@ INTERVENTIONS: dict[str, type[Intervention]] = {
         SoftReset,
         RationalActivationSwap,
         ELRIncrease,
+        SoftMoEIntervention,
     )
 }
 

@@ -234,13 +234,13 @@ def _mlp_dqn(*, seed=0, interventions=(), **config) -> DQN:
                obs_dtype="float32", seed=seed, interventions=interventions)
 
 
-def _random_batch(rng: np.random.Generator, size: int = 6) -> dict[str, np.ndarray]:
+def _random_batch(rng: np.random.Generator, size: int = 6, obs_shape: tuple[int, ...] = (3,)) -> dict[str, np.ndarray]:
     return {
-        "obs": rng.standard_normal((size, 3)).astype(np.float32),
+        "obs": rng.standard_normal((size, *obs_shape)).astype(np.float32),
         "action": rng.integers(0, 2, size),
         "reward": rng.standard_normal(size).astype(np.float32),
         "discount": rng.choice([0.0, 0.97], size).astype(np.float32),
-        "next_obs": rng.standard_normal((size, 3)).astype(np.float32),
+        "next_obs": rng.standard_normal((size, *obs_shape)).astype(np.float32),
     }
 
 
@@ -486,18 +486,27 @@ def _intervention_spec(name: str) -> str:
     return "layer_norm,elr_increase" if name == "elr_increase" else name
 
 
+def _intervention_network(name: str) -> tuple[NetworkConfig, tuple[int, ...]]:
+    """The network each intervention is tried on: a small MLP, or a small CNN where it needs one."""
+    if name == "soft_moe":  # it replaces a conv encoder's dense layer
+        return NetworkConfig(encoder="impala", impala_channels=(4,), impala_blocks=1, dueling=True,
+                             head_hidden_size=8), (2, 8, 8)
+    return NetworkConfig(hidden_sizes=(16, 16), dueling=True, head_hidden_size=8), (3,)
+
+
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
 def test_every_registered_intervention_runs_and_resumes_identically(name):
     """Contract: each intervention (published defaults) updates, switches task and resumes bit-identically."""
+    network, obs_shape = _intervention_network(name)
+
     def make() -> DQN:
-        dqn = DQN(DQNConfig(target_period=2), NetworkConfig(hidden_sizes=(16, 16), dueling=True, head_hidden_size=8),
-                  obs_shape=(3,), num_actions=2, obs_dtype="float32", seed=0,
-                  interventions=build_interventions(_intervention_spec(name), {}))
-        dqn.set_probe(np.random.default_rng(1).standard_normal((16, 3)).astype(np.float32))
+        dqn = DQN(DQNConfig(target_period=2), network, obs_shape=obs_shape, num_actions=2, obs_dtype="float32",
+                  seed=0, interventions=build_interventions(_intervention_spec(name), {}))
+        dqn.set_probe(np.random.default_rng(1).standard_normal((16, *obs_shape)).astype(np.float32))
         return dqn
 
     rng = np.random.default_rng(2)
-    batches = [_random_batch(rng, 8) for _ in range(6)]
+    batches = [_random_batch(rng, 8, obs_shape) for _ in range(6)]
     a = make()
     for batch in batches[:3]:
         a.update(batch)

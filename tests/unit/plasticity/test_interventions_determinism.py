@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from learner.networks import NetworkConfig, build_network
 from plasticity.base import network_overrides
 from plasticity.interventions import INTERVENTIONS, build_interventions
 from tests.unit.plasticity.nets import MLP, make_ctx, regression_step
@@ -20,6 +21,7 @@ OPTIONS = {
     "soft_reset": {"warmup": 1, "kappa_min": 0.01},
     "plasticity_injection": {"step": 2},
     "elr_increase": {"period": 2},
+    "soft_moe": {"experts": 2, "expert_hidden": 4},
 }
 #: interventions whose effect depends on ctx.generator within the 6 steps below
 STOCHASTIC = {"redo", "reset", "shrink_perturb", "continual_backprop", "soft_reset", "plasticity_injection", "infer"}
@@ -30,11 +32,17 @@ def _run(name, seed):
     spec = [name, "layer_norm"] if name in NEEDS_NORM else [name]
     ivs = build_interventions(spec, {name: OPTIONS[name]} if name in OPTIONS else None)
     overrides = network_overrides(ivs)
-    net = MLP(hidden=(8, 6), norm=overrides.get("norm", "none"), activation=overrides.get("activation", "relu"))
+    if "penultimate" in overrides:  # soft_moe restructures a conv network: it has no MLP form
+        torch.manual_seed(0)
+        config = NetworkConfig(encoder="impala", impala_channels=(4,), impala_blocks=1, **overrides)
+        net = build_network(config, obs_shape=(2, 8, 8), num_actions=3, obs_dtype="float32")
+        obs = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    else:
+        net = MLP(hidden=(8, 6), norm=overrides.get("norm", "none"), activation=overrides.get("activation", "relu"))
+        obs = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     ctx = make_ctx(net, seed=seed, target=copy.deepcopy(net))
     for iv in ivs:
         iv.setup(ctx)
-    obs = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     for step in range(6):
         regression_step(ctx, obs, ivs, probe_obs=obs)
         if step == 3:

@@ -13,7 +13,7 @@ from tests.unit.plasticity.nets import MLP, make_ctx, regression_step
 EXPECTED = {
     "layer_norm", "weight_decay", "l2", "l2_init", "nap", "hare_tortoise", "plasticity_injection", "infer",
     "weight_clipping", "shrink_perturb", "redo", "reset", "continual_backprop", "crelu", "fourier_features",
-    "parseval", "soft_reset", "rational_activation", "elr_increase",
+    "parseval", "soft_reset", "rational_activation", "elr_increase", "soft_moe",
 }
 
 
