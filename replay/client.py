@@ -11,6 +11,7 @@
     client.priority_update_counts                # {"updated": ..., "stale_generation": ..., "unknown": ...}
     client.info()                                # [TableInfo of shard 0, TableInfo of shard 1]
     client.rebase_rate_limiter()                 # after a resume: neither side stays blocked
+    client.clear()                               # empty the table on every shard (a scenario's flush)
 
 Authentication. With ``token`` every call carries ``authorization: Bearer <token>`` (``replay.auth``);
 a shard started with a token refuses calls without it (``errors.Unauthenticated``). ``tls``
@@ -165,6 +166,7 @@ _RESPONSES = {
     "Info": replay_pb2.InfoResponse,
     "Checkpoint": replay_pb2.CheckpointResponse,
     "RebaseRateLimiter": replay_pb2.RebaseRateLimiterResponse,
+    "Clear": replay_pb2.ClearResponse,
 }
 
 
@@ -603,6 +605,17 @@ class ReplayClient:
         return self._each_shard(
             lambda s: self._call(s, "Checkpoint", lambda _r: replay_pb2.CheckpointRequest(), deadline).path,
             self._get_shards())
+
+    def clear(self, *, timeout: float | None = None) -> int:
+        """Empty this table on every shard (``Table.clear``: the items go, the rate limiter starts over);
+        returns the items removed in all. A continual scenario's ``replay_at_switch: "flush"``."""
+        deadline = self._deadline(timeout)
+        request = replay_pb2.ClearRequest(table=self.table)
+        removed = self._each_shard(lambda s: int(self._call(s, "Clear", lambda _r: request, deadline).removed),
+                                   self._get_shards())
+        for shard in self._get_shards():
+            self._note(shard, 0, 0.0)
+        return int(sum(removed))
 
     def rebase_rate_limiter(self, *, timeout: float | None = None) -> list[str]:
         """Re-centre this table's rate-limiter band on every shard (``RateLimiter.rebase``), so that after

@@ -204,6 +204,16 @@ class RateLimiter:
         """Move the baseline so that ``diff`` is the middle of the band (see the module docstring)."""
         self._shift += self._diff() - self._offset
 
+    def restart(self) -> None:
+        """Move the baseline so that the limiter behaves as a fresh one: what a table does when it is emptied.
+
+        ``diff`` becomes 0, so the next ``min_size_to_sample`` inserts refill the table freely and leave
+        ``diff`` at the middle of the band, exactly as at the start of a run (without this, the refill's
+        inserts would count on top of the ones the band already allowed for, and the sampler could
+        take a burst of ``min_size_to_sample * samples_per_insert`` extra samples). Counts are kept.
+        """
+        self._shift += self._diff()
+
     def insert_never_possible(self, n: int, *, size: int) -> str | None:
         """Why a blocked insert of ``n`` rows can never proceed, or None if it may still proceed."""
         spi = self.samples_per_insert

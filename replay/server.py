@@ -285,7 +285,20 @@ class _Servicer:
         return replay_pb2.RebaseRateLimiterResponse(limiters=limiters)
 
 
-METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter")
+    @_rpc("Clear")
+    def Clear(self, request: bytes, context):
+        request = _small(request, replay_pb2.ClearRequest, "ClearRequest")
+        names = [self._server.table(_table_name(request.table)).config.name] if request.table else list(
+            self._server.tables)
+        removed = 0
+        for name in names:
+            count = self._server.tables[name].clear()
+            log.info("table %r: cleared (%d items removed)", name, count)
+            removed += count
+        return replay_pb2.ClearResponse(tables=names, removed=removed)
+
+
+METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear")
 
 
 def _serialize(response) -> bytes:

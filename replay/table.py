@@ -576,6 +576,23 @@ class Table:
             self._cond.notify_all()
             return self._limiter.describe(size=self._size)
 
+    def clear(self) -> int:
+        """Remove every item (a scenario's replay flush at a task switch); returns how many were removed.
+
+        Keys are never reused, so a priority update for a removed item is skipped as unknown, and the
+        rate limiter starts over as a fresh one (``RateLimiter.restart``): sampling waits until
+        ``min_size_to_sample`` new items arrived. The storage's arrays are kept and overwritten by
+        later inserts; writer sequences are kept too (a retried insert is still stored once).
+        """
+        with self._cond:
+            removed = self._size
+            if removed:
+                self._sampler.on_remove(first_key=self._oldest, end_key=self._next_key)
+                self._oldest = self._next_key
+            self._limiter.restart()
+            self._cond.notify_all()
+            return removed
+
     # ------------------------------------------------------------------ info
     def info(self) -> TableInfo:
         with self._cond:

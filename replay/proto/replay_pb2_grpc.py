@@ -64,6 +64,11 @@ class ReplayServiceStub:
                 request_serializer=replay__pb2.RebaseRateLimiterRequest.SerializeToString,
                 response_deserializer=replay__pb2.RebaseRateLimiterResponse.FromString,
                 _registered_method=True)
+        self.Clear = channel.unary_unary(
+                '/evergreen.replay.ReplayService/Clear',
+                request_serializer=replay__pb2.ClearRequest.SerializeToString,
+                response_deserializer=replay__pb2.ClearResponse.FromString,
+                _registered_method=True)
 
 
 class ReplayServiceServicer:
@@ -107,6 +112,14 @@ class ReplayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Clear(self, request, context):
+        """Remove every item and restart the rate limiter (a continual scenario's replay flush at a task
+        switch); keys are never reused, so priority updates for removed items are skipped as unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +152,11 @@ def add_ReplayServiceServicer_to_server(servicer, server):
                     servicer.RebaseRateLimiter,
                     request_deserializer=replay__pb2.RebaseRateLimiterRequest.FromString,
                     response_serializer=replay__pb2.RebaseRateLimiterResponse.SerializeToString,
+            ),
+            'Clear': grpc.unary_unary_rpc_method_handler(
+                    servicer.Clear,
+                    request_deserializer=replay__pb2.ClearRequest.FromString,
+                    response_serializer=replay__pb2.ClearResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +321,33 @@ class ReplayService:
             '/evergreen.replay.ReplayService/RebaseRateLimiter',
             replay__pb2.RebaseRateLimiterRequest.SerializeToString,
             replay__pb2.RebaseRateLimiterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Clear(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evergreen.replay.ReplayService/Clear',
+            replay__pb2.ClearRequest.SerializeToString,
+            replay__pb2.ClearResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -483,3 +483,43 @@ def test_compact_keeps_the_other_rows_in_order(combo):
         assert info.priority_mass == pytest.approx(sum((k + 1.0) ** 0.6 for k in kept))
     assert t.drop_invalid_rows() == (0, "")
     assert t.insert(rows(storage, 12, 1)).tolist() == [12]   # the index sequence goes on
+
+
+def test_clear_removes_every_item_and_restarts_the_limiter(combo):
+    """A scenario's replay flush: nothing of before is sampled again, and sampling waits for a refill."""
+    from replay.errors import DeadlineExceeded
+
+    storage, sampler = combo
+    spi = 1.0 if consumes(sampler) else 2.0
+    t = make(storage, sampler, min_size_to_sample=4, samples_per_insert=spi, error_buffer=8.0)
+    t.insert(rows(storage, 0, 10), timeout=10)
+    t.sample(4, timeout=10)
+    size = t.info().size
+    assert t.clear() == size > 0
+    assert t.info().size == 0
+    with pytest.raises(DeadlineExceeded):
+        t.sample(1, timeout=0)  # empty: below min_size_to_sample again
+    # Keys of the removed items are unknown to priority updates (never another item's).
+    assert t.update_priorities(np.arange(0, 10, dtype=np.uint64), np.ones(10)).unknown == 10
+    # The refill is free (as at the start of a run) and then the band is centred: inserts may run
+    # error_buffer / spi rows ahead, no more, and the sampler gets no burst of extra samples.
+    t.insert(rows(storage, 10, 4), timeout=10)
+    diff = t._limiter.diff  # noqa: SLF001 - the invariant under test
+    assert diff == pytest.approx(t._limiter.min_diff + t.config.error_buffer)
+    result = t.sample(2, timeout=10)
+    assert (result.keys.astype(np.int64) >= 10).all()
+    check_rows(storage, result)
+    # The cleared state survives a checkpoint round trip.
+    meta, arrays = t.state_dict()
+    u = make(storage, sampler, min_size_to_sample=4, samples_per_insert=spi, error_buffer=8.0)
+    u.load_state_dict(json.loads(json.dumps(meta)), {k: v.copy() for k, v in arrays.items()})
+    assert (u.info().size, u.info().inserts) == (t.info().size, t.info().inserts)
+    assert u._limiter.diff == pytest.approx(t._limiter.diff)  # noqa: SLF001
+
+
+def test_clear_of_an_empty_table_is_a_no_op_on_items(combo):
+    storage, sampler = combo
+    t = make(storage, sampler)
+    assert t.clear() == 0
+    t.insert(rows(storage, 0, 3))
+    assert t.info().size == 3

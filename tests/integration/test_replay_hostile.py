@@ -40,7 +40,7 @@ TABLES = [
     # priority ** 1.5 overflows float64 for priorities above ~1e205.
     TableConfig(name="steep", schema=SCHEMA, capacity=32, sampler="prioritized", priority_exponent=1.5),
 ]
-METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter")
+METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear")
 MAX_DETAILS = 1024
 IA, NF, RE, DE, UA, OK = ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
                           "UNAUTHENTICATED", "OK")
@@ -239,6 +239,7 @@ case("values-unknown-table-sample", "Sample", sample_bytes(table="nope"), NF, "u
 case("values-unknown-table-update", "UpdatePriorities", update_bytes(np.zeros(1, np.uint64), np.ones(1), "x"), NF)
 case("values-unknown-table-rebase", "RebaseRateLimiter",
      replay_pb2.RebaseRateLimiterRequest(table="x").SerializeToString(), NF)
+case("values-unknown-table-clear", "Clear", replay_pb2.ClearRequest(table="x").SerializeToString(), NF)
 case("values-missing-field", "Insert", bad_columns(lambda c: c.pop("reward")), IA, "missing fields ['reward']")
 case("values-extra-field", "Insert", bad_columns(lambda c: c.update(extra=np.zeros(3))), IA, "unknown fields")
 for name, dtype in (("obs", np.float64), ("action", np.int32), ("action", np.uint64), ("reward", np.float16),
@@ -382,7 +383,7 @@ def test_auth_refused(shard, method, kind, header):
     before = _digest(server)
     valid = {"Insert": insert_bytes(), "Sample": sample_bytes(), "Info": b"", "Checkpoint": b"",
              "UpdatePriorities": update_bytes(np.array([0], np.uint64), np.array([50.0])),
-             "RebaseRateLimiter": b""}[method]
+             "RebaseRateLimiter": b"", "Clear": b""}[method]
     md = None if header is None else (("authorization", header),)
     got, details = _call(raw, method, valid, md=md)
     assert got == UA, details

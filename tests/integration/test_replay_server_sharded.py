@@ -158,3 +158,21 @@ def test_client_pickles_by_address_and_works_after_unpickling(client):
     assert batch.keys.shape == (3,)
     assert set(batch.columns["action"].tolist()) <= {0, 1, 2, 3}
     clone.close()
+
+
+def test_clear_empties_every_shard_and_old_keys_never_reach_new_rows(client, shards):
+    """A scenario's replay flush over gRPC: both shards emptied, sampling waits for new rows, and the
+    removed rows' keys are skipped by priority updates rather than landing on new rows."""
+    client.insert(_rows(0, 5), writer_key=_writer_for(0))
+    client.insert(_rows(100, 3), writer_key=_writer_for(1))
+    old = client.sample(8, beta=1.0).keys
+    assert client.clear() == 8
+    assert [i.size for i in client.info()] == [0, 0]
+    with pytest.raises(errors.DeadlineExceeded):
+        client.sample(1, timeout=0.3)
+    client.insert(_rows(200, 4), writer_key=_writer_for(1))
+    batch = client.sample(16, beta=1.0)
+    assert set(batch.columns["action"].tolist()) <= {200, 201, 202, 203}
+    result = client.update_priorities_result(old, np.full(old.size, 5.0))
+    assert result["updated"] == 0 and result["unknown"] == old.size
+    assert client.clear() == 4 and client.clear() == 0
