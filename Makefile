@@ -25,7 +25,7 @@ test: $(STAMP)  ## the default test suite (excludes `slow`)
 	@bash .ci/check-services
 	$(PY) -m pytest $(ARGS)
 
-test-all: $(STAMP)  ## everything, including slow learning runs
+test-all: $(STAMP)  ## everything, including slow learning runs and the report's headless-browser test (needs chromium)
 	@bash .ci/check-services
 	$(PY) -m pytest -m "" $(ARGS)
 

@@ -20,7 +20,7 @@ USAGE = """usage: evergreen COMMAND ...
 commands:
   train             run a training job (presets in configs/; --help for every option)
   replay serve      run one replay shard as a gRPC server (--token-file, --table; --help)
-  report RUN_DIR... render a run's metrics log to PNG plots and an HTML page (several runs: overlay)
+  report RUN_DIR... render runs' metrics logs to PNG plots and an HTML page (several runs: grouped by seed)
   eval RUN_DIR      evaluate a checkpoint on every task of the run (--checkpoint, --tasks, --episodes)
   bench plasticity  synthetic continual-learning benchmark of plasticity interventions
 """

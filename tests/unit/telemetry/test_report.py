@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,54 +18,7 @@ from evergreen.report import (
     main,
     render_report,
 )
-
-# Layer names as plasticity.layers.layer_names gives them (one name per layer in every diagnostic).
-LAYERS = ("encoder.fc0", "encoder.fc0.norm", "head.q.out")
-
-
-def make_run(root: Path, name: str, *, interventions: str, n: int = 30, tasks: bool = True, diags: bool = True,
-             seed: int = 0) -> Path:
-    """A run directory with config.json and a metrics.jsonl like Trainer._record writes."""
-    rng = np.random.default_rng(seed)
-    run = root / name
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"name": name, "plasticity": {"interventions": interventions}}))
-    lines = []
-    for i in range(n):
-        steps = 1000 * (i + 1)
-        rec = {
-            "time": 1_800_000_000.0 + 5 * i, "elapsed_s": 5.0 * (i + 1), "env_steps": steps, "updates": 100 * (i + 1),
-            "episodes": 2 * (i + 1), "env_steps_per_s": 200.0 + rng.normal(), "updates_per_s": 20.0,
-            "return_mean_100": None if i == 0 else 10.0 + i, "return_recent": None if i % 3 == 0 else 9.0 + i,
-            "replay_size": min(steps, 20_000), "learner_wait_fraction": 0.1, "policy_lag_updates": 4.0,
-            "actor_restarts": 0 if i < 10 else 1, "num_actors": 2,
-            "loss": 1.0 / (i + 1), "td_error": 0.5, "q": 0.1 * i, "grad_norm": 1.5, "lr": 1e-4,
-        }
-        if tasks:
-            rec["task"] = "Pong" if i < n // 2 else "Breakout"
-        if interventions:
-            rec["redo/units_reset"] = 3.0 if i % 10 == 9 else 0.0
-            rec["redo/dormant_fraction"] = 0.05
-        if diags and i >= 2:
-            for name_ in ("dormant_ratio", "weight_norm", "effective_lr"):
-                for j, layer in enumerate(LAYERS):
-                    rec[f"diag/{name_}/{layer}"] = 0.01 * (j + 1) * (1 + i / n)
-                rec[f"diag/{name_}/total"] = 0.02 * (1 + i / n)
-            rec["diag/srank"] = 50.0 - i
-            rec["diag/plasticity_probe/ratio"] = 1.0 + 0.01 * i
-        lines.append(json.dumps(rec))
-    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    return run
-
-
-def assert_png(path: Path) -> None:
-    import matplotlib.image
-
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
-    assert len(data) > 5_000, f"{path}: only {len(data)} bytes"
-    pixels = matplotlib.image.imread(io.BytesIO(data), format="png")
-    assert float(pixels[..., :3].std()) > 0.01, f"{path} is blank"
+from tests.unit.telemetry.report_runs import LAYERS, assert_png, make_run
 
 
 def test_single_run_report(tmp_path):
