@@ -13,6 +13,9 @@ A :class:`TaskVariation` is applied when an actor builds its vector env for a ta
   positions of every frame for image observations), drawn from ``seed``;
 * ``permute_actions``: a fixed random permutation of the discrete actions (or of the dimensions of
   a box whose bounds are the same in every dimension), drawn from ``seed`` as well;
+* ``reward_noise``: the standard deviation of Gaussian noise added to the reward the agent learns
+  from (after clipping); the episode returns, and so the statistics and evaluations, keep the env's
+  true reward. A noisy task of the same dynamics: what a "warm start on a noisy task" needs;
 * ``mode`` and ``difficulty``: an Atari game's mode and difficulty switches (the game designers'
   variants, e.g. Breakout modes 0, 4, ..., 44 and difficulties 0-1); a value the game does not have
   is refused with the ones it has. Such a task is built from gymnasium's ALE env and preprocessing
@@ -36,7 +39,7 @@ import numpy as np
 
 __all__ = ["EnvTask", "TaskVariation"]
 
-_KEYS = ("params", "permute_observations", "permute_actions", "seed", "mode", "difficulty")
+_KEYS = ("params", "permute_observations", "permute_actions", "seed", "mode", "difficulty", "reward_noise")
 
 
 def _permutation(size: int, seed: int, stream: int) -> np.ndarray:
@@ -68,6 +71,7 @@ class TaskVariation:
     seed: int = 0
     mode: int | None = None
     difficulty: int | None = None
+    reward_noise: float = 0.0
 
     @classmethod
     def from_dict(cls, raw: Any, *, default_seed: int = 0) -> TaskVariation:
@@ -95,7 +99,10 @@ class TaskVariation:
             value = raw.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"variation.{key} = {value!r} is invalid: expected an integer >= 0 (Atari)")
-        return cls(params={k: float(v) for k, v in params.items()},
+        noise = raw.get("reward_noise", 0.0)
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"variation.reward_noise = {noise!r} is invalid: expected a finite number >= 0")
+        return cls(params={k: float(v) for k, v in params.items()}, reward_noise=float(noise),
                    permute_observations=raw.get("permute_observations", False),
                    permute_actions=raw.get("permute_actions", False), seed=seed,
                    mode=raw.get("mode"), difficulty=raw.get("difficulty"))
@@ -107,6 +114,8 @@ class TaskVariation:
             parts.append(f"permuted observations (seed {self.seed})")
         if self.permute_actions:
             parts.append(f"permuted actions (seed {self.seed})")
+        if self.reward_noise:
+            parts.append(f"reward noise {self.reward_noise:g}")
         return ", ".join(parts) or "unchanged"
 
     # -- permutations --------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from actors.tasks import EnvTask, TaskVariation
 __all__ = ["Scenario", "ScenarioConfig", "Task", "Visit"]
 
 _TASK_KEYS = ("name", "env", "steps", "variation")
+#: What may happen to replay at a task switch (``scenario.replay_at_switch``).
+REPLAY_AT_SWITCH = ("keep", "flush")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class ScenarioConfig:
     cycles: int = 1
     """How many times the task list is run through (a run longer than that stays on the last task)."""
     replay_at_switch: str = "keep"
-    """What happens to replay at a switch: "keep" (the old tasks' transitions stay and are sampled)."""
+    """What happens to replay at a switch: "keep" (the old tasks' transitions stay and are sampled) or
+    "flush" (every shard is emptied; the learner waits for min_size_to_sample rows of the new task)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Visit:
 class Scenario:
     """See the module docstring."""
 
-    def __init__(self, tasks: list[Task], *, cycles: int = 1):
+    def __init__(self, tasks: list[Task], *, cycles: int = 1, replay_at_switch: str = "keep"):
         if not tasks:
             raise ValueError("a scenario needs at least one task")
         self.tasks = tuple(tasks)
@@ -90,6 +93,7 @@ class Scenario:
                 visits.append(Visit(index=len(visits), task=task.index, start=start, end=start + task.steps))
                 start += task.steps
         self.visits = tuple(visits)
+        self.replay_at_switch = replay_at_switch
 
     @property
     def total_steps(self) -> int:
@@ -119,20 +123,22 @@ class Scenario:
     def from_config(cls, config: Any) -> Scenario:
         """The scenario of a run config (``config.scenario``, ``config.env``); ValueError naming the bad field."""
         sc: ScenarioConfig = config.scenario
-        if sc.replay_at_switch != "keep":
-            raise ValueError(f"scenario.replay_at_switch = {sc.replay_at_switch!r} is invalid: expected \"keep\"")
+        if sc.replay_at_switch not in REPLAY_AT_SWITCH:
+            raise ValueError(f"scenario.replay_at_switch = {sc.replay_at_switch!r} is invalid: expected one of "
+                             f"{list(REPLAY_AT_SWITCH)}")
         if isinstance(sc.cycles, bool) or not isinstance(sc.cycles, int) or sc.cycles < 1:
             raise ValueError(f"scenario.cycles = {sc.cycles!r} is invalid: expected an integer >= 1")
         if isinstance(sc.steps_per_task, bool) or not isinstance(sc.steps_per_task, int) or sc.steps_per_task < 0:
             raise ValueError(f"scenario.steps_per_task = {sc.steps_per_task!r} is invalid: expected an integer >= 0")
         if not sc.tasks:
             name = config.env.id
-            return cls([Task(index=0, name=name, env_config=config.env, steps=config.learner.total_env_steps)])
+            return cls([Task(index=0, name=name, env_config=config.env, steps=config.learner.total_env_steps)],
+                       replay_at_switch=sc.replay_at_switch)
         tasks = [_task(i, raw, config) for i, raw in enumerate(sc.tasks)]
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"scenario.tasks: task names must differ, got {names}")
-        return cls(tasks, cycles=sc.cycles)
+        return cls(tasks, cycles=sc.cycles, replay_at_switch=sc.replay_at_switch)
 
     def check_compatible(self) -> None:
         """ValueError unless every task has the first task's observation shape/dtype and action space.

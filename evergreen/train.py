@@ -453,6 +453,8 @@ class Trainer:
     def _coordinate(self, books: Bookkeeping, client: Any) -> Summary:
         import ray
 
+        from replay.errors import ReplayError
+
         lrn = self.config.learner
         learner, pool = self._learner, self._pool
         inflight: deque = deque()
@@ -498,11 +500,19 @@ class Trainer:
             for index in range(books.counters["visit"] + 1, target + 1):  # visits too short to see: each once
                 visit = self.scenario.visits[index]
                 task = self.scenario.tasks[visit.task]
+                flush = self.scenario.replay_at_switch == "flush"
                 try:
-                    metrics = ray.get(learner.task_switch.remote(visit.task))
+                    # The actors first (they leave the old task at their next weight poll), then with a
+                    # flush the replay, then the learner, which drops the batches it sampled before the
+                    # flush. The insert batches of the old task already on their way still land
+                    # (replay_current_task_fraction shows how many rows of them are trained on).
                     ray.get(self._store.set_task.remote(visit.task))
-                except ray.exceptions.RayError as exc:
+                    flushed = float(client.clear(timeout=60.0)) if flush else None
+                    metrics = ray.get(learner.task_switch.remote(visit.task, discard_prefetched=flush))
+                except (ray.exceptions.RayError, ReplayError) as exc:
                     raise ComponentError(f"the task switch to {task.name!r} failed: {_ray_error(exc)}") from exc
+                if flushed is not None:
+                    metrics["replay_flushed_rows"] = flushed
                 books.task_switch(visit=index, index=visit.task, task=task.name, env_steps=books.counters["env_steps"],
                                   metrics=metrics)
                 done = ", ".join(f"{k} {v:g}" for k, v in sorted(metrics.items()))

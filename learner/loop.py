@@ -62,6 +62,8 @@ class Prefetcher:
         self._queue: queue.Queue[list[Batch] | BaseException] = queue.Queue(maxsize=depth)
         self._ready: collections.deque[Batch] = collections.deque()  # consumer side: the rest of a call's batches
         self._stop = threading.Event()
+        # Bumped by discard(): a sample call that started before it is dropped, not queued.
+        self._epoch = 0
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self.wait_seconds = 0.0
         """Total time the consumer spent blocked in ``get`` (the learner starved of data)."""
@@ -72,6 +74,7 @@ class Prefetcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            epoch = self._epoch
             try:
                 item: list[Batch] | Batch | BaseException | None = self._sample(self._poll)
                 if item is None:
@@ -82,6 +85,8 @@ class Prefetcher:
                     continue
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
                 item = exc
+            if epoch != self._epoch and not isinstance(item, BaseException):
+                continue  # sampled before a discard(): from the replay contents it asked to forget
             while not self._stop.is_set():
                 try:
                     self._queue.put(item, timeout=self._poll)
@@ -107,9 +112,27 @@ class Prefetcher:
         self._ready.extend(item[1:])
         return item[0]
 
+    def discard(self) -> int:
+        """Drop every batch sampled so far and not yet handed out (and the call in flight, when it
+        returns); returns how many batches were dropped. What a replay flush at a task switch needs:
+        otherwise the learner would go on training on the flushed rows for ``depth`` calls."""
+        self._epoch += 1
+        dropped = len(self._ready)
+        self._ready.clear()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return dropped
+            if isinstance(item, BaseException):  # a failure is never dropped: the next get raises it
+                self._queue.put_nowait(item)      # (there is room: it was just taken out)
+                return dropped
+            dropped += len(item)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
 
 
 class _BackgroundCalls:

@@ -219,10 +219,15 @@ class LearnerService:
         report.task_rows = {t: n - task_rows.get(t, 0) for t, n in c.task_rows.items() if n != task_rows.get(t, 0)}
         return report
 
-    def task_switch(self, task: int) -> dict[str, float]:
-        """Tell the algorithm (and its interventions) that the task changed; publish the result."""
-        metrics = self.algorithm.task_switch(task)
+    def task_switch(self, task: int, *, discard_prefetched: bool = False) -> dict[str, float]:
+        """Tell the algorithm (and its interventions) that the task changed; publish the result.
+
+        ``discard_prefetched`` (after a replay flush) drops the batches sampled before it, so that no
+        update trains on flushed rows; their number is reported as ``learner_discarded_batches``."""
+        metrics = dict(self.algorithm.task_switch(task))
         if self._loop is not None:
+            if discard_prefetched:
+                metrics["learner_discarded_batches"] = float(self._loop.prefetcher.discard())
             self._loop.publish()
         return metrics
 

@@ -250,12 +250,23 @@ def test_a_scenario_switches_tasks_at_their_env_steps_exactly_once_across_resume
     # the learner trains on both tasks' rows once the new task's transitions arrive (replay keeps the old)
     assert after and after[-1]["task"] == "pole-2.0" and 0.0 < after[-1]["replay_current_task_fraction"] < 1.0
 
-    # Resume past the next boundary: visit 1 is not switched to again, visit 2 is, once.
+    # Resume past the next boundary: visit 1 is not switched to again, visit 2 is, once; this segment
+    # flushes replay at its switch, so the learner then trains on the new task's rows only (but for the
+    # few insert batches of the old task that were on their way).
     assert first.env_steps < 4000
-    assert main(["--resume", str(run_dir), "--learner.total_env_steps", "4500"]) == 0
+    assert main(["--resume", str(run_dir), "--learner.total_env_steps", "5000",
+                 "--scenario.replay_at_switch", "flush"]) == 0
     resumed = _records(run_dir)[len(records):]
     assert resumed[0]["task"] == "pole-2.0" and resumed[0]["visit"] == 1
     assert [(r["task_switch"], r["visit"]) for r in resumed if "task_switch" in r] == [("permuted", 2)]
+    (flush,) = [r for r in resumed if "task_switch" in r]
+    assert set(flush["task_switch_metrics"]) == {"shrink_perturb/applied", "replay_flushed_rows",
+                                                 "learner_discarded_batches"}
+    assert flush["task_switch_metrics"]["replay_flushed_rows"] >= 2000  # the capacity is 4000 rows
+    # Kept, the new task's ~1000 rows would be a quarter of the 4000 the table holds; flushed, only the
+    # old task's rows that were still on their way (an insert batch or two) share the refilled table.
+    trained = [r for r in resumed if r.get("visit") == 2 and r.get("replay_current_task_fraction") is not None]
+    assert trained and trained[-1]["replay_current_task_fraction"] >= 0.6
     state = load_latest_checkpoint(run_dir / "checkpoints")
     assert state["counters"]["visit"] == 2 and state["algorithm"]["task"] == 2
     # Every task was evaluated at the end of each visit and of each run segment, never writing to replay.

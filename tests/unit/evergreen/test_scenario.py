@@ -43,7 +43,7 @@ def test_the_schedule_is_a_function_of_env_steps_over_cycles():
     ({"steps_per_task": 10, "tasks": [{"variation": {"permute": True}}]}, r"unknown key\(s\) \['permute'\]"),
     ({"steps_per_task": 10, "tasks": [{"variation": {"seed": -2}}]}, "variation.seed = -2 is invalid"),
     ({"steps_per_task": 10, "cycles": 0, "tasks": [{}]}, "scenario.cycles = 0 is invalid"),
-    ({"steps_per_task": 10, "replay_at_switch": "flush", "tasks": [{}]}, "scenario.replay_at_switch = 'flush'"),
+    ({"steps_per_task": 10, "replay_at_switch": "per_task", "tasks": [{}]}, "scenario.replay_at_switch = 'per_task'"),
 ])
 def test_bad_scenarios_are_refused_when_the_config_is_validated(scenario, message):
     with pytest.raises(ValueError, match=message):
@@ -101,6 +101,40 @@ def test_permutations_are_fixed_per_seed_never_the_identity_and_keep_the_spec():
         plain.close()
     images = TaskVariation(permute_observations=True, seed=1).observation_permutation((4, 84, 84))
     assert images.shape == (84 * 84,)  # pixel positions, the same for every stacked frame
+
+
+def test_reward_noise_changes_the_learning_signal_only_and_is_seeded():
+    noisy = TaskVariation.from_dict({"reward_noise": 2.0}, default_seed=4)
+    assert noisy.describe() == "reward noise 2"
+    config = EnvConfig(id="CartPole-v1", num_envs=4, seed=0)
+    runs = []
+    for _ in range(2):
+        env = make_vector_env(config, variation=noisy)
+        plain = make_vector_env(config)
+        try:
+            env.reset()
+            plain.reset()
+            rewards = []
+            for _ in range(20):
+                actions = np.zeros(4, dtype=np.int64)
+                _, reward, _, _, info = env.step(actions)
+                _, plain_reward, _, _, _ = plain.step(actions)
+                np.testing.assert_array_equal(info["raw_reward"], plain_reward)  # the true reward is kept
+                rewards.append(reward - plain_reward)
+            noise = np.concatenate(rewards)
+            assert 1.0 < noise.std() < 3.0 and abs(noise.mean()) < 1.0
+            # Episode returns count the true reward: the statistics and evaluations are not noisy.
+            returns, _ = env.pop_episode_stats()
+            plain_returns, _ = plain.pop_episode_stats()
+            np.testing.assert_array_equal(returns, plain_returns)
+            runs.append(noise)
+        finally:
+            env.close()
+            plain.close()
+    np.testing.assert_array_equal(runs[0], runs[1])  # the same task and env seed: the same noise
+    for bad in (-1.0, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="reward_noise = .* is invalid: expected a finite number >= 0"):
+            TaskVariation.from_dict({"reward_noise": bad})
 
 
 def test_variations_bad_for_an_env_are_refused_naming_what_is_wrong():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +184,47 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     (tmp_path / ".learner-000000000040.pt.tmp").write_bytes(b"garbage")
     assert load_latest_checkpoint(tmp_path)["step"] == 30
     assert load_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_discard_drops_what_was_sampled_before_it_and_the_call_in_flight():
+    """After a replay flush no update may train on flushed rows: queued, half-handed-out and in-flight
+    calls are dropped; a sampling failure is still raised."""
+    release = threading.Event()
+    calls = []
+
+    def sample(_timeout):
+        calls.append(len(calls))
+        if len(calls) == 3:          # the call in flight when discard() runs
+            release.wait(5)
+        tag = len(calls)
+        return [Batch(tensors={"tag": torch.tensor(tag)}, keys=np.zeros(1, np.uint64), weights=None)
+                for _ in range(2)]
+
+    p = Prefetcher(sample=sample, depth=2, poll_timeout_s=0.05).start()
+    try:
+        first = p.get(timeout=5)     # call 1, batch 0; its batch 1 waits on the consumer side
+        assert int(first.tensors["tag"]) == 1
+        deadline = time.time() + 5
+        while len(calls) < 3 and time.time() < deadline:  # call 2 queued, call 3 in flight
+            time.sleep(0.01)
+        assert p.discard() == 3      # call 1's second batch and call 2's two
+        release.set()
+        after = p.get(timeout=5)
+        assert int(after.tensors["tag"]) >= 4  # call 3 (sampled before the discard) never comes out
+    finally:
+        release.set()
+        p.stop()
+
+
+def test_discard_keeps_a_sampling_failure():
+    def sample(_timeout):
+        raise OSError("replay gone")
+
+    p = Prefetcher(sample=sample, depth=2, poll_timeout_s=0.05).start()
+    try:
+        time.sleep(0.2)
+        assert p.discard() == 0
+        with pytest.raises(RuntimeError, match="replay gone"):
+            p.get(timeout=5)
+    finally:
+        p.stop()
