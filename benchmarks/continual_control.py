@@ -104,20 +104,13 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 0) -> str:
+    """``mean ± std`` over seeds (one value as is, none as "-")."""
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.0f}"
-    return f"{statistics.fmean(values):.0f} ± {statistics.stdev(values):.0f}"
-
-
-def _ratio(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _final_diag(result: dict[str, Any], key: str) -> float | None:
@@ -157,9 +150,9 @@ def summarize(results: list[dict[str, Any]], methods: list[str]) -> tuple[list[d
                      "auc_over_fresh": relative, "average_performance": perf, "forgetting_mean": forget,
                      "dormant_end": dormant, "srank_end": srank, "probe_ratio_end": probe, "wall_s": wall})
         cells = ([method, str(len(runs))] + [_mean_sd(a) for a in aucs]
-                 + [_mean_sd(perf), _mean_sd(forget), _ratio(relative),
+                 + [_mean_sd(perf), _mean_sd(forget), _mean_sd(relative, 2),
                     f"{statistics.fmean(dormant):.3f}" if dormant else "-",
-                    f"{statistics.fmean(srank):.0f}" if srank else "-", _ratio(probe),
+                    f"{statistics.fmean(srank):.0f}" if srank else "-", _mean_sd(probe, 2),
                     f"{statistics.fmean(wall):.0f}"])
         lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
