@@ -81,6 +81,9 @@ class ActorStats:
     """Undiscounted, unclipped returns of finished episodes, per task id (float64)."""
     episode_lengths: dict[str, np.ndarray] = field(default_factory=dict)
     """Lengths in agent steps of finished episodes, per task id (int64)."""
+    replay_rows_lost: int = 0
+    """Rows replay acknowledged and later lost (a shard restored from an older checkpoint after a crash),
+    found in this period: the ``rows_lost`` count of the ``insert`` callable, when it has one."""
 
     @property
     def num_episodes(self) -> int:
@@ -108,6 +111,7 @@ class ActorStats:
             wall_s=self.wall_s + other.wall_s,
             episode_returns=returns,
             episode_lengths=lengths,
+            replay_rows_lost=self.replay_rows_lost + other.replay_rows_lost,
         )
 
 
@@ -125,7 +129,9 @@ class Actor:
     the policy when the version changed. With ``async_inserts`` (default) each full batch is sent by
     a background thread while the actor keeps stepping (:class:`actors.inserter.AsyncInserter`);
     ``run()`` returns only after every batch it produced is stored. ``env_steps_offset`` starts
-    the policy's step count there (a resumed run continues its exploration schedule).
+    the policy's step count there (a resumed run continues its exploration schedule). An ``insert``
+    callable with a ``rows_lost`` attribute (rows replay acknowledged and later lost) has it reported
+    as ``ActorStats.replay_rows_lost``.
     """
 
     def __init__(
@@ -184,6 +190,7 @@ class Actor:
         self.adder = adder
         # By default one batch is sent in the background while the actor keeps stepping (actors.inserter).
         self._insert = AsyncInserter(insert) if async_inserts else insert
+        self._inserter = insert   # the caller's callable (its optional ``rows_lost`` count is reported)
         self._weights = weights_source
 
         self._env: VectorEnv = self._make_env(self.task)
@@ -197,6 +204,7 @@ class Actor:
         self._batch_rows = 0
         self._new_batch()
         self._run_stats = ActorStats(actor_index=self.actor_index)
+        self._rows_lost_seen = 0
         self._recent = ActorStats(actor_index=self.actor_index)
         self._closed = False
 
@@ -252,6 +260,8 @@ class Actor:
         stats.policy_version = self._version
         stats.weight_updates = self._weight_updates - updates_before
         stats.exploration = self.policy.describe(env_steps=self._total_env_steps)
+        lost = int(getattr(self._inserter, "rows_lost", 0))   # cumulative in the inserter: report the news
+        stats.replay_rows_lost, self._rows_lost_seen = lost - self._rows_lost_seen, lost
         self._recent = self._recent.merge(stats)
         return stats
 

@@ -114,6 +114,8 @@ class PoolStats:
     """Oldest policy version any actor reported acting with in this period (-1 if none)."""
     errors: list[str] = field(default_factory=list)
     """Crash loops the pool gave up on (all time)."""
+    replay_rows_lost: int = 0
+    """Rows replay acknowledged to actors and later lost (a shard crash), found in this period."""
 
     @property
     def num_episodes(self) -> int:
@@ -139,6 +141,7 @@ class _Slot:
     restart_at: float = 0.0
     restarts: int = 0
     crashes: collections.deque = field(default_factory=collections.deque)
+    chunks: int = 0  # step_for calls returned since the last launch (0: still starting, or pending placement)
 
 
 class ActorPool:
@@ -209,6 +212,17 @@ class ActorPool:
         """Ray handles of the running actors by index (for inspection and fault-injection tests)."""
         with self._lock:
             return {i: s.handle for i, s in sorted(self._slots.items()) if s.state == "running"}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every actor slot, by index: ``state`` (starting: launched, no chunk back yet, which includes an
+        actor Ray has no room for; running, retiring, closing, waiting: restart backoff; failed) and
+        ``restarts``. What ``evergreen status`` shows."""
+        with self._lock:
+            out = []
+            for index, slot in sorted(self._slots.items()):
+                state = "starting" if slot.state == "running" and slot.chunks == 0 else slot.state
+                out.append({"index": index, "state": state, "restarts": slot.restarts})
+            return out
 
     def placement(self, *, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """``info()`` of every running actor (index, node id, pid); actors that do not answer are left out."""
@@ -331,7 +345,7 @@ class ActorPool:
         handle = RayActor.options(**self._options).remote(kwargs)
         ref = handle.step_for.remote(self._chunk_s)
         with self._lock:
-            slot.handle, slot.ref, slot.state = handle, ref, "running"
+            slot.handle, slot.ref, slot.state, slot.chunks = handle, ref, "running", 0
 
     def _wait_and_handle(self) -> None:
         with self._lock:
@@ -357,6 +371,7 @@ class ActorPool:
                 handle = slot.handle
             else:
                 self._record(result)
+                slot.chunks += 1
                 if slot.state == "retiring":
                     slot.state = "closing"
                     slot.ref = slot.handle.close.remote()
@@ -404,6 +419,7 @@ class ActorPool:
         p.insert_calls += stats.insert_calls
         p.weight_updates += stats.weight_updates
         p.min_policy_version = min(p.min_policy_version, stats.policy_version)
+        p.replay_rows_lost += stats.replay_rows_lost
         for task, returns in stats.episode_returns.items():
             p.episode_returns[task] = np.concatenate([p.episode_returns.get(task, np.zeros(0)), returns])
             p.episode_lengths[task] = np.concatenate(

@@ -61,11 +61,16 @@ class Bookkeeping:
         self.telemetry = telemetry
         self.stop_at_return = stop_at_return
         self.counters: dict[str, Any] = {"env_steps": 0, "updates": 0, "episodes": 0, "elapsed_s": 0.0, "visit": 0}
+        self.last_record: dict[str, Any] | None = None
+        """The newest record :meth:`emit` wrote (what the control plane's heartbeats repeat)."""
         self.task: str | None = None  # the scenario task's name in records (None: a single-task run)
         self.task_index = 0
         self._switch: dict[str, Any] | None = None  # the switch the next record announces
         self.returns: deque[float] = deque(maxlen=100)
         self._log = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.replay_rows_lost = 0
+        """Rows replay acknowledged to actors and lost with a shard crash, in this run segment."""
+        self.replay_shard_restarts = 0
         self._t0 = time.time()
         self._base_elapsed = 0.0
         self._published_version = 0
@@ -108,9 +113,19 @@ class Bookkeeping:
             into = self._episodes_by_task.setdefault(task, {"returns": [], "lengths": []})
             into["returns"].extend(values)
             into["lengths"].extend(float(n) for n in stats.episode_lengths.get(task, ()))
+        self.replay_rows_lost += getattr(stats, "replay_rows_lost", 0)
         if stats.min_policy_version >= 0:
             low = self._min_policy_version
             self._min_policy_version = stats.min_policy_version if low is None else min(low, stats.min_policy_version)
+
+    def record_event(self, event: str, **fields: Any) -> None:
+        """A fault and its recovery (a replay shard restarted, ...): one line of ``events.jsonl``."""
+        if event == "replay_shard_restarted":
+            self.replay_shard_restarts += 1
+        line = {"time": time.time(), "env_steps": self.counters["env_steps"], "updates": self.counters["updates"],
+                "event": event, **fields}
+        with open(self.run_dir / "events.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def set_task(self, *, index: int, name: str) -> None:
         """The scenario task the run is on (records carry its name from now on)."""
@@ -187,6 +202,7 @@ class Bookkeeping:
                                          if self._min_policy_version is not None else None),
             "actor_restarts": pool_stats.restarts_total, "num_actors": pool_stats.num_actors,
             "actors_running": pool_stats.running, "dropped_batches": self._dropped_batches,
+            "replay_shard_restarts": self.replay_shard_restarts, "replay_rows_lost": self.replay_rows_lost,
         }
         if self.task is not None:
             record["task"] = self.task
@@ -210,6 +226,7 @@ class Bookkeeping:
             except ValueError as exc:  # a malformed metric must not stop a multi-day run
                 print(f"  telemetry: {exc}", file=sys.stderr)
         self._new_interval(now)
+        self.last_record = record
         return record
 
     def learner_time_line(self) -> str | None:

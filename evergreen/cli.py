@@ -6,6 +6,10 @@
     evergreen report runs/cartpole-...           # PNG plots + HTML page from a run's metrics log
     evergreen eval runs/cartpole-... --episodes 10   # evaluate a checkpoint on the run's tasks
     evergreen bench plasticity                   # the synthetic plasticity-loss benchmark
+    evergreen status runs/cartpole-...           # a running job's components, from any shell
+    evergreen scale runs/cartpole-... --actors 3 # add or remove actors while it runs
+    evergreen stop runs/cartpole-...             # graceful stop with a final checkpoint
+    evergreen runs                               # the runs the control plane knows
 
 Each subcommand lives with the code it runs; this module only dispatches, importing lazily so that
 `evergreen replay serve` does not pay for torch and Ray.
@@ -23,6 +27,10 @@ commands:
   report RUN_DIR... render runs' metrics logs to PNG plots and an HTML page (several runs: grouped by seed)
   eval RUN_DIR      evaluate a checkpoint on every task of the run (--checkpoint, --tasks, --episodes)
   bench plasticity  synthetic continual-learning benchmark of plasticity interventions
+  status RUN        a running job's components: state, node, heartbeat, rates (--json)
+  scale RUN --actors N   change the number of actors of a running job
+  stop RUN          stop a running job gracefully (final checkpoint)
+  runs              the runs the control plane knows, with their state
 """
 
 
@@ -48,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from evergreen.evaluation import main as eval_main
 
         return eval_main(rest)
+    if command in ("status", "scale", "stop", "runs"):
+        from evergreen.control.commands import main as control_main
+
+        return control_main(command, rest)
     if command == "bench" and rest[:1] == ["plasticity"]:
         from evergreen.bench.plasticity import main as bench_main
 

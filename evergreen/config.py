@@ -168,6 +168,23 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    enabled: bool = True
+    """Register the run in a control plane (`evergreen status/scale/stop/runs`); false = none at all."""
+    redis_url: str = ""
+    """Redis of the control plane (redis://host:port/db, rediss://..., unix://...); "" = a Redis of the
+    run's own on 127.0.0.1 with a generated password (evergreen.control.redis_server), stopped at the end."""
+    password_env: str = "EVERGREEN_REDIS_PASSWORD"
+    """Environment variable that holds redis_url's password (a password never goes in a URL or a flag)."""
+    password_file: str = ""
+    """File whose first line is redis_url's password; takes precedence over password_env."""
+    heartbeat_s: float = 2.0
+    """How often the driver writes every component's heartbeat; an entry expires after 3 periods."""
+    max_actors: int = 32
+    """The most actors `evergreen scale RUN --actors N` may ask for."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     """Run name; the run directory is runs_dir/name-<timestamp>."""
@@ -199,6 +216,8 @@ class RunConfig:
     """Continual scenario: the tasks a run goes through (evergreen.scenario); none = the env above."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     """Evaluation of the current policy on every task, beside training (evergreen.evaluation)."""
+    control: ControlConfig = field(default_factory=ControlConfig)
+    """Control plane: the run's registry, heartbeats and commands on Redis (evergreen.control)."""
 
     def validate(self) -> RunConfig:
         """Check every field and cross-field rule; raise ValueError naming the first bad value."""
@@ -217,6 +236,15 @@ class RunConfig:
         for name, placement in (("replay", r.placement), ("actors", a.placement), ("learner", lrn.placement),
                                 ("evaluation", ev.placement)):
             _check_placement(f"{name}.placement", placement)
+        c = self.control
+        _check(c.redis_url == "" or c.redis_url.split("://", 1)[0] in ("redis", "rediss", "unix"), "control.redis_url",
+               c.redis_url, '"" (a Redis of the run\'s own) or a redis://, rediss:// or unix:// URL')
+        _check("@" not in c.redis_url, "control.redis_url", "<hidden: it contains '@'>",
+               "a URL without credentials (the password goes in control.password_env or control.password_file, "
+               "so that it never lands in config.json or a log)")
+        _check(c.heartbeat_s > 0, "control.heartbeat_s", c.heartbeat_s, "> 0 seconds")
+        _check(c.max_actors >= a.num_actors, "control.max_actors", c.max_actors,
+               f">= actors.num_actors ({a.num_actors})")
         _check(isinstance(self.ray.address, str), "ray.address", self.ray.address, 'a string: "", "auto" or "ray://host:port"')
         _check(self.ray.num_cpus >= 0, "ray.num_cpus", self.ray.num_cpus, ">= 0")
         if r.checkpoint_dir:

@@ -40,7 +40,7 @@ __all__ = ["Scenario", "ScenarioConfig", "Task", "Visit"]
 
 _TASK_KEYS = ("name", "env", "steps", "variation")
 #: What may happen to replay at a task switch (``scenario.replay_at_switch``).
-REPLAY_AT_SWITCH = ("keep", "flush")
+REPLAY_AT_SWITCH = ("keep", "flush", "per_task")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,11 @@ class ScenarioConfig:
     cycles: int = 1
     """How many times the task list is run through (a run longer than that stays on the last task)."""
     replay_at_switch: str = "keep"
-    """What happens to replay at a switch: "keep" (the old tasks' transitions stay and are sampled) or
-    "flush" (every shard is emptied; the learner waits for min_size_to_sample rows of the new task)."""
+    """What happens to replay at a switch: "keep" (the old tasks' transitions stay and are sampled),
+    "flush" (every shard is emptied; the learner waits for min_size_to_sample rows of the new task) or
+    "per_task" (one table per task on every shard, each 1/num_tasks of replay.capacity; actors write each
+    row to its task's table, the learner samples the current task's table only; a task's table keeps
+    its rows for its next visit)."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ through the driver or the object store. The links, in the order ``Trainer.run`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,16 +48,26 @@ import numpy as np
 from evergreen.bookkeeping import Bookkeeping, Summary
 from evergreen.config import RunConfig, load_config, read_config, save_config
 from evergreen.configtools import add_flags, apply_flags
+from evergreen.control.plane import ControlPlaneError
 from evergreen.scenario import Scenario
 
 #: Seconds of learner work per ``train`` call; two calls are kept queued so the learner never idles.
 LEARNER_CHUNK_S = 0.25
 #: Seconds between polls of the actors' statistics.
 ACTOR_POLL_S = 0.5
+#: How often the driver checks that every replay shard's server runs, and how many crashes of one
+#: shard within the window it restarts before it stops the run as a crash loop.
+SHARD_CHECK_S = 1.0
+SHARD_MAX_RESTARTS = 5
+SHARD_RESTART_WINDOW_S = 600.0
 
 
 class ComponentError(RuntimeError):
     """A component of the run (learner, replay shard) failed; the run stops, its checkpoint intact."""
+
+
+class LearnerError(ComponentError):
+    """The learner itself failed: its state cannot be checkpointed any more."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default="cartpole", help="a preset name from configs/ or a path to a JSON file")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument("--resume-if-exists", action="store_true",
+                        help="with --run-dir: continue the run there if it exists, else start it (an entrypoint that "
+                             "a RayJob or a container restart runs again after a crash)")
     parser.add_argument("--plasticity", metavar="NAMES", dest="plasticity_shortcut",
                         help="shortcut for --plasticity.interventions, e.g. layer_norm,weight_decay,redo")
     parser.add_argument("--run-dir", metavar="DIR", help="exact run directory to create (default: runs_dir/name-time)")
@@ -78,13 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume_if_exists:
+        if not args.run_dir:
+            print("evergreen train: --resume-if-exists needs --run-dir", file=sys.stderr)
+            return 2
+        if (Path(args.run_dir) / "config.json").exists():
+            args.resume = args.run_dir
+            print(f"evergreen train: {args.run_dir} holds a run: resuming it", flush=True)
     try:
         if args.resume:
             run_dir = Path(args.resume)
             if not (run_dir / "config.json").exists():
                 raise ValueError(f"--resume {run_dir}: no config.json there; expected a run directory made by evergreen train")
             # Flags given with --resume override the stored config (e.g. a longer --learner.total_env_steps).
-            config = apply_flags(read_config(run_dir / "config.json"), args, RunConfig)
+            stored = read_config(run_dir / "config.json")
+            config = apply_flags(stored, args, RunConfig)
+            before, now = stored.scenario.replay_at_switch, config.scenario.replay_at_switch
+            if (before == "per_task") != (now == "per_task"):  # the shards' checkpoints hold the other layout
+                raise ValueError(f"--resume {run_dir}: scenario.replay_at_switch {before!r} -> {now!r} changes the "
+                                 "replay tables the shards restore; per-task tables can only continue as per_task")
         else:
             config = apply_flags(load_config(preset=args.preset), args, RunConfig)
             run_dir = None
@@ -109,6 +135,10 @@ def main(argv: list[str]) -> int:
         print(f"evergreen train: stopped: actors crash-looping: {exc}\n"
               f"  the last checkpoint in {run_dir} is intact; fix the cause and resume with "
               f"evergreen train --resume {run_dir}", file=sys.stderr)
+        return 1
+    except ControlPlaneError as exc:
+        print(f"evergreen train: the control plane could not start: {exc}\n"
+              "  (--control.enabled false runs without one: no evergreen status/scale/stop)", file=sys.stderr)
         return 1
     except ComponentError as exc:
         print(f"evergreen train: stopped: {exc}\n"
@@ -165,17 +195,43 @@ def table_config(config: RunConfig, *, fields: list, obs_shape: tuple[int, ...],
     )
 
 
+def table_configs(config: RunConfig, scenario: Scenario, **table_kwargs: Any) -> list[Any]:
+    """Every table a shard holds: the one of :func:`table_config`, or with ``replay_at_switch: per_task``
+    one per task of the scenario (``replay.task<i>``), each an equal share of the capacity."""
+    from replay.task_tables import task_table_names
+
+    one = table_config(config, num_tasks=len(scenario.tasks), **table_kwargs)
+    if scenario.replay_at_switch != "per_task":
+        return [one]
+    share = one.capacity // len(scenario.tasks)
+    if share < 1:
+        raise ValueError(f"replay.capacity = {config.replay.capacity} leaves no room for {len(scenario.tasks)} "
+                         f"per-task tables on each of {config.replay.num_shards} shard(s); expected at least "
+                         f"{len(scenario.tasks) * config.replay.num_shards}")
+    return [dataclasses.replace(one, name=name, capacity=share, min_size_to_sample=min(one.min_size_to_sample, share),
+                                seed=None if one.seed is None else one.seed + i)
+            for i, name in enumerate(task_table_names(one.name, len(scenario.tasks)))]
+
+
 class ReplayInserter:
     """Picklable ``insert(columns)`` for one actor: routes by the actor's writer key, waits out backpressure.
 
     An insert the rate limiter holds back past the call's timeout (the learner is behind, or still
-    starting) is asked again: being held back is the limiter doing its job, not an actor failure.
+    starting) is asked again: being held back is the limiter doing its job, not an actor failure. So is
+    an insert whose shard is unreachable (restarting): the actor holds its batch until the shard is back.
     """
 
     def __init__(self, client: Any, writer_key: str):
         self.client, self.writer_key = client, writer_key
 
+    @property
+    def rows_lost(self) -> int:
+        """Rows replay acknowledged to this actor and later lost with a shard crash (the client counts them)."""
+        clients = getattr(self.client, "clients", [self.client])   # per-task tables: one client per table
+        return sum(int(getattr(c, "lost_rows", 0)) for c in clients)
+
     def __call__(self, columns: dict[str, np.ndarray]) -> Any:
+        from replay.client import ShardUnavailable
         from replay.errors import DeadlineExceeded
 
         while True:
@@ -183,6 +239,8 @@ class ReplayInserter:
                 return self.client.insert(columns, writer_key=self.writer_key)
             except DeadlineExceeded:
                 continue
+            except ShardUnavailable:   # its shard is restarting: hold the batch and ask again
+                time.sleep(0.5)
 
 
 def _resources(placement: Any) -> dict[str, Any]:
@@ -191,6 +249,12 @@ def _resources(placement: Any) -> dict[str, Any]:
     if placement.resources:
         options["resources"] = dict(placement.resources)
     return options
+
+
+def _bundle(placement: Any) -> dict[str, float]:
+    """A component's placement as an autoscaler resource bundle."""
+    bundle = {"CPU": placement.num_cpus, "GPU": placement.num_gpus, **placement.resources}
+    return {k: float(v) for k, v in bundle.items() if v}
 
 
 def _ray_error(exc: BaseException) -> str:
@@ -216,6 +280,13 @@ class Trainer:
         self.scenario: Scenario | None = None
         self._telemetry = None
         self._guard = None
+        self._control = None
+        self._shard_spec: dict[str, Any] = {}
+        self._shard_crashes: dict[int, deque] = {}
+        self._shard_restarts: dict[int, int] = {}
+        self._shards_checked = 0.0
+        self._replay_info: list[Any] = []   # the latest answer of every shard (a restarting one answers none)
+        self._heard: dict[str, Any] = {}   # what the control plane's heartbeats repeat (see _beat)
         self._started_ray = False
         self._targets_dir = Path(config.runs_dir) / "prometheus_targets"
 
@@ -244,8 +315,11 @@ class Trainer:
         else:
             before = {p.pid for p in psutil.Process().children(recursive=True)}
             self._guard = ProcessGuard.start()
+            # Room for as many actors as `evergreen scale` may ask for: on a Ray of the run's own, logical
+            # CPUs are only accounting (Ray does not start a process per CPU), and its size is fixed at init.
+            actors = max(cfg.actors.num_actors, cfg.control.max_actors if cfg.control.enabled else 0)
             need = (cfg.replay.num_shards * cfg.replay.placement.num_cpus + cfg.learner.placement.num_cpus
-                    + cfg.actors.num_actors * cfg.actors.placement.num_cpus
+                    + actors * cfg.actors.placement.num_cpus
                     + (cfg.evaluation.placement.num_cpus if self._evaluates() else 0.0))
             # Logical CPUs: enough for every component's reservation; they share the machine's cores.
             # address="local": a Ray of this run's own, even where RAY_ADDRESS is set or a `ray start`
@@ -255,22 +329,26 @@ class Trainer:
             self._guard.watch(p for p in psutil.Process().children(recursive=True) if p.pid not in before)
         self._started_ray = True
 
-    def _start_replay(self, table: Any) -> Any:
+    def _start_replay(self, tables: list[Any]) -> Any:
+        """Start the shards; return the run's replay client (a TaskTables with per-task tables)."""
         import ray
 
         from replay.auth import ensure_token_file
         from replay.client import ReplayClient
         from replay.ray_shard import ShardActor
+        from replay.task_tables import TaskTables
 
         r = self.config.replay
         # The run's replay token: made once (0600, in the run dir), read again on --resume; shards refuse
         # calls without it. It travels to shards, actors and the learner inside Ray, never on a command line.
         token = ensure_token_file(self.run_dir / "replay.token")
         template = r.checkpoint_dir or str(self.run_dir / "replay" / "shard-{shard}")
+        # What a replacement needs (see _restart_shard): the same tables, directory and token.
+        self._shard_spec = dict(tables=tables, token=token, template=template)
         for index in range(r.num_shards):
             directory = template.format(shard=index, run=self.run_dir.name)
             self._shards.append(ShardActor.options(**_resources(r.placement)).remote(
-                [table], checkpoint_dir=directory, shard_index=index, host=r.host,
+                tables, checkpoint_dir=directory, shard_index=index, host=r.host,
                 cluster=bool(self.config.ray.address), token=token,
                 # After a crash the shard's limiter may be ahead of the learner's checkpoint: re-centre it.
                 rebase_limiter_on_restore=self.resume))
@@ -278,7 +356,10 @@ class Trainer:
             self._shard_endpoints = ray.get([s.endpoint.remote() for s in self._shards])
         except ray.exceptions.RayError as exc:
             raise ComponentError(f"a replay shard failed to start: {_ray_error(exc)}") from exc
-        return ReplayClient([address for address, _ in self._shard_endpoints], table=table.name, token=token)
+        addresses = [address for address, _ in self._shard_endpoints]
+        if len(tables) > 1:
+            return TaskTables.connect(addresses, names=[t.name for t in tables], token=token)
+        return ReplayClient(addresses, table=tables[0].name, token=token)
 
     def _start_telemetry(self, builder: Any) -> None:
         """The run's /metrics endpoint, and a Prometheus file_sd targets file naming every exporter."""
@@ -379,9 +460,8 @@ class Trainer:
         scenario = self.scenario = Scenario.from_config(cfg)
         if scenario.switches:
             scenario.check_compatible()  # one network must serve every task: refused before anything starts
-        table = table_config(cfg, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
-                             obs_dtype=spec.observation_dtype, bounds=builder.replay_bounds(),
-                             num_tasks=len(scenario.tasks))
+        tables = table_configs(cfg, scenario, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
+                               obs_dtype=spec.observation_dtype, bounds=builder.replay_bounds())
         print(f"evergreen train: run dir {self.run_dir} ({'resuming' if self.resume else 'new run'}); "
               f"algorithm {cfg.algorithm}, env {cfg.env.id} obs {spec.observation_shape} "
               f"{spec.observation_dtype.name}, actions {spec.actions}")
@@ -391,11 +471,21 @@ class Trainer:
         previous_handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
                              if main_thread else {})
         books = None
+        final_state = "failed"   # what the control plane records if run() does not return normally
+        summary = None
         try:
+            from evergreen.control.driver import RunControl
+
+            # First: a run that is meant to be controllable and is not would leave `evergreen stop` blind.
+            self._control = RunControl.open(cfg, self.run_dir)
+            if self._control is not None:
+                print(f"  control plane: run {self._control.run!r} on "
+                      f"{'a Redis of its own' if self._control.server else cfg.control.redis_url} "
+                      f"(evergreen status {self.run_dir})")
             self._start_ray()
             print(f"  ray: {'cluster ' + cfg.ray.address if cfg.ray.address else 'local'}, "
                   f"{ray.cluster_resources().get('CPU', 0):g} logical CPUs, {len(ray.nodes())} node(s)")
-            client = self._start_replay(table)
+            client = self._start_replay(tables)
             self._start_telemetry(builder)
             books = Bookkeeping(self.run_dir, telemetry=self._telemetry, stop_at_return=cfg.learner.stop_at_return)
             store = self._store = WeightStore.remote()
@@ -419,6 +509,11 @@ class Trainer:
                 visit = scenario.visits[books.counters["visit"]]
                 books.set_task(index=visit.task, name=scenario.tasks[visit.task].name)
                 ray.get(store.set_task.remote(visit.task))
+                if self._control is not None:
+                    self._control.set_task({"index": visit.task, "name": books.task, "visit": visit.index})
+                if scenario.replay_at_switch == "per_task":  # the learner samples the visit's table only
+                    client.tie_inserts_to(visit.task, timeout=60.0)
+                    ray.get(learner.sample_task.remote(visit.task))
                 print(f"  scenario: {len(scenario.tasks)} tasks x {scenario.cycles} cycle(s), "
                       f"{scenario.total_steps:,} env steps; on visit {visit.index} (task {books.task!r})")
             self._start_actors(builder, client, store, env_steps=books.counters["env_steps"],
@@ -442,13 +537,20 @@ class Trainer:
             # checkpoint, and shut everything down in order.
             for sig in previous_handlers:
                 signal.signal(sig, on_signal)
-            return self._coordinate(books, client)
+            summary = self._coordinate(books, client)
+            final_state = "stopped" if self._stop_reason else "finished"
+            return summary
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             self._shutdown()
             if books is not None:
                 books.close()
+            if self._control is not None:
+                end = {"env_steps": books.counters["env_steps"], "updates": books.counters["updates"]} if books else {}
+                if summary is not None:
+                    end.update(stopped_by=summary.stopped_by, mean_return_100=summary.mean_return_100)
+                self._control.close(state=final_state, summary=end)
 
     def _coordinate(self, books: Bookkeeping, client: Any) -> Summary:
         import ray
@@ -466,7 +568,7 @@ class Trainer:
             try:
                 books.add_learner_report(ray.get(ref))
             except ray.exceptions.RayError as exc:
-                raise ComponentError(f"the learner failed: {_ray_error(exc)}") from exc
+                raise LearnerError(f"the learner failed: {_ray_error(exc)}") from exc
 
         def poll_actors() -> Any:
             pool.check()  # raises if an actor is crash-looping
@@ -480,7 +582,7 @@ class Trainer:
             try:
                 ray.get(learner.checkpoint.remote(books.checkpoint_extra()))
             except ray.exceptions.RayError as exc:
-                raise ComponentError(f"the learner checkpoint failed: {_ray_error(exc)}") from exc
+                raise LearnerError(f"the learner checkpoint failed: {_ray_error(exc)}") from exc
             try:
                 client.checkpoint(timeout=120.0)
             except Exception as exc:  # noqa: BLE001 - reported; the run goes on / ends regardless
@@ -501,20 +603,28 @@ class Trainer:
                 visit = self.scenario.visits[index]
                 task = self.scenario.tasks[visit.task]
                 flush = self.scenario.replay_at_switch == "flush"
+                per_task = self.scenario.replay_at_switch == "per_task"
                 try:
-                    # The actors first (they leave the old task at their next weight poll), then with a
-                    # flush the replay, then the learner, which drops the batches it sampled before the
-                    # flush. The insert batches of the old task already on their way still land
-                    # (replay_current_task_fraction shows how many rows of them are trained on).
+                    # The actors first (they leave the old task at their next weight poll), then the
+                    # replay (flush: emptied; per-task: only the new task's table stays rate limited),
+                    # then the learner, which drops the batches it sampled before. With a flush the
+                    # old task's insert batches already on their way still land (replay_current_task_
+                    # fraction shows how many rows of them are trained on); per-task tables route them
+                    # to the old task's table.
                     ray.get(self._store.set_task.remote(visit.task))
                     flushed = float(client.clear(timeout=60.0)) if flush else None
-                    metrics = ray.get(learner.task_switch.remote(visit.task, discard_prefetched=flush))
+                    if per_task:
+                        client.tie_inserts_to(visit.task, timeout=60.0)
+                        ray.get(learner.sample_task.remote(visit.task))
+                    metrics = ray.get(learner.task_switch.remote(visit.task, discard_prefetched=flush or per_task))
                 except (ray.exceptions.RayError, ReplayError) as exc:
                     raise ComponentError(f"the task switch to {task.name!r} failed: {_ray_error(exc)}") from exc
                 if flushed is not None:
                     metrics["replay_flushed_rows"] = flushed
                 books.task_switch(visit=index, index=visit.task, task=task.name, env_steps=books.counters["env_steps"],
                                   metrics=metrics)
+                if self._control is not None:
+                    self._control.set_task({"index": visit.task, "name": task.name, "visit": index})
                 done = ", ".join(f"{k} {v:g}" for k, v in sorted(metrics.items()))
                 print(f"  task switch at env step {books.counters['env_steps']:,}: visit {index}, task "
                       f"{task.name!r} ({task.variation.describe()}){'; ' + done if done else ''}", flush=True)
@@ -526,6 +636,8 @@ class Trainer:
 
         inflight.extend(train_call() for _ in range(2))
         stats = poll_actors()
+        if self._control is not None:
+            self._control.set_state("running", pid=os.getpid())
         placement_recorded = False
         last_log = last_ckpt = last_poll = time.time()
         stopped_by = "reached learner.total_env_steps"
@@ -539,6 +651,9 @@ class Trainer:
                 if now - last_poll >= ACTOR_POLL_S:
                     stats = poll_actors()
                     last_poll = now
+                    self._supervise_shards(books)
+                    if self._control is not None:
+                        self._follow_control(books, stats, client)
                     if self.scenario.switches:
                         follow_scenario()
                     if next_eval is not None and books.counters["env_steps"] >= next_eval:
@@ -557,19 +672,32 @@ class Trainer:
                     stopped_by = self._stop_reason
                     break
                 if now - last_log >= lrn.log_every_s:
-                    books.emit(replay_info=client.info(), pool_stats=stats)
+                    books.emit(replay_info=self._info(client), pool_stats=stats)
                     if not placement_recorded and stats.running == pool.num_actors:
                         placement_recorded = self._record_placement()
                     if self._guard is not None:
                         self._guard.watch_descendants()  # worker processes started since (actors, restarts)
                     last_log = now
                 if now - last_ckpt >= lrn.checkpoint_every_s:
+                    self._supervise_shards(books, force=True)   # a dead shard would stall the checkpoint call
                     checkpoint()
                     last_ckpt = now
+        except Exception as exc:
+            # Another component failed (actors crash-looping, a shard that will not come back): the learner
+            # state is still sane, so keep what it learned since the last periodic checkpoint.
+            if not isinstance(exc, LearnerError):
+                try:
+                    while inflight:
+                        take_report(inflight.popleft())
+                    checkpoint()
+                    print(f"  final checkpoint written before stopping ({type(exc).__name__})", file=sys.stderr)
+                except Exception as again:  # noqa: BLE001 - the first failure is the one to report
+                    print(f"  (no final checkpoint: {again})", file=sys.stderr)
+            raise
         finally:
             while inflight:  # let the queued learner calls finish, so the counts are final
                 take_report(inflight.popleft())
-        books.emit(replay_info=client.info(), pool_stats=stats)  # the log ends on the run's final state
+        books.emit(replay_info=self._info(client), pool_stats=stats)  # the log ends on the run's final state
         checkpoint()
         if self._evaluations is not None:  # the end of the run: what forgetting is measured against
             self._evaluations.submit("end of run", env_steps=books.counters["env_steps"], visit=books.counters["visit"])
@@ -580,6 +708,198 @@ class Trainer:
         if line:
             print(line)
         return books.summary(stopped_by=stopped_by)
+
+    # -- the control plane ---------------------------------------------------------------------------
+
+    def _follow_control(self, books: Bookkeeping, stats: Any, client: Any) -> None:
+        """Apply `evergreen scale` / `evergreen stop` requests; beat for every component when due."""
+        control, pool = self._control, self._pool
+        desired, stop = control.commands()
+        if stop and not self._stop_reason:
+            self._stop_reason = f"stopped by `evergreen stop` ({stop}); checkpoint written"
+            control.set_state("stopping")
+            print(f"  control plane: stop requested ({stop})", flush=True)
+        if desired is not None and desired != pool.num_actors:
+            # The control plane checked the bounds; check again (it may be an external Redis anyone can write).
+            if 0 <= desired <= self.config.control.max_actors:
+                print(f"  control plane: actors {pool.num_actors} -> {desired}", flush=True)
+                pool.resize(desired)
+                self._request_cluster_resources(desired)
+            elif self._heard.get("refused_desired") != desired:
+                self._heard["refused_desired"] = desired
+                print(f"  control plane: ignored a desired actor count of {desired} (control.max_actors is "
+                      f"{self.config.control.max_actors})", file=sys.stderr)
+        if control.due():
+            control.beat(self._heartbeat_entries(books, stats, client))
+
+    def _actor_whereabouts(self) -> dict[int, dict]:
+        """Node and pid of each running actor, asked without waiting: an actor answers between its chunks
+        of env steps, so the answer is collected at a later heartbeat (asked again for new handles)."""
+        import ray
+
+        asked: dict[Any, tuple[int, Any]] = self._heard.setdefault("actor_asked", {})
+        known: dict[int, tuple[Any, dict]] = self._heard.setdefault("actor_where", {})
+        handles = self._pool.handles()
+        for index, handle in handles.items():
+            if (index not in known or known[index][0] is not handle) and \
+                    not any(h is handle for h, _ in asked.values()):
+                asked[handle.info.remote()] = (handle, index)
+        if asked:
+            ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=0)
+            for ref in ready:
+                handle, index = asked.pop(ref)
+                with contextlib.suppress(ray.exceptions.RayError):   # it crashed: its restart is asked next time
+                    known[index] = (handle, ray.get(ref))
+        return {i: info for i, (h, info) in known.items() if handles.get(i) is h}
+
+    # -- replay shards that come back ---------------------------------------------------------------
+
+    def _info(self, client: Any, *, fresh_only: bool = False) -> list[Any]:
+        """Every shard's TableInfo; while a shard restarts, the latest answers (or [] with ``fresh_only``)."""
+        from replay.errors import ReplayError
+
+        try:
+            self._replay_info = client.info(timeout=3.0)
+        except ReplayError:
+            return [] if fresh_only else self._replay_info
+        return self._replay_info
+
+    def _supervise_shards(self, books: Bookkeeping, *, force: bool = False) -> None:
+        """Once a second (or now, with ``force``): restart a shard whose server died (see _restart_shard)."""
+        import ray
+
+        now = time.monotonic()
+        if not force and now - self._shards_checked < SHARD_CHECK_S:
+            return
+        self._shards_checked = now
+        refs = [shard.health.remote() for shard in self._shards]
+        for index, ref in enumerate(refs):
+            try:
+                health = ray.get(ref, timeout=10.0)
+            except ray.exceptions.GetTimeoutError:
+                continue   # busy (a checkpoint): alive
+            except ray.exceptions.RayError as exc:   # the shard's Ray actor itself is gone
+                health = {"alive": False, "actor_gone": True, "stderr_tail": _ray_error(exc)}
+            if not health["alive"]:
+                self._restart_shard(index, health, books)
+
+    def _restart_shard(self, index: int, health: dict, books: Bookkeeping) -> None:
+        """Bring shard ``index`` back on the same address from its last checkpoint, at a new generation.
+
+        Clients reconnect by themselves (same address); meanwhile the learner samples the other shards
+        and the shard's actors hold their batches. The rows the shard acknowledged since its checkpoint
+        are lost: every writer's client counts them at its next insert (``replay_rows_lost``). A shard
+        that crashes more than ``SHARD_MAX_RESTARTS`` times in ``SHARD_RESTART_WINDOW_S`` stops the run."""
+        import ray
+
+        from replay.ray_shard import ShardActor
+
+        start = time.monotonic()
+        crashes = self._shard_crashes.setdefault(index, deque())
+        while crashes and start - crashes[0] > SHARD_RESTART_WINDOW_S:
+            crashes.popleft()
+        crashes.append(start)
+        error = (health.get("stderr_tail") or "").strip().splitlines()
+        last = error[-1] if error else f"exit status {health.get('returncode')}"
+        if len(crashes) > SHARD_MAX_RESTARTS:
+            raise ComponentError(f"replay shard {index} crashed {len(crashes)} times within "
+                                 f"{SHARD_RESTART_WINDOW_S:g} s; not restarting it. Last error: {last}")
+        address, metrics_port = self._shard_endpoints[index]
+        print(f"  replay shard {index} ({address}) died ({last}); restarting it from its last checkpoint",
+              file=sys.stderr, flush=True)
+        try:
+            if health.get("actor_gone"):   # a new host actor, told to take over the old ports
+                ray.kill(self._shards[index], no_restart=True)
+                r, spec = self.config.replay, self._shard_spec
+                self._shards[index] = ShardActor.options(**_resources(r.placement)).remote(
+                    spec["tables"], checkpoint_dir=spec["template"].format(shard=index, run=self.run_dir.name),
+                    shard_index=index, host=r.host, cluster=bool(self.config.ray.address), token=spec["token"],
+                    rebase_limiter_on_restore=True, port=int(address.rsplit(":", 1)[1]),
+                    metrics_port=metrics_port or 0)
+                new_address, _ = ray.get(self._shards[index].endpoint.remote(), timeout=180)
+                if new_address != address:
+                    raise ComponentError(f"replay shard {index} came back at {new_address}, not {address} (another "
+                                         "node): its clients cannot follow it; resume the run")
+            else:
+                ray.get(self._shards[index].restart.remote(), timeout=180)
+        except ray.exceptions.RayError as exc:
+            raise ComponentError(f"replay shard {index} could not be restarted: {_ray_error(exc)}") from exc
+        self._shard_restarts[index] = self._shard_restarts.get(index, 0) + 1
+        self._heard.pop("replay", None)   # its pid changed: ask again at the next heartbeat
+        recovery = time.monotonic() - start
+        books.record_event("replay_shard_restarted", shard=index, address=address, error=last,
+                           restart_s=round(recovery, 3), restarts=self._shard_restarts[index])
+        print(f"  replay shard {index} is back at {address} after {recovery:.1f} s", file=sys.stderr, flush=True)
+
+    def _request_cluster_resources(self, actors: int) -> None:
+        """On a Ray cluster, ask the autoscaler for room for every component at ``actors`` actors (a KubeRay
+        autoscaler then adds worker pods; until they come the new actors show as "starting")."""
+        if not self.config.ray.address:
+            return
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            cfg = self.config
+            bundles = [_bundle(cfg.actors.placement)] * actors + [_bundle(cfg.learner.placement)] + \
+                [_bundle(cfg.replay.placement)] * cfg.replay.num_shards
+            request_resources(bundles=[b for b in bundles if b])
+        except Exception as exc:  # noqa: BLE001 - no autoscaler: the actors wait for room instead
+            print(f"  control plane: could not ask the autoscaler for room ({exc})", file=sys.stderr)
+
+    def _heartbeat_entries(self, books: Bookkeeping, stats: Any, client: Any) -> list[tuple[str, str, dict]]:
+        """One entry per component: the driver, the learner, each replay shard, each actor slot."""
+        import ray
+
+        now = time.monotonic()
+        c = books.counters
+        prev = self._heard.get("rates")
+        rates = {}
+        if prev is not None and now > prev[0]:
+            rates = {"env_steps_per_s": round((c["env_steps"] - prev[1]) / (now - prev[0]), 1),
+                     "updates_per_s": round((c["updates"] - prev[2]) / (now - prev[0]), 1)}
+        self._heard["rates"] = (now, c["env_steps"], c["updates"])
+        try:   # where the learner and the shards run: asked once (again for a restarted shard)
+            if "learner" not in self._heard:
+                self._heard["learner"] = ray.get(self._learner.info.remote(), timeout=5)
+            if "replay" not in self._heard:
+                self._heard["replay"] = ray.get([s.info.remote() for s in self._shards], timeout=5)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
+        record = books.last_record or {}
+        entries: list[tuple[str, str, dict]] = [("driver", "0", {
+            "state": "stopping" if self._stop_reason else "running", "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(), "env_steps": c["env_steps"], "updates": c["updates"],
+            "episodes": c["episodes"], "visit": c["visit"], "task": books.task, **rates,
+            "return_mean_100": record.get("return_mean_100"), "replay_rows_lost": books.replay_rows_lost})]
+        learner = self._heard.get("learner", {})
+        entries.append(("learner", "0", {"state": "running", "pid": learner.get("pid"), "node": learner.get("node_id"),
+                                         "device": learner.get("device"), "updates": c["updates"],
+                                         "updates_per_s": rates.get("updates_per_s"),
+                                         "policy_lag_updates": record.get("policy_lag_updates"),
+                                         "learner_wait_fraction": record.get("learner_wait_fraction")}))
+        infos = self._info(client, fresh_only=True)
+        shard_info = self._heard.get("replay") or [{} for _ in self._shard_endpoints]
+        per_shard = len(infos) // len(self._shard_endpoints) if infos else 0
+        for index, (address, _) in enumerate(self._shard_endpoints):
+            mine = [infos[t * len(self._shard_endpoints) + index] for t in range(per_shard)] if infos else []
+            info = shard_info[index] if index < len(shard_info) else {}
+            entries.append(("replay", str(index), {
+                "state": "running" if mine else "unreachable", "address": address, "pid": info.get("pid"),
+                "server_pid": info.get("server_pid"), "restarts": self._shard_restarts.get(index, 0),
+                "node": info.get("node_id"), "generation": mine[0].generation if mine else None,
+                "size": sum(i.size for i in mine), "capacity": sum(i.capacity for i in mine),
+                "inserts": sum(i.inserts for i in mine), "samples": sum(i.samples for i in mine)}))
+        slots = self._pool.describe()
+        where = self._actor_whereabouts()
+        for slot in slots:
+            info = where.get(slot["index"], {}) if slot["state"] == "running" else {}
+            entries.append(("actor", str(slot["index"]), {"state": slot["state"], "restarts": slot["restarts"],
+                                                          "node": info.get("node_id"), "pid": info.get("pid")}))
+        gone = self._heard.get("actors", set()) - {s["index"] for s in slots}
+        for index in gone:   # retired by a scale-down: gone now, not three heartbeats from now
+            self._control.forget("actor", str(index))
+        self._heard["actors"] = {s["index"] for s in slots}
+        return entries
 
     def _write_continual_summary(self) -> None:
         """continual.json: average performance, forgetting, visit AUCs and plasticity, from evaluations.jsonl."""

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from replay.client import ShardUnavailable
 from replay.errors import DeadlineExceeded
 
 __all__ = ["Batch", "ReplayDataset"]
@@ -53,6 +54,8 @@ class Batch:
     policy_version: np.ndarray | None = None
     task: np.ndarray | None = None
     """The scenario task each row was collected on (None if the table has no task column)."""
+    table: str = ""
+    """The replay table sampled (``SampleBatch.table``): where this batch's priority updates go."""
 
 
 class ReplayDataset:
@@ -106,7 +109,7 @@ class ReplayDataset:
         within ``timeout`` seconds."""
         try:
             raw = self.client.sample(self.batch_size * self.batches_per_sample, beta=self.beta, timeout=timeout)
-        except DeadlineExceeded:
+        except (DeadlineExceeded, ShardUnavailable):   # replay filling, or a shard restarting: ask again
             return None
         return self._split(raw)
 
@@ -129,5 +132,6 @@ class ReplayDataset:
             versions, tasks = columns.get("policy_version"), columns.get("task")
             batches.append(Batch(tensors=tensors, keys=keys[rows], weights=batch_weights,
                                  policy_version=None if versions is None else versions[rows],
-                                 task=None if tasks is None else tasks[rows]))
+                                 task=None if tasks is None else tasks[rows],
+                                 table=getattr(raw, "table", "")))
         return batches

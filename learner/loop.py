@@ -16,6 +16,7 @@ in-process table or a test double. ``learner.service.LearnerService`` passes the
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import queue
 import threading
@@ -59,11 +60,15 @@ class Prefetcher:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self._sample, self._poll = sample, poll_timeout_s
-        self._queue: queue.Queue[list[Batch] | BaseException] = queue.Queue(maxsize=depth)
+        # Items travel with the discard() epoch they were sampled in (see get()).
+        self._queue: queue.Queue[tuple[int, list[Batch] | BaseException]] = queue.Queue(maxsize=depth)
         self._ready: collections.deque[Batch] = collections.deque()  # consumer side: the rest of a call's batches
         self._stop = threading.Event()
-        # Bumped by discard(): a sample call that started before it is dropped, not queued.
+        # Bumped by discard(): a sample call that started before it is dropped, not queued; and one queued
+        # after discard() drained the queue (the thread was waiting for room) is dropped by get().
         self._epoch = 0
+        self.late_discarded = 0
+        """Batches dropped by ``get`` because they were sampled before a ``discard()`` that missed them."""
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self.wait_seconds = 0.0
         """Total time the consumer spent blocked in ``get`` (the learner starved of data)."""
@@ -89,7 +94,7 @@ class Prefetcher:
                 continue  # sampled before a discard(): from the replay contents it asked to forget
             while not self._stop.is_set():
                 try:
-                    self._queue.put(item, timeout=self._poll)
+                    self._queue.put((epoch, item), timeout=self._poll)
                     break
                 except queue.Full:
                     continue
@@ -102,7 +107,11 @@ class Prefetcher:
             return self._ready.popleft()
         start = time.perf_counter()
         try:
-            item = self._queue.get(timeout=timeout)
+            while True:
+                epoch, item = self._queue.get(timeout=timeout)
+                if epoch == self._epoch or isinstance(item, BaseException):
+                    break
+                self.late_discarded += len(item)
         except queue.Empty:
             return None
         finally:
@@ -121,11 +130,11 @@ class Prefetcher:
         self._ready.clear()
         while True:
             try:
-                item = self._queue.get_nowait()
+                epoch, item = self._queue.get_nowait()
             except queue.Empty:
                 return dropped
             if isinstance(item, BaseException):  # a failure is never dropped: the next get raises it
-                self._queue.put_nowait(item)      # (there is room: it was just taken out)
+                self._queue.put_nowait((epoch, item))   # (there is room: it was just taken out)
                 return dropped
             dropped += len(item)
 
@@ -243,7 +252,12 @@ class LearnerLoop:
         self.counters.update_seconds += time.perf_counter() - start
         self.counters.updates += 1
         if self._priorities is not None and result.priorities is not None:
-            self._priorities.submit(self._update_priorities, batch.keys, np.asarray(result.priorities, dtype=np.float64))
+            priorities = np.asarray(result.priorities, dtype=np.float64)
+            if batch.table:  # back to the table the batch came from (per-task tables: maybe not today's)
+                self._priorities.submit(functools.partial(self._update_priorities, table=batch.table), batch.keys,
+                                        priorities)
+            else:
+                self._priorities.submit(self._update_priorities, batch.keys, priorities)
         if batch.task is not None and len(batch.task):
             tasks, counts = np.unique(batch.task, return_counts=True)
             for task, count in zip(tasks.tolist(), counts.tolist(), strict=True):

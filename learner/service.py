@@ -41,6 +41,7 @@ from learner.checkpoint import load_latest_checkpoint, save_checkpoint, state_di
 from learner.core import Algorithm
 from learner.dataset import ReplayDataset
 from learner.loop import LearnerLoop, Prefetcher
+from replay.client import ShardUnavailable
 from replay.errors import DeadlineExceeded
 
 __all__ = ["LearnerService", "TrainReport", "resolve_device"]
@@ -165,7 +166,7 @@ class LearnerService:
         """Sample the held-out probe batch for diagnostics, without waiting if replay cannot give it yet."""
         try:
             raw = self.client.sample(self.probe_size, beta=1.0, timeout=0.0)
-        except DeadlineExceeded:
+        except (DeadlineExceeded, ShardUnavailable):
             return
         probe = torch.from_numpy(raw.columns["obs"]).to(self.device)
         set_probe = getattr(self.algorithm, "set_probe", None)
@@ -218,6 +219,10 @@ class LearnerService:
         report.dropped_batches = c.dropped_batches
         report.task_rows = {t: n - task_rows.get(t, 0) for t, n in c.task_rows.items() if n != task_rows.get(t, 0)}
         return report
+
+    def sample_task(self, task: int) -> None:
+        """Sample from ``task``'s replay table from now on (per-task tables: ``replay.task_tables.TaskTables``)."""
+        self.client.set_sampling_task(task)
 
     def task_switch(self, task: int, *, discard_prefetched: bool = False) -> dict[str, float]:
         """Tell the algorithm (and its interventions) that the task changed; publish the result.

@@ -91,6 +91,12 @@ _REQUEST_OVERHEAD = 64 * 1024
 _RESPONSE_OVERHEAD_PER_ROW = 8 + 8 + 16
 
 
+#: How long sampling waits for a shard it has not heard from lately before leaving it out (it is down).
+PROBE_TIMEOUT_S = 1.0
+#: Default timeout of a priority update: best effort, so a shard that is down costs the learner little.
+PRIORITY_TIMEOUT_S = 2.0
+
+
 class ShardUnavailable(errors.ReplayError):
     """A shard stayed unreachable for the whole call timeout."""
 
@@ -111,6 +117,7 @@ class SampleBatch:
     columns: dict[str, np.ndarray]    # each [B, *field.shape], writable, contiguous
     probabilities: np.ndarray         # float64 [B], probability of each draw across all shards
     weights: np.ndarray               # float32 [B], importance weights (max 1)
+    table: str = ""                   # the table sampled: where the batch's priority updates must go
 
 
 def shard_of_writer(writer_key: str, num_shards: int) -> int:
@@ -167,6 +174,7 @@ _RESPONSES = {
     "Checkpoint": replay_pb2.CheckpointResponse,
     "RebaseRateLimiter": replay_pb2.RebaseRateLimiterResponse,
     "Clear": replay_pb2.ClearResponse,
+    "ReleaseInserts": replay_pb2.ReleaseInsertsResponse,
 }
 
 
@@ -186,7 +194,7 @@ class _Stub:
 
 
 class _Shard:
-    __slots__ = ("index", "address", "channel", "stub", "size", "mass", "seen")
+    __slots__ = ("index", "address", "channel", "stub", "size", "mass", "seen", "down_until")
 
     def __init__(self, index: int, address: str, options, credentials):
         self.index = index
@@ -199,6 +207,7 @@ class _Shard:
         self.size = 0
         self.mass = 0.0
         self.seen = -math.inf   # time.monotonic() of the latest size/mass
+        self.down_until = -math.inf   # unreachable at the last try: left out of samples until then
 
 
 class ReplayClient:
@@ -270,9 +279,13 @@ class ReplayClient:
         self._session = secrets.token_hex(8)
         self._writers: dict[str, tuple[str, threading.Lock]] = {}
         self._sequences: dict[str, int] = {}
+        self._acked_rows: dict[str, int] = {}   # per writer key: rows the shard acknowledged, in total
         self.duplicate_inserts = 0
+        self.lost_rows = 0
+        """Rows a shard acknowledged and later no longer held: it was restored from a checkpoint older than
+        those inserts (a crash). Found at the writer's next insert (``InsertResponse.writer_rows``)."""
         """Inserts a shard acknowledged as already stored (a retry whose first attempt was applied)."""
-        self.priority_update_counts = {"updated": 0, "stale_generation": 0, "unknown": 0}
+        self.priority_update_counts = {"updated": 0, "stale_generation": 0, "unknown": 0, "unavailable": 0}
         """Totals over this client's ``update_priorities`` calls: applied, ignored as another generation's,
         skipped as not live."""
 
@@ -463,6 +476,18 @@ class ReplayClient:
                                          priorities=None if priorities is None else np.asarray(priorities),
                                          writer_id=writer_id, sequence=sequence)
             response = self._call(shard, "Insert", request.to_bytes, deadline)
+            # A duplicate acknowledges the first attempt, whose response was lost: the rows count either way.
+            rows = len(next(iter(columns.values()))) if columns else 0
+            acked = self._acked_rows.get(writer_key, 0) + rows
+            if response.writer_rows >= 0:
+                # The shard's total for this writer (kept in its checkpoints) against what it acknowledged
+                # to us: fewer means acknowledged rows went with a crash. Either way, go on from its count.
+                lost = acked - int(response.writer_rows)
+                if lost > 0:
+                    with self._lock:
+                        self.lost_rows += lost
+                acked = int(response.writer_rows)
+            self._acked_rows[writer_key] = acked
         finally:
             writer_lock.release()
         if response.duplicate:
@@ -472,14 +497,27 @@ class ReplayClient:
         return global_keys(decode_array(response.keys, name="keys"), shard.index)
 
     # -- sample --------------------------------------------------------------------------------------
+    def _mark_down(self, shard: _Shard) -> None:
+        shard.down_until = time.monotonic() + max(self.refresh_interval_s, 0.5)
+
     def _weights(self, shards: list[_Shard], config: TableConfig, deadline: float) -> np.ndarray:
         now = time.monotonic()
-        stale = [s for s in shards if now - s.seen > self.refresh_interval_s]
+        stale = [s for s in shards if now - s.seen > self.refresh_interval_s and s.down_until <= now]
+
+        def probe(shard: _Shard) -> None:
+            # A short look: a shard that is down (restarting) must not hold up sampling from the others.
+            try:
+                self._info_one(shard, min(deadline, time.monotonic() + PROBE_TIMEOUT_S))
+            except ShardUnavailable:
+                self._mark_down(shard)
+
         if stale:
-            self._each_shard(lambda s: self._info_one(s, deadline), stale)
+            self._each_shard(probe, stale)
         prioritized = config.sampler == "prioritized"
+        now = time.monotonic()
         return np.array([
-            (s.mass if prioritized else s.size) if s.size >= max(1, config.min_size_to_sample) else 0.0
+            (s.mass if prioritized else s.size) if s.size >= max(1, config.min_size_to_sample) and s.down_until <= now
+            else 0.0
             for s in shards
         ])
 
@@ -503,12 +541,15 @@ class ReplayClient:
             if time.monotonic() >= deadline:
                 raise errors.DeadlineExceeded(
                     f"table {self.table!r}: no shard has min_size_to_sample={config.min_size_to_sample} items "
-                    f"(sizes {[s.size for s in shards]}) after waiting for the call's timeout"
+                    f"(sizes {[s.size for s in shards]}"
+                    + "".join(f", shard {s.index} unreachable" for s in shards if s.down_until > time.monotonic())
+                    + ") after waiting for the call's timeout"
                 )
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
             for s in shards:
                 s.seen = -math.inf
+                s.down_until = min(s.down_until, time.monotonic() + 0.5)
             weights = self._weights(shards, config, deadline)
         shares = weights / weights.sum()
         with self._lock:
@@ -527,8 +568,14 @@ class ReplayClient:
         def request(n):
             return lambda remaining: replay_pb2.SampleRequest(table=self.table, batch_size=n, timeout_s=remaining)
 
-        responses = self._each_shard(lambda shard: self._call(shard, "Sample", request(shard_rows[shard.index]),
-                                                              deadline), [s for s, _ in chosen])
+        def sample_one(shard: _Shard):
+            try:
+                return self._call(shard, "Sample", request(shard_rows[shard.index]), deadline)
+            except ShardUnavailable:
+                self._mark_down(shard)   # the next call samples the shards that are up
+                raise
+
+        responses = self._each_shard(sample_one, [s for s, _ in chosen])
         return self._assemble(chosen, responses, shares, config, beta)
 
     def _assemble(self, chosen, responses, shares, config: TableConfig, beta: float) -> SampleBatch:
@@ -553,20 +600,28 @@ class ReplayClient:
         # normal float keeps the weight finite (it is then the batch's largest, so it normalizes to 1).
         weights = importance_weights(probabilities=np.maximum(probabilities, np.finfo(np.float64).tiny),
                                      size=max(size, 1), beta=beta)
-        return SampleBatch(keys=keys, columns=columns, probabilities=probabilities, weights=weights)
+        return SampleBatch(keys=keys, columns=columns, probabilities=probabilities, weights=weights,
+                           table=self.table)
 
     # -- priorities and checkpoints ------------------------------------------------------------------
-    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray, *, timeout: float | None = None) -> int:
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray, *, table: str | None = None,
+                          timeout: float | None = PRIORITY_TIMEOUT_S) -> int:
         """Send each (global key, priority) to its owning shard; return how many items were updated.
 
         Keys of another generation (issued before the shard last started) and keys no longer live are
-        skipped by the shards; ``priority_update_counts`` adds up all three outcomes."""
+        skipped by the shards; ``priority_update_counts`` adds up all three outcomes. ``table`` (a
+        batch's ``SampleBatch.table``) must be this client's table: keys of another table would land
+        on whatever item of this table has the same number."""
+        if table is not None and table != self.table:
+            raise ValueError(f"priority updates for table {table!r} sent to the client of table {self.table!r}")
         result = self.update_priorities_result(keys, priorities, timeout=timeout)
         return result["updated"]
 
     def update_priorities_result(self, keys: np.ndarray, priorities: np.ndarray, *,
                                  timeout: float | None = None) -> dict[str, int]:
-        """:meth:`update_priorities`, returning ``{"updated", "stale_generation", "unknown"}`` of this call."""
+        """:meth:`update_priorities`, returning ``{"updated", "stale_generation", "unknown", "unavailable"}`` of
+        this call. Keys of a shard that is unreachable (restarting) are dropped and counted as unavailable:
+        after its restore they would be another generation's anyway."""
         keys = np.asarray(keys)
         priorities = np.asarray(priorities)
         if keys.ndim != 1 or priorities.shape != keys.shape:
@@ -583,17 +638,24 @@ class ReplayClient:
         deadline = self._deadline(timeout)
         targets = [s for s in shards if np.any(shard_index == s.index)]
 
-        def send(shard: _Shard) -> tuple[int, int, int]:
+        def send(shard: _Shard) -> tuple[int, int, int, int]:
             mask = shard_index == shard.index
+            if shard.down_until > time.monotonic():
+                return 0, 0, 0, int(mask.sum())
             request = replay_pb2.UpdatePrioritiesRequest(table=self.table)
             encode_array(local[mask], name="keys", out=request.keys)
             encode_array(priorities[mask], name="priorities", out=request.priorities)
-            response = self._call(shard, "UpdatePriorities", lambda _r: request, deadline)
+            try:
+                response = self._call(shard, "UpdatePriorities", lambda _r: request, deadline)
+            except ShardUnavailable:
+                self._mark_down(shard)
+                return 0, 0, 0, int(mask.sum())
             self._note(shard, response.table_size, response.priority_mass)
-            return int(response.updated), int(response.stale_generation), int(response.unknown)
+            return int(response.updated), int(response.stale_generation), int(response.unknown), 0
 
-        totals = np.sum(self._each_shard(send, targets), axis=0) if targets else np.zeros(3, np.int64)
-        result = dict(zip(("updated", "stale_generation", "unknown"), (int(t) for t in totals), strict=True))
+        totals = np.sum(self._each_shard(send, targets), axis=0) if targets else np.zeros(4, np.int64)
+        result = dict(zip(("updated", "stale_generation", "unknown", "unavailable"), (int(t) for t in totals),
+                          strict=True))
         with self._lock:
             for k, v in result.items():
                 self.priority_update_counts[k] += v
@@ -616,6 +678,15 @@ class ReplayClient:
         for shard in self._get_shards():
             self._note(shard, 0, 0.0)
         return int(sum(removed))
+
+    def release_inserts(self, released: bool = True, *, timeout: float | None = None) -> list[str]:
+        """Let this table's inserts stop waiting for samples on every shard (``released=True``: the learner
+        left the table), or tie them to samples again with a rebased band (``False``: it came back);
+        returns each shard's limiter counts after it. See ``RateLimiter.release_inserts``."""
+        deadline = self._deadline(timeout)
+        request = replay_pb2.ReleaseInsertsRequest(table=self.table, released=bool(released))
+        return self._each_shard(lambda s: self._call(s, "ReleaseInserts", lambda _r: request, deadline).limiter,
+                                self._get_shards())
 
     def rebase_rate_limiter(self, *, timeout: float | None = None) -> list[str]:
         """Re-centre this table's rate-limiter band on every shard (``RateLimiter.rebase``), so that after

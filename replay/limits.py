@@ -14,7 +14,7 @@ limit                               value   what it bounds
 ``MAX_COLUMNS``                     64      columns of one insert
 ``MAX_DIM``                         2**40   any one dimension
 ``MAX_TIMEOUT_S``                   86400   a call's rate-limiter wait (one day; longer is a bug)
-``MAX_SMALL_REQUEST_BYTES``         64 KiB  Sample, Info, Checkpoint, RebaseRateLimiter, Clear requests
+``MAX_SMALL_REQUEST_BYTES``         64 KiB  Sample, Info and the admin requests (Checkpoint, Clear, ...)
 ``MAX_ITEM_MASS``                   1e100   ``priority ** priority_exponent`` of one item
 ``MIN_ITEM_MASS``                   1e-100  smallest positive mass kept (smaller ones are raised to it)
 ``MAX_DETAIL_CHARS``                1024    a status message (gRPC sends it in an 8 KiB trailer)

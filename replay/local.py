@@ -44,13 +44,19 @@ class LocalReplayClient:
         result = self.table.sample(batch_size, timeout=timeout)
         weights = importance_weights(probabilities=result.probabilities, size=max(result.table_size, 1), beta=beta)
         return SampleBatch(keys=result.keys, columns=result.columns, probabilities=result.probabilities,
-                           weights=weights)
+                           weights=weights, table=self.table.config.name)
 
-    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> Any:
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray, *, table: str | None = None) -> Any:
+        if table is not None and table != self.table.config.name:
+            raise ValueError(f"priority updates for table {table!r} sent to the client of table "
+                             f"{self.table.config.name!r}")
         return self.table.update_priorities(np.asarray(keys, dtype=np.uint64), np.asarray(priorities))
 
     def clear(self) -> int:
         return self.table.clear()
+
+    def release_inserts(self, released: bool = True) -> str:
+        return self.table.release_inserts(released)
 
     @property
     def size(self) -> int:

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear")
+METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear", "ReleaseInserts")
 # Request latencies span ~50us (small inserts) to seconds (rate-limited samples, checkpoints).
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0)

@@ -138,6 +138,8 @@ class RateLimiter:
         self._eb = int(eb * self._scale)
         self._offset = self._spi * self.min_size_to_sample
         self._shift = 0
+        self.inserts_released = False
+        """True while the insert side is released (:meth:`release_inserts`): a table nobody samples any more."""
 
     @staticmethod
     def validate_config(
@@ -189,7 +191,7 @@ class RateLimiter:
         return (self._offset + self._eb) / self._scale
 
     def can_insert(self, n: int, *, size: int) -> bool:
-        if self.samples_per_insert is None or size < self.min_size_to_sample:
+        if self.samples_per_insert is None or size < self.min_size_to_sample or self.inserts_released:
             return True
         return self._diff() + n * self._spi <= self._offset + self._eb
 
@@ -213,6 +215,18 @@ class RateLimiter:
         take a burst of ``min_size_to_sample * samples_per_insert`` extra samples). Counts are kept.
         """
         self._shift += self._diff()
+
+    def release_inserts(self, released: bool = True) -> None:
+        """Let inserts proceed regardless of samples (``True``), or tie them to samples again (``False``).
+
+        For a table its sampler has left, such as an old task's table when the learner samples per-task
+        tables: the actors still on the old task must not wait forever for samples that will not come.
+        Tying them again rebases the band (:meth:`rebase`), so the inserts made while released give the
+        returning sampler no burst of extra samples, and neither side starts blocked.
+        """
+        if self.inserts_released and not released:
+            self.rebase()
+        self.inserts_released = bool(released)
 
     def insert_never_possible(self, n: int, *, size: int) -> str | None:
         """Why a blocked insert of ``n`` rows can never proceed, or None if it may still proceed."""
@@ -253,6 +267,8 @@ class RateLimiter:
                 f", samples_per_insert={self.samples_per_insert:g}, diff=inserts*spi-samples={self.diff:g}, "
                 f"min_diff={self.min_diff:g}, max_diff={self.max_diff:g}"
             )
+        if self.inserts_released:
+            s += ", inserts released"
         return s
 
     # ------------------------------------------------------------ counters
@@ -341,6 +357,7 @@ class RateLimiter:
             "sample_blocked_s": self.sample_blocked_s,
             # Exact, and independent of the scale (which depends on the configured ratio).
             "shift": str(Fraction(self._shift, self._scale)),
+            "inserts_released": self.inserts_released,
         }
 
     def load_state_dict(self, meta: dict) -> None:
@@ -352,6 +369,7 @@ class RateLimiter:
         self._shift = round(shift * self._scale)
         self.insert_blocked_s = float(meta.get("insert_blocked_s", 0.0))
         self.sample_blocked_s = float(meta.get("sample_blocked_s", 0.0))
+        self.inserts_released = bool(meta.get("inserts_released", False))
 
 
 class QueueRateLimiter(RateLimiter):
@@ -393,6 +411,12 @@ class QueueRateLimiter(RateLimiter):
 
     def can_insert(self, n: int, *, size: int) -> bool:
         return size + n <= self.capacity and super().can_insert(n, size=size)
+
+    def release_inserts(self, released: bool = True) -> None:
+        if released:
+            raise ValueError("a queue (fifo) table keeps every unread item, so its inserts cannot be released "
+                             "from waiting for samples; use a uniform or prioritized table")
+        super().release_inserts(False)
 
     def can_sample(self, batch_size: int, *, size: int) -> bool:
         return size >= batch_size and super().can_sample(batch_size, size=size)

@@ -9,12 +9,15 @@ on the node Ray chose, bound to ``host`` ("auto": this node's IP when the run sp
         [table_config], checkpoint_dir="/data/replay/shard-0", shard_index=0, host="auto", cluster=True,
         token=token, rebase_limiter_on_restore=resume)
     address, metrics_port = ray.get(shard.endpoint.remote())
+    ray.get(shard.health.remote())      # {"alive": False, "returncode": -9, "stderr_tail": ...} after a crash
+    ray.get(shard.restart.remote())     # same ports, restored from its last checkpoint, a new generation
     ray.get(shard.stop.remote())        # final checkpoint, then the server exits
 
 ``token`` (the run's token as a string: the driver's token file may not exist on the shard's node)
 is written to a private 0600 file on the shard's node and passed with ``--token-file``; ``token_file``
 names such a file that already exists there. ``tls`` is a ``replay.auth.ServerTls``. Both listeners
-bind ``host``.
+bind ``host``; ``port`` and ``metrics_port`` (0: free ones) let a replacement actor take over a dead
+one's address, so that every client's address list stays valid.
 """
 
 from __future__ import annotations
@@ -47,13 +50,15 @@ class ShardHost:
         tls: ServerTls | None = None,
         rebase_limiter_on_restore: bool = False,
         max_blocked_calls: int | None = None,
+        port: int = 0,
+        metrics_port: int | None = 0,
     ) -> None:
         if host == "auto":
             # Other nodes must reach a shard of a cluster run; a local run stays on loopback.
             host = ray.util.get_node_ip_address() if cluster else "127.0.0.1"
         self._shard = ShardProcess(
             list(tables), checkpoint_dir=checkpoint_dir, shard_index=shard_index, host=host,
-            metrics_port=0 if metrics else None, extra_args=["--metrics-host", host],
+            port=port, metrics_port=metrics_port if metrics else None, extra_args=["--metrics-host", host],
             token=token, token_file=token_file, tls=tls, rebase_limiter_on_restore=rebase_limiter_on_restore,
             max_blocked_calls=max_blocked_calls,
         )
@@ -69,6 +74,20 @@ class ShardHost:
 
     def alive(self) -> bool:
         return self._shard.alive
+
+    def health(self) -> dict[str, Any]:
+        """Whether the server process runs; if not, its exit status and the last lines of its stderr."""
+        if self._shard.alive:
+            return {"alive": True}
+        tail = self._shard.stderr_tail().strip().splitlines()[-5:]
+        return {"alive": False, "returncode": self._shard.returncode, "stderr_tail": "\n".join(tail)}
+
+    def restart(self) -> dict[str, Any]:
+        """Start the server again on the same ports from its last checkpoint (a new key generation), with
+        its rate limiter rebased (the learner and the actors went on without it); returns ``info()``."""
+        self._shard.rebase_limiter_on_restore = True
+        self._shard.restart()
+        return self.info()
 
     def stop(self) -> int | None:
         """SIGTERM the server (it checkpoints, if it has a directory); its exit status."""

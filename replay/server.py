@@ -216,7 +216,7 @@ class _Servicer:
                              guard=_CallGuard(context, self._server))
         info = table.info()
         response = replay_pb2.InsertResponse(table_size=info.size, priority_mass=info.priority_mass,
-                                             duplicate=result.duplicate)
+                                             duplicate=result.duplicate, writer_rows=result.writer_rows)
         encode_array(np.asarray(result.keys, dtype=np.uint64), name="keys", out=response.keys)
         return response
 
@@ -297,8 +297,20 @@ class _Servicer:
             removed += count
         return replay_pb2.ClearResponse(tables=names, removed=removed)
 
+    @_rpc("ReleaseInserts")
+    def ReleaseInserts(self, request: bytes, context):
+        request = _small(request, replay_pb2.ReleaseInsertsRequest, "ReleaseInsertsRequest")
+        if not request.table:
+            raise InvalidArgument("ReleaseInserts needs a table name; expected one of "
+                                  f"{sorted(self._server.tables)}")
+        table = self._server.table(_table_name(request.table))
+        counts = table.release_inserts(request.released)
+        log.info("table %r: inserts %s: %s", table.config.name, "released" if request.released else "tied to samples",
+                 counts)
+        return replay_pb2.ReleaseInsertsResponse(limiter=counts)
 
-METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear")
+
+METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear", "ReleaseInserts")
 
 
 def _serialize(response) -> bytes:

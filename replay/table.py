@@ -292,6 +292,10 @@ class InsertResult:
     """uint64 table keys of the rows (for a duplicate: the keys the original was stored under, or none)."""
     duplicate: bool = False
     """True if the (writer, sequence) was stored before and this call stored nothing."""
+    writer_rows: int = -1
+    """Rows of this writer the table holds a record of, in total, after the call (-1: no writer given,
+    or a checkpoint too old to say). A client that was acknowledged more rows than this lost the
+    difference: a shard restored from a checkpoint older than its last acknowledged inserts."""
 
 
 @dataclass
@@ -398,8 +402,9 @@ class Table:
         self._oldest = 0
         # Every index below this was overwritten by a commit (its rows in the storage may hold newer data).
         self._overwritten_before = 0
-        # writer id -> (last sequence, first index, rows, generation) of its last stored insert
-        self._writers: OrderedDict[str, tuple[int, int, int, int]] = OrderedDict()
+        # writer id -> (last sequence, first index, rows, generation) of its last stored insert, and the
+        # writer's rows stored in total (-1: unknown, restored from a checkpoint that did not record it)
+        self._writers: OrderedDict[str, tuple[int, int, int, int, int]] = OrderedDict()
         self._inflight: set[str] = set()
 
     @property
@@ -464,7 +469,7 @@ class Table:
                                          generation=last[3])
                     else:
                         keys = np.zeros(0, np.uint64)
-                    return InsertResult(keys=keys, duplicate=True)
+                    return InsertResult(keys=keys, duplicate=True, writer_rows=last[4])
                 if writer in self._inflight:
                     raise Aborted(f"an insert of writer {clip(writer)} is already waiting in the rate limiter; "
                                   "retry once it finished")
@@ -496,8 +501,12 @@ class Table:
                 self._sampler.on_insert(first_key=first, n=n, priorities=pr)
                 self._next_key = first + n
                 self._limiter.record_insert(n)
+                writer_rows = -1
                 if writer:
-                    self._writers[writer] = (sequence, first, n, self.generation)
+                    before = self._writers.get(writer)
+                    total = 0 if before is None else before[4]
+                    writer_rows = total + n if total >= 0 else -1
+                    self._writers[writer] = (sequence, first, n, self.generation, writer_rows)
                     self._writers.move_to_end(writer)
                     while len(self._writers) > MAX_WRITERS:
                         self._writers.popitem(last=False)
@@ -507,7 +516,7 @@ class Table:
                 if writer:
                     self._inflight.discard(writer)
         # The generation bits sit above every index, so the keys are one contiguous range.
-        return InsertResult(keys=np.arange(start, start + n, dtype=np.uint64))
+        return InsertResult(keys=np.arange(start, start + n, dtype=np.uint64), writer_rows=writer_rows)
 
     # ------------------------------------------------------------------ sample
     def sample(self, batch_size: int, *, timeout: float | None = None,
@@ -573,6 +582,15 @@ class Table:
         limiter's counts after it."""
         with self._cond:
             self._limiter.rebase()
+            self._cond.notify_all()
+            return self._limiter.describe(size=self._size)
+
+    def release_inserts(self, released: bool = True) -> str:
+        """Let inserts stop waiting for samples, or tie them to samples again (``RateLimiter.release_inserts``):
+        for a table its sampler has left, e.g. an old task's per-task table. Wakes blocked callers;
+        returns the limiter's counts after it. ValueError for a queue table."""
+        with self._cond:
+            self._limiter.release_inserts(released)
             self._cond.notify_all()
             return self._limiter.describe(size=self._size)
 
@@ -715,8 +733,8 @@ class Table:
                     raise ValueError(f"saved generation {generation}; expected >= 0")
                 writers = OrderedDict()
                 for entry in meta.get("writers", []):
-                    w, seq, first, n, gen = entry
-                    writers[str(w)] = (int(seq), int(first), int(n), int(gen))
+                    w, seq, first, n, gen, *rest = entry   # checkpoints before the total have 5 fields
+                    writers[str(w)] = (int(seq), int(first), int(n), int(gen), int(rest[0]) if rest else -1)
                 self._storage.load_state_dict(
                     meta["storage"], {k[8:]: v for k, v in arrays.items() if k.startswith("storage/")}
                 )

@@ -24,9 +24,15 @@ from learner.networks import NetworkConfig, build_network
 from plasticity.base import InterventionSet
 
 
-def exploration_schedule(actors: Any, *, index: int, step_offset: int = 0) -> Any:
-    """Linear decay from epsilon_start to actor ``index``'s Ape-X epsilon, resumed at ``step_offset``."""
-    end = apex_epsilon(index=index, num_actors=actors.num_actors, base=actors.epsilon_base, alpha=actors.epsilon_alpha)
+def exploration_schedule(actors: Any, *, index: int, step_offset: int = 0, max_actors: int | None = None) -> Any:
+    """Linear decay from epsilon_start to actor ``index``'s Ape-X epsilon, resumed at ``step_offset``.
+
+    The ladder is over the configured ``actors.num_actors``; an actor added beyond them by
+    `evergreen scale` (index >= num_actors) takes its place on a ladder over ``max_actors``
+    (control.max_actors), so that added actors spread between the configured ones' epsilons instead
+    of all taking the same one, and the configured actors keep theirs."""
+    ladder = actors.num_actors if index < actors.num_actors or max_actors is None else max(max_actors, index + 1)
+    end = apex_epsilon(index=index, num_actors=ladder, base=actors.epsilon_base, alpha=actors.epsilon_alpha)
     remaining = actors.epsilon_decay_steps - step_offset
     if remaining <= 0:
         return ConstantEpsilon(end)
@@ -90,7 +96,8 @@ class DQNBuilder:
         a = self.config.actors
         return EpsilonGreedyPolicy(
             network=self.acting_network(),
-            epsilon=exploration_schedule(a, index=actor_index, step_offset=env_steps_offset),
+            epsilon=exploration_schedule(a, index=actor_index, step_offset=env_steps_offset,
+                                         max_actors=self.config.control.max_actors),
             seed=[self.config.seed, actor_index, env_steps_offset],
         )
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0creplay.proto\x12\x10\x65vergreen.replay\"3\n\x05\x41rray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb2\x02\n\rInsertRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x12\n\nwriter_key\x18\x02 \x01(\t\x12=\n\x07\x63olumns\x18\x03 \x03(\x0b\x32,.evergreen.replay.InsertRequest.ColumnsEntry\x12+\n\npriorities\x18\x04 \x01(\x0b\x32\x17.evergreen.replay.Array\x12\x16\n\ttimeout_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\twriter_id\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array:\x02\x38\x01\x42\x0c\n\n_timeout_s\"u\n\x0eInsertResponse\x12%\n\x04keys\x18\x01 \x01(\x0b\x32\x17.evergreen.replay.Array\x12\x12\n\ntable_size\x18\x02 \x01(\x03\x12\x15\n\rpriority_mass\x18\x03 \x01(\x01\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"X\n\rSampleRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x16\n\ttimeout_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_timeout_s\"\x9b\x02\n\x0eSampleResponse\x12>\n\x07\x63olumns\x18\x01 \x03(\x0b\x32-.evergreen.replay.SampleResponse.ColumnsEntry\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array\x12.\n\rprobabilities\x18\x03 \x01(\x0b\x32\x17.evergreen.replay.Array\x12\x12\n\ntable_size\x18\x04 \x01(\x03\x12\x15\n\rpriority_mass\x18\x05 \x01(\x01\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array:\x02\x38\x01\"|\n\x17UpdatePrioritiesRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array\x12+\n\npriorities\x18\x03 \x01(\x0b\x32\x17.evergreen.replay.Array\"\x81\x01\n\x18UpdatePrioritiesResponse\x12\x0f\n\x07updated\x18\x01 \x01(\x03\x12\x12\n\ntable_size\x18\x02 \x01(\x03\x12\x15\n\rpriority_mass\x18\x03 \x01(\x01\x12\x18\n\x10stale_generation\x18\x04 \x01(\x03\x12\x0f\n\x07unknown\x18\x05 \x01(\x03\"\r\n\x0bInfoRequest\"\x92\x03\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x03\x12\x0f\n\x07inserts\x18\x04 \x01(\x03\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x18\n\x10insert_blocked_s\x18\x06 \x01(\x01\x12\x18\n\x10sample_blocked_s\x18\x07 \x01(\x01\x12\x0e\n\x06nbytes\x18\x08 \x01(\x03\x12\x15\n\rpriority_mass\x18\t \x01(\x01\x12\x0f\n\x07storage\x18\n \x01(\t\x12\x0f\n\x07sampler\x18\x0b \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0c \x01(\t\x12\x12\n\ngeneration\x18\r \x01(\x03\x12 \n\x18stale_generation_updates\x18\x0e \x01(\x03\x12\x1b\n\x13unknown_key_updates\x18\x0f \x01(\x03\x12\x19\n\x11\x64uplicate_inserts\x18\x10 \x01(\x03\x12\x17\n\x0frefused_inserts\x18\x11 \x01(\x03\x12\x1c\n\x14\x64ropped_invalid_rows\x18\x12 \x01(\x03\"k\n\x0cInfoResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.evergreen.replay.TableInfo\x12\x13\n\x0bshard_index\x18\x02 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x03\"\x13\n\x11\x43heckpointRequest\"\"\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\")\n\x18RebaseRateLimiterRequest\x12\r\n\x05table\x18\x01 \x01(\t\"-\n\x19RebaseRateLimiterResponse\x12\x10\n\x08limiters\x18\x01 \x03(\t\"\x1d\n\x0c\x43learRequest\x12\r\n\x05table\x18\x01 \x01(\t\"0\n\rClearResponse\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x03\x32\xec\x04\n\rReplayService\x12K\n\x06Insert\x12\x1f.evergreen.replay.InsertRequest\x1a .evergreen.replay.InsertResponse\x12K\n\x06Sample\x12\x1f.evergreen.replay.SampleRequest\x1a .evergreen.replay.SampleResponse\x12i\n\x10UpdatePriorities\x12).evergreen.replay.UpdatePrioritiesRequest\x1a*.evergreen.replay.UpdatePrioritiesResponse\x12\x45\n\x04Info\x12\x1d.evergreen.replay.InfoRequest\x1a\x1e.evergreen.replay.InfoResponse\x12W\n\nCheckpoint\x12#.evergreen.replay.CheckpointRequest\x1a$.evergreen.replay.CheckpointResponse\x12l\n\x11RebaseRateLimiter\x12*.evergreen.replay.RebaseRateLimiterRequest\x1a+.evergreen.replay.RebaseRateLimiterResponse\x12H\n\x05\x43lear\x12\x1e.evergreen.replay.ClearRequest\x1a\x1f.evergreen.replay.ClearResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0creplay.proto\x12\x10\x65vergreen.replay\"3\n\x05\x41rray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb2\x02\n\rInsertRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x12\n\nwriter_key\x18\x02 \x01(\t\x12=\n\x07\x63olumns\x18\x03 \x03(\x0b\x32,.evergreen.replay.InsertRequest.ColumnsEntry\x12+\n\npriorities\x18\x04 \x01(\x0b\x32\x17.evergreen.replay.Array\x12\x16\n\ttimeout_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\twriter_id\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array:\x02\x38\x01\x42\x0c\n\n_timeout_s\"\x8a\x01\n\x0eInsertResponse\x12%\n\x04keys\x18\x01 \x01(\x0b\x32\x17.evergreen.replay.Array\x12\x12\n\ntable_size\x18\x02 \x01(\x03\x12\x15\n\rpriority_mass\x18\x03 \x01(\x01\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x13\n\x0bwriter_rows\x18\x05 \x01(\x03\"X\n\rSampleRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x16\n\ttimeout_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_timeout_s\"\x9b\x02\n\x0eSampleResponse\x12>\n\x07\x63olumns\x18\x01 \x03(\x0b\x32-.evergreen.replay.SampleResponse.ColumnsEntry\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array\x12.\n\rprobabilities\x18\x03 \x01(\x0b\x32\x17.evergreen.replay.Array\x12\x12\n\ntable_size\x18\x04 \x01(\x03\x12\x15\n\rpriority_mass\x18\x05 \x01(\x01\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array:\x02\x38\x01\"|\n\x17UpdatePrioritiesRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12%\n\x04keys\x18\x02 \x01(\x0b\x32\x17.evergreen.replay.Array\x12+\n\npriorities\x18\x03 \x01(\x0b\x32\x17.evergreen.replay.Array\"\x81\x01\n\x18UpdatePrioritiesResponse\x12\x0f\n\x07updated\x18\x01 \x01(\x03\x12\x12\n\ntable_size\x18\x02 \x01(\x03\x12\x15\n\rpriority_mass\x18\x03 \x01(\x01\x12\x18\n\x10stale_generation\x18\x04 \x01(\x03\x12\x0f\n\x07unknown\x18\x05 \x01(\x03\"\r\n\x0bInfoRequest\"\x92\x03\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x03\x12\x0f\n\x07inserts\x18\x04 \x01(\x03\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x18\n\x10insert_blocked_s\x18\x06 \x01(\x01\x12\x18\n\x10sample_blocked_s\x18\x07 \x01(\x01\x12\x0e\n\x06nbytes\x18\x08 \x01(\x03\x12\x15\n\rpriority_mass\x18\t \x01(\x01\x12\x0f\n\x07storage\x18\n \x01(\t\x12\x0f\n\x07sampler\x18\x0b \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0c \x01(\t\x12\x12\n\ngeneration\x18\r \x01(\x03\x12 \n\x18stale_generation_updates\x18\x0e \x01(\x03\x12\x1b\n\x13unknown_key_updates\x18\x0f \x01(\x03\x12\x19\n\x11\x64uplicate_inserts\x18\x10 \x01(\x03\x12\x17\n\x0frefused_inserts\x18\x11 \x01(\x03\x12\x1c\n\x14\x64ropped_invalid_rows\x18\x12 \x01(\x03\"k\n\x0cInfoResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.evergreen.replay.TableInfo\x12\x13\n\x0bshard_index\x18\x02 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x03\"\x13\n\x11\x43heckpointRequest\"\"\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\")\n\x18RebaseRateLimiterRequest\x12\r\n\x05table\x18\x01 \x01(\t\"-\n\x19RebaseRateLimiterResponse\x12\x10\n\x08limiters\x18\x01 \x03(\t\"\x1d\n\x0c\x43learRequest\x12\r\n\x05table\x18\x01 \x01(\t\"0\n\rClearResponse\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x03\"8\n\x15ReleaseInsertsRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x10\n\x08released\x18\x02 \x01(\x08\")\n\x16ReleaseInsertsResponse\x12\x0f\n\x07limiter\x18\x01 \x01(\t2\xd1\x05\n\rReplayService\x12K\n\x06Insert\x12\x1f.evergreen.replay.InsertRequest\x1a .evergreen.replay.InsertResponse\x12K\n\x06Sample\x12\x1f.evergreen.replay.SampleRequest\x1a .evergreen.replay.SampleResponse\x12i\n\x10UpdatePriorities\x12).evergreen.replay.UpdatePrioritiesRequest\x1a*.evergreen.replay.UpdatePrioritiesResponse\x12\x45\n\x04Info\x12\x1d.evergreen.replay.InfoRequest\x1a\x1e.evergreen.replay.InfoResponse\x12W\n\nCheckpoint\x12#.evergreen.replay.CheckpointRequest\x1a$.evergreen.replay.CheckpointResponse\x12l\n\x11RebaseRateLimiter\x12*.evergreen.replay.RebaseRateLimiterRequest\x1a+.evergreen.replay.RebaseRateLimiterResponse\x12H\n\x05\x43lear\x12\x1e.evergreen.replay.ClearRequest\x1a\x1f.evergreen.replay.ClearResponse\x12\x63\n\x0eReleaseInserts\x12\'.evergreen.replay.ReleaseInsertsRequest\x1a(.evergreen.replay.ReleaseInsertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,36 +41,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSERTREQUEST']._serialized_end=394
   _globals['_INSERTREQUEST_COLUMNSENTRY']._serialized_start=309
   _globals['_INSERTREQUEST_COLUMNSENTRY']._serialized_end=380
-  _globals['_INSERTRESPONSE']._serialized_start=396
-  _globals['_INSERTRESPONSE']._serialized_end=513
-  _globals['_SAMPLEREQUEST']._serialized_start=515
-  _globals['_SAMPLEREQUEST']._serialized_end=603
-  _globals['_SAMPLERESPONSE']._serialized_start=606
-  _globals['_SAMPLERESPONSE']._serialized_end=889
+  _globals['_INSERTRESPONSE']._serialized_start=397
+  _globals['_INSERTRESPONSE']._serialized_end=535
+  _globals['_SAMPLEREQUEST']._serialized_start=537
+  _globals['_SAMPLEREQUEST']._serialized_end=625
+  _globals['_SAMPLERESPONSE']._serialized_start=628
+  _globals['_SAMPLERESPONSE']._serialized_end=911
   _globals['_SAMPLERESPONSE_COLUMNSENTRY']._serialized_start=309
   _globals['_SAMPLERESPONSE_COLUMNSENTRY']._serialized_end=380
-  _globals['_UPDATEPRIORITIESREQUEST']._serialized_start=891
-  _globals['_UPDATEPRIORITIESREQUEST']._serialized_end=1015
-  _globals['_UPDATEPRIORITIESRESPONSE']._serialized_start=1018
-  _globals['_UPDATEPRIORITIESRESPONSE']._serialized_end=1147
-  _globals['_INFOREQUEST']._serialized_start=1149
-  _globals['_INFOREQUEST']._serialized_end=1162
-  _globals['_TABLEINFO']._serialized_start=1165
-  _globals['_TABLEINFO']._serialized_end=1567
-  _globals['_INFORESPONSE']._serialized_start=1569
-  _globals['_INFORESPONSE']._serialized_end=1676
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1678
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1697
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=1699
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1733
-  _globals['_REBASERATELIMITERREQUEST']._serialized_start=1735
-  _globals['_REBASERATELIMITERREQUEST']._serialized_end=1776
-  _globals['_REBASERATELIMITERRESPONSE']._serialized_start=1778
-  _globals['_REBASERATELIMITERRESPONSE']._serialized_end=1823
-  _globals['_CLEARREQUEST']._serialized_start=1825
-  _globals['_CLEARREQUEST']._serialized_end=1854
-  _globals['_CLEARRESPONSE']._serialized_start=1856
-  _globals['_CLEARRESPONSE']._serialized_end=1904
-  _globals['_REPLAYSERVICE']._serialized_start=1907
-  _globals['_REPLAYSERVICE']._serialized_end=2527
+  _globals['_UPDATEPRIORITIESREQUEST']._serialized_start=913
+  _globals['_UPDATEPRIORITIESREQUEST']._serialized_end=1037
+  _globals['_UPDATEPRIORITIESRESPONSE']._serialized_start=1040
+  _globals['_UPDATEPRIORITIESRESPONSE']._serialized_end=1169
+  _globals['_INFOREQUEST']._serialized_start=1171
+  _globals['_INFOREQUEST']._serialized_end=1184
+  _globals['_TABLEINFO']._serialized_start=1187
+  _globals['_TABLEINFO']._serialized_end=1589
+  _globals['_INFORESPONSE']._serialized_start=1591
+  _globals['_INFORESPONSE']._serialized_end=1698
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1700
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1719
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1721
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1755
+  _globals['_REBASERATELIMITERREQUEST']._serialized_start=1757
+  _globals['_REBASERATELIMITERREQUEST']._serialized_end=1798
+  _globals['_REBASERATELIMITERRESPONSE']._serialized_start=1800
+  _globals['_REBASERATELIMITERRESPONSE']._serialized_end=1845
+  _globals['_CLEARREQUEST']._serialized_start=1847
+  _globals['_CLEARREQUEST']._serialized_end=1876
+  _globals['_CLEARRESPONSE']._serialized_start=1878
+  _globals['_CLEARRESPONSE']._serialized_end=1926
+  _globals['_RELEASEINSERTSREQUEST']._serialized_start=1928
+  _globals['_RELEASEINSERTSREQUEST']._serialized_end=1984
+  _globals['_RELEASEINSERTSRESPONSE']._serialized_start=1986
+  _globals['_RELEASEINSERTSRESPONSE']._serialized_end=2027
+  _globals['_REPLAYSERVICE']._serialized_start=2030
+  _globals['_REPLAYSERVICE']._serialized_end=2751
 # @@protoc_insertion_point(module_scope)

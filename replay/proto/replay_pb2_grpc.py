@@ -69,6 +69,11 @@ class ReplayServiceStub:
                 request_serializer=replay__pb2.ClearRequest.SerializeToString,
                 response_deserializer=replay__pb2.ClearResponse.FromString,
                 _registered_method=True)
+        self.ReleaseInserts = channel.unary_unary(
+                '/evergreen.replay.ReplayService/ReleaseInserts',
+                request_serializer=replay__pb2.ReleaseInsertsRequest.SerializeToString,
+                response_deserializer=replay__pb2.ReleaseInsertsResponse.FromString,
+                _registered_method=True)
 
 
 class ReplayServiceServicer:
@@ -120,6 +125,14 @@ class ReplayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseInserts(self, request, context):
+        """Let a table's inserts stop waiting for samples (its sampler left it: an old task's table with
+        per-task tables), or tie them to samples again with a rebased band (replay/rate_limiter.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +170,11 @@ def add_ReplayServiceServicer_to_server(servicer, server):
                     servicer.Clear,
                     request_deserializer=replay__pb2.ClearRequest.FromString,
                     response_serializer=replay__pb2.ClearResponse.SerializeToString,
+            ),
+            'ReleaseInserts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseInserts,
+                    request_deserializer=replay__pb2.ReleaseInsertsRequest.FromString,
+                    response_serializer=replay__pb2.ReleaseInsertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +366,33 @@ class ReplayService:
             '/evergreen.replay.ReplayService/Clear',
             replay__pb2.ClearRequest.SerializeToString,
             replay__pb2.ClearResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseInserts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evergreen.replay.ReplayService/ReleaseInserts',
+            replay__pb2.ReleaseInsertsRequest.SerializeToString,
+            replay__pb2.ReleaseInsertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,7 @@ TABLES = [
     # priority ** 1.5 overflows float64 for priorities above ~1e205.
     TableConfig(name="steep", schema=SCHEMA, capacity=32, sampler="prioritized", priority_exponent=1.5),
 ]
-METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear")
+METHODS = ("Insert", "Sample", "UpdatePriorities", "Info", "Checkpoint", "RebaseRateLimiter", "Clear", "ReleaseInserts")
 MAX_DETAILS = 1024
 IA, NF, RE, DE, UA, OK = ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
                           "UNAUTHENTICATED", "OK")
@@ -240,6 +240,10 @@ case("values-unknown-table-update", "UpdatePriorities", update_bytes(np.zeros(1,
 case("values-unknown-table-rebase", "RebaseRateLimiter",
      replay_pb2.RebaseRateLimiterRequest(table="x").SerializeToString(), NF)
 case("values-unknown-table-clear", "Clear", replay_pb2.ClearRequest(table="x").SerializeToString(), NF)
+case("values-unknown-table-release", "ReleaseInserts",
+     replay_pb2.ReleaseInsertsRequest(table="x", released=True).SerializeToString(), NF)
+case("values-no-table-release", "ReleaseInserts",
+     replay_pb2.ReleaseInsertsRequest(released=True).SerializeToString(), IA, "needs a table name")
 case("values-missing-field", "Insert", bad_columns(lambda c: c.pop("reward")), IA, "missing fields ['reward']")
 case("values-extra-field", "Insert", bad_columns(lambda c: c.update(extra=np.zeros(3))), IA, "unknown fields")
 for name, dtype in (("obs", np.float64), ("action", np.int32), ("action", np.uint64), ("reward", np.float16),
@@ -383,7 +387,9 @@ def test_auth_refused(shard, method, kind, header):
     before = _digest(server)
     valid = {"Insert": insert_bytes(), "Sample": sample_bytes(), "Info": b"", "Checkpoint": b"",
              "UpdatePriorities": update_bytes(np.array([0], np.uint64), np.array([50.0])),
-             "RebaseRateLimiter": b"", "Clear": b""}[method]
+             "RebaseRateLimiter": b"", "Clear": b"",
+             "ReleaseInserts": replay_pb2.ReleaseInsertsRequest(table="replay", released=True).SerializeToString(),
+             }[method]
     md = None if header is None else (("authorization", header),)
     got, details = _call(raw, method, valid, md=md)
     assert got == UA, details

@@ -69,13 +69,44 @@ def test_keys_issued_after_the_last_checkpoint_never_change_rows_after_a_restore
         assert mass == 4 * 1.0 + 2 * 3.0
         # A late priority update for the lost rows must not touch the new rows 4 and 5.
         result = client.update_priorities_result(lost, np.array([1000.0, 1000.0]))
-        assert result == {"updated": 0, "stale_generation": 2, "unknown": 0}
+        assert result == {"updated": 0, "stale_generation": 2, "unknown": 0, "unavailable": 0}
         assert client.info()[0].priority_mass == mass
         assert client.update_priorities(new, np.array([5.0, 5.0])) == 2
         assert client.info()[0].priority_mass == 4.0 + 10.0
         info = client.info()[0]
         assert (info.generation, info.stale_generation_updates) == (1, 2)
-        assert client.priority_update_counts == {"updated": 2, "stale_generation": 2, "unknown": 0}
+        assert client.priority_update_counts == {"updated": 2, "stale_generation": 2, "unknown": 0, "unavailable": 0}
+    finally:
+        srv.stop()
+
+
+def test_the_client_counts_exactly_the_acknowledged_rows_a_crashed_shard_lost(tmp_path):
+    """Each writer's total is in the shard's checkpoints; at a writer's first insert after the restore the
+    client compares it with what it was acknowledged: the difference is exactly the rows written since
+    the checkpoint, per writer, and no other writer's rows are counted."""
+    srv = _server(tmp_path)
+    port = int(srv.address.rsplit(":", 1)[1])
+    client = ReplayClient([srv.address], timeout=10)
+    client.insert(_rows(0, 4), writer_key="w")
+    client.insert(_rows(0, 3), writer_key="v")
+    client.checkpoint()
+    client.insert(_rows(4, 2), writer_key="w")       # acknowledged, then lost
+    client.insert(_rows(6, 3), writer_key="w")
+    client.insert(_rows(0, 5), writer_key="late")    # a writer the checkpoint never saw
+    assert client.lost_rows == 0
+    srv.stop()                                        # no final checkpoint: as after SIGKILL
+    srv = ReplayServer(port=port, checkpoint_dir=tmp_path / "ckpt", tables=[CONFIG])
+    srv.start()
+    try:
+        assert client.info()[0].size == 7
+        client.insert(_rows(9, 1), writer_key="v")
+        assert client.lost_rows == 0                  # v lost nothing
+        client.insert(_rows(9, 1), writer_key="w")
+        assert client.lost_rows == 5
+        client.insert(_rows(9, 2), writer_key="late")
+        assert client.lost_rows == 10                 # 5 + 5
+        client.insert(_rows(11, 2), writer_key="w")
+        assert client.lost_rows == 10 and client.info()[0].size == 7 + 1 + 1 + 2 + 2
     finally:
         srv.stop()
 
@@ -175,6 +206,7 @@ def test_a_retried_insert_whose_response_was_lost_is_stored_once():
         # The next insert of the writer is a new sequence number: stored.
         assert key_index(client.insert(_rows(5, 1), writer_key="w")).tolist() == [5]
         assert client.info()[0].inserts == 6
+        assert client.lost_rows == 0                          # a repeat is not a loss
     finally:
         proxy.close()
         srv.stop()

@@ -4,6 +4,7 @@ priority updates reaching their owner, errors surfacing as replay.errors, pickli
 from __future__ import annotations
 
 import pickle
+import time
 import zlib
 
 import numpy as np
@@ -176,3 +177,44 @@ def test_clear_empties_every_shard_and_old_keys_never_reach_new_rows(client, sha
     result = client.update_priorities_result(old, np.full(old.size, 5.0))
     assert result["updated"] == 0 and result["unknown"] == old.size
     assert client.clear() == 4 and client.clear() == 0
+
+
+@pytest.mark.parametrize("shards", ["prioritized"], indirect=True)
+def test_a_dead_shard_is_left_out_of_samples_and_priority_updates_until_it_is_back(shards):
+    """The learner keeps sampling from the live shards while one restarts; nothing waits for the whole
+    call timeout, and the shard is sampled again once it answers."""
+    client = ReplayClient([s.address for s in shards], table="replay", timeout=10.0, seed=0, refresh_interval_s=0.2)
+    client.insert(_rows(0, 6), writer_key=_writer_for(0))
+    client.insert(_rows(100, 6), writer_key=_writer_for(1))
+    both = client.sample(12, beta=1.0)
+    port = int(shards[1].address.rsplit(":", 1)[1])
+    shards[1].stop()                                  # no checkpoint dir: it comes back empty
+    start = time.monotonic()
+    failed = 0
+    for _ in range(3):             # a call that picked the dead shard fails (at most once) ...
+        try:
+            batch = client.sample(12, beta=1.0, timeout=1.0)
+            break
+        except ShardUnavailable:
+            failed += 1
+    assert failed <= 1
+    assert set((batch.keys >> np.uint64(48)).tolist()) == {0}   # ... then only the live shard is sampled
+    result = client.update_priorities_result(both.keys, np.full(12, 2.0), timeout=5.0)
+    dead = int(np.sum((both.keys >> np.uint64(48)) == 1))
+    assert result["unavailable"] == dead and result["updated"] == 12 - dead
+    assert time.monotonic() - start < 8.0
+    with pytest.raises(ShardUnavailable, match="replay shard 1"):
+        client.insert(_rows(200, 1), writer_key=_writer_for(1), timeout=0.5)   # its writers wait (and retry)
+    config = TableConfig(name="replay", schema=SCHEMA, capacity=64, sampler="prioritized", priority_exponent=1.0)
+    shards[1] = ReplayServer(tables=[config], port=port, shard_index=1)
+    shards[1].start()
+    client.insert(_rows(300, 4), writer_key=_writer_for(1), timeout=10.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        keys = client.sample(64, beta=1.0, timeout=5.0).keys
+        if set((keys >> np.uint64(48)).tolist()) == {0, 1}:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the restarted shard was never sampled again")
+    client.close()

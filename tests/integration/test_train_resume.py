@@ -18,6 +18,12 @@ from learner.checkpoint import load_latest_checkpoint, state_digest
 pytestmark = pytest.mark.e2e
 
 
+def read_config_json(preset: str) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(load_config(preset=preset))
+
+
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -100,6 +106,11 @@ def test_bad_flags_and_resume_dirs_are_refused(tmp_path, capsys):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["--plasticity", "layer_norm,not_a_thing"]) == 2
     assert "not_a_thing" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps(read_config_json("cartpole-shifts")))
+    assert main(["--resume", str(tmp_path), "--scenario.replay_at_switch", "per_task"]) == 2
+    assert "'keep' -> 'per_task' changes the replay tables" in capsys.readouterr().err
+    assert main(["--resume-if-exists"]) == 2
+    assert "--resume-if-exists needs --run-dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
@@ -144,8 +155,9 @@ def test_interrupt_stops_cleanly_and_leaves_a_resumable_checkpoint(tmp_path, how
     assert not list((tmp_path / "runs" / "prometheus_targets").glob("*.json"))
     state = load_latest_checkpoint(run_dir / "checkpoints")
     assert state is not None and state["counters"]["updates"] > 0
-    # and it resumes from there
-    assert main(["--resume", str(run_dir), "--learner.total_env_steps", str(state["counters"]["env_steps"] + 500)]) == 0
+    # and it resumes from there (after SIGTERM as a restarted container entrypoint would: the same command)
+    again = ["--run-dir", str(run_dir), "--resume-if-exists"] if how == "sigterm" else ["--resume", str(run_dir)]
+    assert main([*again, "--learner.total_env_steps", str(state["counters"]["env_steps"] + 500)]) == 0
     assert load_latest_checkpoint(run_dir / "checkpoints")["counters"]["updates"] >= state["counters"]["updates"]
 
 
@@ -276,3 +288,40 @@ def test_a_scenario_switches_tasks_at_their_env_steps_exactly_once_across_resume
                all(s["episodes"] == 3 for s in e["scores"].values()) for e in evaluations)
     summary = json.loads((run_dir / "continual.json").read_text())
     assert summary["visits_reached"] == 3 and set(summary["forgetting"]) == {"pole-0.5", "pole-2.0", "permuted"}
+
+
+def test_per_task_tables_train_on_the_current_task_only_and_keep_each_task_for_its_next_visit(tmp_path):
+    """replay_at_switch: per_task in a live run: after each switch the learner trains on the new task's rows
+    only (the old task's insert batches on their way land in its own table, and its actors are not held
+    back by a table nobody samples), and a resumed run restores every task's table for its next visit."""
+    scenario = {"steps_per_task": 2000, "cycles": 2, "replay_at_switch": "per_task", "tasks": [
+        {"name": "pole-0.5"}, {"name": "pole-2.0", "variation": {"params": {"length": 2.0}}}]}
+    config = load_config(preset="cartpole", overrides={
+        "replay": {"capacity": 4000, "min_size_to_sample": 200, "samples_per_insert": 32.0, "sampler": "prioritized"},
+        "actors": {"num_actors": 1, "epsilon_decay_steps": 500, "weight_poll_steps": 5},
+        "learner": {"total_env_steps": 3000, "stop_at_return": None, "log_every_s": 0.5},
+        "plasticity": {"interventions": "", "diagnostics": ""},
+        "dqn": {"compile": False}, "scenario": scenario, "evaluation": {"at_switch": False},
+    }).validate()
+    run_dir = tmp_path / "per-task"
+    Trainer(config, run_dir=run_dir).run()
+    records = _records(run_dir)
+    assert [r["task_switch"] for r in records if "task_switch" in r] == ["pole-2.0"]
+    # Each table holds 4000 / 2 tasks rows; task 0's is full, task 1's filling.
+    assert max(r["replay_size"] for r in records) <= 4000
+    switch = next(i for i, r in enumerate(records) if "task_switch" in r)
+    trained = [r["replay_current_task_fraction"] for r in records[switch + 1:]
+               if r.get("replay_current_task_fraction") is not None]
+    assert trained and all(f == 1.0 for f in trained), trained   # with "keep" it would be well below 1
+
+    assert main(["--resume", str(run_dir), "--learner.total_env_steps", "5000"]) == 0
+    resumed = _records(run_dir)[len(records):]
+    assert [(r["task_switch"], r["visit"]) for r in resumed if "task_switch" in r] == [("pole-0.5", 2)]
+    back = next(i for i, r in enumerate(resumed) if "task_switch" in r)
+    # Task 0's table came back from the shard's checkpoint: the learner trains on its rows at once.
+    assert resumed[back]["replay_size"] >= 2000
+    trained = [r["replay_current_task_fraction"] for r in resumed[back + 1:]
+               if r.get("replay_current_task_fraction") is not None]
+    assert trained and all(f == 1.0 for f in trained), trained
+    state = load_latest_checkpoint(run_dir / "checkpoints")
+    assert state["counters"]["visit"] == 2

@@ -125,6 +125,17 @@ def test_exploration_schedule_resumes_where_it_left_off():
     assert isinstance(done, ConstantEpsilon) and done(0) == pytest.approx(0.4 ** 8)
 
 
+def test_actors_added_by_scaling_spread_over_a_ladder_of_max_actors():
+    actors = load_config(preset="cartpole", overrides={"actors": {
+        "num_actors": 2, "epsilon_base": 0.4, "epsilon_alpha": 7.0, "epsilon_decay_steps": 1}}).actors
+    ends = [exploration_schedule(actors, index=i, step_offset=10, max_actors=8)(0) for i in range(5)]
+    assert ends[:2] == pytest.approx([0.4, 0.4 ** 8])               # the configured ladder, unchanged
+    assert ends[2:] == pytest.approx([0.4 ** (1 + 7 * i / 7) for i in (2, 3, 4)])   # added: a ladder over 8
+    assert len(set(ends[2:])) == 3
+    with pytest.raises(ValueError, match=r"index must be an integer in \[0, 2\)"):
+        exploration_schedule(actors, index=2)                        # without a max: only the configured ones
+
+
 def test_cli_flags_cover_the_tree():
     help_text = build_parser().format_help()
     for flag in ("--replay.num_shards", "--learner.total_env_steps", "--plasticity.interventions",

@@ -43,7 +43,7 @@ def test_the_schedule_is_a_function_of_env_steps_over_cycles():
     ({"steps_per_task": 10, "tasks": [{"variation": {"permute": True}}]}, r"unknown key\(s\) \['permute'\]"),
     ({"steps_per_task": 10, "tasks": [{"variation": {"seed": -2}}]}, "variation.seed = -2 is invalid"),
     ({"steps_per_task": 10, "cycles": 0, "tasks": [{}]}, "scenario.cycles = 0 is invalid"),
-    ({"steps_per_task": 10, "replay_at_switch": "per_task", "tasks": [{}]}, "scenario.replay_at_switch = 'per_task'"),
+    ({"steps_per_task": 10, "replay_at_switch": "per-task", "tasks": [{}]}, "scenario.replay_at_switch = 'per-task'"),
 ])
 def test_bad_scenarios_are_refused_when_the_config_is_validated(scenario, message):
     with pytest.raises(ValueError, match=message):

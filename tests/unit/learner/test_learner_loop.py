@@ -216,6 +216,28 @@ def test_discard_drops_what_was_sampled_before_it_and_the_call_in_flight():
         p.stop()
 
 
+def test_discard_drops_a_call_that_was_waiting_for_room_in_the_queue():
+    """The sampling thread may hold a finished call while the queue is full; discard() drains the queue,
+    the thread then queues that call: it was sampled before the discard and must never be handed out."""
+    calls = []
+
+    def sample(_timeout):
+        calls.append(len(calls))
+        return [Batch(tensors={"tag": torch.tensor(len(calls))}, keys=np.zeros(1, np.uint64), weights=None)]
+
+    p = Prefetcher(sample=sample, depth=1, poll_timeout_s=0.05).start()
+    try:
+        deadline = time.time() + 5
+        while len(calls) < 2 and time.time() < deadline:   # call 1 queued, call 2 waits for room
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert p.discard() == 1
+        after = p.get(timeout=5)
+        assert int(after.tensors["tag"]) >= 3 and p.late_discarded == 1   # call 2 was dropped on the way out
+    finally:
+        p.stop()
+
+
 def test_discard_keeps_a_sampling_failure():
     def sample(_timeout):
         raise OSError("replay gone")

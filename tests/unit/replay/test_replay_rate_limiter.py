@@ -260,7 +260,8 @@ def test_queue_state_round_trip():
     q.record_sample(5)
     q.insert_blocked_s = 1.5
     state = q.state_dict()
-    assert state == {"inserts": 7, "samples": 5, "insert_blocked_s": 1.5, "sample_blocked_s": 0.0, "shift": "0"}
+    assert state == {"inserts": 7, "samples": 5, "insert_blocked_s": 1.5, "sample_blocked_s": 0.0, "shift": "0",
+                     "inserts_released": False}
     r = QueueRateLimiter(capacity=4)
     r.load_state_dict(state)
     assert (r.inserts, r.samples, r.insert_blocked_s, r.sample_blocked_s, r.capacity) == (7, 5, 1.5, 0.0, 4)
@@ -446,3 +447,50 @@ def test_a_guard_bounds_the_wait_by_its_deadline_and_may_refuse_to_block():
         t.sample(1, timeout=0, guard=refusing)              # a call that would not wait never asks for a slot
     t.insert(_rows(5))
     assert t.sample(1, guard=refusing).keys.size == 1     # nor does one that need not wait
+
+
+def test_released_inserts_never_wait_and_tying_them_again_rebases():
+    rl = RateLimiter(min_size_to_sample=2, samples_per_insert=1.0, error_buffer=3.0)   # offset 2, band [-1, 5]
+    rl.record_insert(5)                             # diff 5: at max_diff
+    assert not rl.can_insert(1, size=5)
+    rl.release_inserts()
+    assert rl.can_insert(1_000, size=5) and "inserts released" in rl.describe(size=5)
+    assert rl.insert_never_possible(1_000, size=5) is None
+    rl.record_insert(1_000)                         # diff 1005: without the rebase a burst of 1000 samples
+    state = rl.state_dict()
+    rl.release_inserts(False)
+    assert (rl.inserts, rl.diff, rl.inserts_released) == (1_005, 2.0, False)
+    assert rl.can_sample(3, size=100) and not rl.can_sample(4, size=100)   # no burst for the returning sampler
+    assert rl.can_insert(3, size=100) and not rl.can_insert(4, size=100)   # and inserts are tied again
+    restored = RateLimiter(min_size_to_sample=2, samples_per_insert=1.0, error_buffer=3.0)
+    restored.load_state_dict(state)                 # a shard restored while the table was released
+    assert restored.inserts_released and restored.can_insert(10, size=5)
+    rl.release_inserts(False)                       # tying twice does not move the band again
+    assert rl.diff == 2.0
+
+
+def test_queue_inserts_cannot_be_released():
+    q = QueueRateLimiter(capacity=4)
+    with pytest.raises(ValueError, match="fifo"):
+        q.release_inserts()
+    q.release_inserts(False)                        # already tied: a no-op
+
+
+def test_releasing_a_table_wakes_its_blocked_insert():
+    t = _table(min_size_to_sample=1, samples_per_insert=1.0, error_buffer=1.0)  # band [0, 2]
+    t.insert(_rows(2))
+    done = threading.Event()
+
+    def inserter():
+        t.insert(_rows(1, 2), timeout=30)
+        done.set()
+
+    th = threading.Thread(target=inserter)
+    th.start()
+    _wait_until_blocked(t)
+    assert "inserts released" in t.release_inserts(True)   # nobody samples: the insert must not wait for good
+    th.join(30)
+    assert done.is_set() and t.info().inserts == 3
+    t.release_inserts(False)
+    with pytest.raises(DeadlineExceeded):
+        t.insert(_rows(2, 3), timeout=0)          # tied again at the middle of the band: 2 rows overshoot it

@@ -179,3 +179,23 @@ def test_concurrent_writers_and_samplers_stay_consistent(storage):
             else:
                 np.testing.assert_array_equal(r.columns["obs"][row], _stamp_frames(np.array([g, g + 1])))
                 np.testing.assert_array_equal(r.columns["next_obs"][row], _stamp_frames(np.array([g + 1, g + 2])))
+
+
+def test_writer_totals_are_counted_checkpointed_and_unknown_in_old_checkpoints():
+    config = TableConfig(name="t", schema=Schema.parse("x:int64"), capacity=8)
+    table = Table(config)
+    rows = {"x": np.arange(3, dtype=np.int64)}
+    assert table.write(rows, writer="w", sequence=1).writer_rows == 3
+    assert table.write(rows, writer="w", sequence=2).writer_rows == 6
+    again = table.write(rows, writer="w", sequence=2)
+    assert again.duplicate and again.writer_rows == 6          # a repeat adds nothing
+    assert table.write(rows).writer_rows == -1                 # no writer: nothing to count
+    assert table.write(rows, writer="w", sequence=3).writer_rows == 9   # evictions do not change the total
+    meta, arrays = table.state_dict()
+    restored = Table(config)
+    restored.load_state_dict(meta, arrays)
+    assert restored.write(rows, writer="w", sequence=4).writer_rows == 12
+    meta["writers"] = [entry[:5] for entry in meta["writers"]]   # a checkpoint from before the totals
+    old = Table(config)
+    old.load_state_dict(meta, arrays)
+    assert old.write(rows, writer="w", sequence=4).writer_rows == -1
