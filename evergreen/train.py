@@ -227,8 +227,7 @@ class ReplayInserter:
     @property
     def rows_lost(self) -> int:
         """Rows replay acknowledged to this actor and later lost with a shard crash (the client counts them)."""
-        clients = getattr(self.client, "clients", [self.client])   # per-task tables: one client per table
-        return sum(int(getattr(c, "lost_rows", 0)) for c in clients)
+        return int(getattr(self.client, "lost_rows", 0))
 
     def __call__(self, columns: dict[str, np.ndarray]) -> Any:
         from replay.client import ShardUnavailable
@@ -395,7 +394,8 @@ class Trainer:
         )
         return self._learner
 
-    def _start_actors(self, builder: Any, client: Any, store: Any, *, env_steps: int, episodes: int) -> Any:
+    def _start_actors(self, builder: Any, client: Any, store: Any, *, env_steps: int, episodes: int,
+                      num_actors: int) -> Any:
         from actors.ray_actor import ActorPool
         from evergreen.weights import RayWeightSource
 
@@ -418,7 +418,7 @@ class Trainer:
                 seed=cfg.seed * 10_007 + index * 1_000 + episodes, tasks=tasks,
             )
 
-        self._pool = ActorPool(a.num_actors, actor_kwargs, restart_backoff_s=a.restart_backoff_s,
+        self._pool = ActorPool(num_actors, actor_kwargs, restart_backoff_s=a.restart_backoff_s,
                                max_restarts_per_window=a.max_restarts, restart_window_s=a.restart_window_s,
                                actor_options=_resources(a.placement))
         self._pool.start()
@@ -516,8 +516,13 @@ class Trainer:
                     ray.get(learner.sample_task.remote(visit.task))
                 print(f"  scenario: {len(scenario.tasks)} tasks x {scenario.cycles} cycle(s), "
                       f"{scenario.total_steps:,} env steps; on visit {visit.index} (task {books.task!r})")
+            # A resumed run continues with the actor count it had (it may have been scaled).
+            num_actors = min(int(extra.get("num_actors", cfg.actors.num_actors)), cfg.control.max_actors) \
+                if extra else cfg.actors.num_actors
             self._start_actors(builder, client, store, env_steps=books.counters["env_steps"],
-                               episodes=books.counters["episodes"])
+                               episodes=books.counters["episodes"], num_actors=num_actors)
+            if self._control is not None:
+                self._control.set_desired_actors(num_actors)
             if self._evaluates():
                 from evergreen.evaluation import RunEvaluations
 
@@ -580,7 +585,9 @@ class Trainer:
             # The learner first: it is what --resume needs; replay shards can lose at most the
             # transitions since their previous checkpoint, which only costs a little data.
             try:
-                ray.get(learner.checkpoint.remote(books.checkpoint_extra()))
+                # The actor count too: a run scaled with `evergreen scale` resumes at that count.
+                extra = dict(books.checkpoint_extra(), num_actors=pool.num_actors)
+                ray.get(learner.checkpoint.remote(extra))
             except ray.exceptions.RayError as exc:
                 raise LearnerError(f"the learner checkpoint failed: {_ray_error(exc)}") from exc
             try:

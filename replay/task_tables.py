@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from replay.client import ReplayClient, SampleBatch
+from replay.client import PRIORITY_TIMEOUT_S, ReplayClient, SampleBatch
 
 __all__ = ["TaskTables", "task_table_names"]
 
@@ -88,7 +88,7 @@ class TaskTables:
         return self.clients[self.sampling_task].sample(batch_size, beta=beta, timeout=timeout)
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray, *, table: str | None = None,
-                          timeout: float | None = None) -> int:
+                          timeout: float | None = PRIORITY_TIMEOUT_S) -> int:
         """Priority updates for a batch of ``table`` (its ``SampleBatch.table``; None = the sampled table now)."""
         client = self.clients[self.sampling_task] if table is None else self._by_table.get(table)
         if client is None:
@@ -150,6 +150,11 @@ class TaskTables:
 
     def clear(self, *, timeout: float | None = None) -> int:
         return sum(client.clear(timeout=timeout) for client in self.clients)
+
+    @property
+    def lost_rows(self) -> int:
+        """Rows a shard acknowledged and later lost, over every table (see ``ReplayClient.lost_rows``)."""
+        return sum(c.lost_rows for c in self.clients)
 
     @property
     def duplicate_inserts(self) -> int:

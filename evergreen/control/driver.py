@@ -132,6 +132,10 @@ class RunControl:
     def set_task(self, task: Mapping[str, Any]) -> None:
         self._guard("a task update", self.plane.set_task, self.run, task)
 
+    def set_desired_actors(self, count: int) -> None:
+        """The actor count the run starts with (a resumed run: the one it had)."""
+        self._guard("setting the desired actors", self.plane.set_desired_actors, self.run, count)
+
     def due(self) -> bool:
         """Whether a heartbeat period passed since the last :meth:`beat`."""
         return time.monotonic() - self._last_beat >= self.heartbeat_s

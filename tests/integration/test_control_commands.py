@@ -12,6 +12,7 @@ import time
 import pytest
 
 from evergreen.control.commands import main as control_main
+from evergreen.train import main as train_main
 from learner.checkpoint import load_latest_checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -65,10 +66,10 @@ def test_status_scale_and_stop_a_live_run_from_another_process(tmp_path, capsys)
         capsys.readouterr()
         _wait(lambda: _actor_states(_status(run_dir, capsys)) == ["running"] * 3, "3 running actors")
         steps = _status(run_dir, capsys)["components"][0]["env_steps"]
-        assert control_main("scale", [str(run_dir), "--actors", "1"]) == 0
+        assert control_main("scale", [str(run_dir), "--actors", "2"]) == 0
         capsys.readouterr()
-        # The leaving actors finish their chunk, flush their inserts, and are forgotten at once.
-        _wait(lambda: _actor_states(_status(run_dir, capsys)) == ["running"], "back to 1 actor", timeout_s=30)
+        # The leaving actor finishes its chunk, flushes its inserts, and is forgotten at once.
+        _wait(lambda: _actor_states(_status(run_dir, capsys)) == ["running"] * 2, "down to 2 actors", timeout_s=30)
         _wait(lambda: _status(run_dir, capsys)["components"][0]["env_steps"] > steps, "env steps going on")
 
         assert control_main("runs", ["--runs-dir", str(tmp_path), "--json"]) == 0
@@ -80,7 +81,7 @@ def test_status_scale_and_stop_a_live_run_from_another_process(tmp_path, capsys)
         output, _ = train.communicate(timeout=120)
         assert train.returncode == 0, output[-3000:]
         assert "stopped by `evergreen stop` (the test is done)" in output
-        assert "actors 1 -> 3" in output and "actors 3 -> 1" in output
+        assert "actors 1 -> 3" in output and "actors 3 -> 2" in output
     finally:
         if train.poll() is None:
             train.kill()
@@ -92,3 +93,8 @@ def test_status_scale_and_stop_a_live_run_from_another_process(tmp_path, capsys)
     assert "password" not in json.loads((run_dir / "control.json").read_text())
     assert control_main("scale", [str(run_dir), "--actors", "2"]) == 1   # nobody to scale
     assert "unreachable" in capsys.readouterr().err
+    # Resumed, the run goes on with the actor count it was scaled to (kept in the checkpoint).
+    assert train_main(["--resume", str(run_dir), "--learner.total_env_steps",
+                       str(state["counters"]["env_steps"] + 300)]) == 0
+    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[-1]["num_actors"] == 2
