@@ -10,6 +10,11 @@ weight poll it checks the task, and on a change it drops the adder's open n-step
 transition never spans two tasks), closes the env and builds the new task's env. Every row carries
 the index of the task it was collected on.
 
+A weights source with ``poll(actor, env_steps, held)`` (``evergreen.weights.RayWeightSource``) is also
+the run's env-step gate: the actor reports its steps at every poll, and while the answer says hold
+(the run reached a task switch, or its end) it inserts what it buffered and waits, polling every
+``GATE_RETRY_S``, until the gate opens or its ``run`` time is up.
+
 Usage::
 
     env = EnvConfig(id="CartPole-v1", num_envs=8)
@@ -46,6 +51,9 @@ from actors.tasks import EnvTask
 
 __all__ = ["Actor", "ActorStats", "WeightsSource"]
 
+#: Seconds between polls of an actor held at a closed env-step gate.
+GATE_RETRY_S = 0.05
+
 
 class WeightsSource(Protocol):
     """Where actors pull weights from: the newest published version and its state dict."""
@@ -57,6 +65,8 @@ class WeightsSource(Protocol):
         ...
 
     # Optional, for continual scenarios: ``current_task() -> int``, the index of the task to act on.
+    # Optional: ``poll(actor, env_steps, held) -> (version, task, hold)``, all of it in one call, with the
+    # run's env-step gate (see the module docstring); used instead of the two calls above when present.
 
 
 @dataclass
@@ -84,6 +94,8 @@ class ActorStats:
     replay_rows_lost: int = 0
     """Rows replay acknowledged and later lost (a shard restored from an older checkpoint after a crash),
     found in this period: the ``rows_lost`` count of the ``insert`` callable, when it has one."""
+    held_s: float = 0.0
+    """Seconds of ``wall_s`` spent waiting at the run's closed env-step gate."""
 
     @property
     def num_episodes(self) -> int:
@@ -112,6 +124,7 @@ class ActorStats:
             episode_returns=returns,
             episode_lengths=lengths,
             replay_rows_lost=self.replay_rows_lost + other.replay_rows_lost,
+            held_s=self.held_s + other.held_s,
         )
 
 
@@ -199,6 +212,9 @@ class Actor:
         self._version = -1
         self._weight_updates = 0
         self._total_env_steps = int(env_steps_offset)
+        self._steps_reported = self._total_env_steps   # env steps the weights source was told of (gate)
+        self._gate_closed = False   # the last poll said hold
+        self._held = False          # ... and everything collected before it is inserted
         self._vector_steps = 0
         self._batch: dict[str, np.ndarray] = {}
         self._batch_rows = 0
@@ -250,8 +266,18 @@ class Actor:
             self._obs = self._env.reset()
         done = 0
         while (num_steps is None or done < num_steps) and (deadline is None or time.perf_counter() < deadline):
-            self._step()
-            done += 1
+            if self._step():
+                done += 1
+                continue
+            # Held at the run's env-step gate: what this actor collected goes to replay before the driver
+            # switches task (or ends the run); then it waits for the gate to open.
+            if not self._held:
+                self._flush()
+                self._drain_inserts()
+                self._held = True
+            pause = GATE_RETRY_S if deadline is None else max(0.0, min(GATE_RETRY_S, deadline - time.perf_counter()))
+            time.sleep(pause)
+            self._run_stats.held_s += pause
         self._flush()
         self._drain_inserts()
         stats = self._run_stats
@@ -297,13 +323,26 @@ class Actor:
     def poll_weights(self) -> bool:
         """Load the newest published weights if their version differs from ours; True if loaded.
 
-        With a scenario, first switch to the source's current task if it changed."""
+        With a scenario, first switch to the source's current task if it changed. With a gated source,
+        report the env steps taken since the previous poll; while the gate is closed nothing is loaded
+        (the driver may still change the task) and ``gate_closed`` is True."""
         if self._weights is None:
             return False
-        current_task = getattr(self._weights, "current_task", None)
-        if callable(current_task) and len(self.tasks) > 1:
-            self.switch_task(int(current_task()))
-        latest = int(self._weights.latest_version())
+        poll = getattr(self._weights, "poll", None)
+        if callable(poll):
+            latest, task, hold = poll(self.actor_index, self._total_env_steps - self._steps_reported, self._held)
+            self._steps_reported = self._total_env_steps
+            self._gate_closed = bool(hold)
+            if hold:
+                return False
+            self._held = False
+            if len(self.tasks) > 1:
+                self.switch_task(int(task))
+        else:
+            current_task = getattr(self._weights, "current_task", None)
+            if callable(current_task) and len(self.tasks) > 1:
+                self.switch_task(int(current_task()))
+            latest = int(self._weights.latest_version())
         if latest < 0 or latest == self._version:
             return False
         state = self._weights.get(latest)
@@ -329,9 +368,17 @@ class Actor:
 
     # -- hot loop -----------------------------------------------------------------------------------
 
-    def _step(self) -> None:
+    @property
+    def gate_closed(self) -> bool:
+        """Whether the last poll found the run's env-step gate closed (the actor waits until it opens)."""
+        return self._gate_closed
+
+    def _step(self) -> bool:
+        """One vector step; False (and no step) while the run's env-step gate is closed."""
         if self._vector_steps % self.weights_poll_interval == 0:
             self.poll_weights()
+            if self._gate_closed:
+                return False
         if self._obs is None:  # a task switch replaced the env
             self._obs = self._env.reset()
         obs = self._obs
@@ -345,6 +392,7 @@ class Actor:
         self._vector_steps += 1
         self._total_env_steps += self._env.num_envs
         self._run_stats.env_steps += self._env.num_envs
+        return True
 
     def _drain_inserts(self) -> None:
         """Wait for the batch in flight, so a run's stats count only stored transitions."""

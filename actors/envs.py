@@ -247,6 +247,7 @@ class VectorEnv:
         self._obs_perm = variation.observation_permutation(self.observation_shape) if variation else None
         self._action_perm = variation.action_permutation(actions) if variation else None
         self._reward_noise = float(variation.reward_noise) if variation else 0.0
+        self._reward_scale = float(variation.reward_scale) if variation else 1.0
         # Seeded by the task and the env seed, so that each actor's noise differs and a rerun repeats it.
         self._noise_rng = np.random.default_rng([variation.seed if variation else 0, 3, config.seed])
         self._episode_return = np.zeros(self.num_envs, dtype=np.float64)
@@ -303,6 +304,8 @@ class VectorEnv:
         info["raw_reward"] = raw
         info["autoreset"] = autoreset
         train_reward = np.sign(raw).astype(np.float32) if self._clip else raw
+        if self._reward_scale != 1.0:  # the learning signal only, like the noise below
+            train_reward = (train_reward * self._reward_scale).astype(np.float32)
         if self._reward_noise:  # the learning signal only: episode returns above keep the true reward
             noise = self._noise_rng.normal(0.0, self._reward_noise, size=train_reward.shape)
             train_reward = (train_reward + noise).astype(np.float32)

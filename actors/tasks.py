@@ -16,6 +16,9 @@ A :class:`TaskVariation` is applied when an actor builds its vector env for a ta
 * ``reward_noise``: the standard deviation of Gaussian noise added to the reward the agent learns
   from (after clipping); the episode returns, and so the statistics and evaluations, keep the env's
   true reward. A noisy task of the same dynamics: what a "warm start on a noisy task" needs;
+* ``reward_scale``: a factor on the reward the agent learns from (after clipping, before the noise);
+  the episode returns keep the true reward. The same task at another scale of its value targets
+  (large targets are one known cause of lost trainability);
 * ``mode`` and ``difficulty``: an Atari game's mode and difficulty switches (the game designers'
   variants, e.g. Breakout modes 0, 4, ..., 44 and difficulties 0-1); a value the game does not have
   is refused with the ones it has. Such a task is built from gymnasium's ALE env and preprocessing
@@ -39,7 +42,8 @@ import numpy as np
 
 __all__ = ["EnvTask", "TaskVariation"]
 
-_KEYS = ("params", "permute_observations", "permute_actions", "seed", "mode", "difficulty", "reward_noise")
+_KEYS = ("params", "permute_observations", "permute_actions", "seed", "mode", "difficulty", "reward_noise",
+         "reward_scale")
 
 
 def _permutation(size: int, seed: int, stream: int) -> np.ndarray:
@@ -72,6 +76,7 @@ class TaskVariation:
     mode: int | None = None
     difficulty: int | None = None
     reward_noise: float = 0.0
+    reward_scale: float = 1.0
 
     @classmethod
     def from_dict(cls, raw: Any, *, default_seed: int = 0) -> TaskVariation:
@@ -102,7 +107,11 @@ class TaskVariation:
         noise = raw.get("reward_noise", 0.0)
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
             raise ValueError(f"variation.reward_noise = {noise!r} is invalid: expected a finite number >= 0")
+        scale = raw.get("reward_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"variation.reward_scale = {scale!r} is invalid: expected a finite number > 0")
         return cls(params={k: float(v) for k, v in params.items()}, reward_noise=float(noise),
+                   reward_scale=float(scale),
                    permute_observations=raw.get("permute_observations", False),
                    permute_actions=raw.get("permute_actions", False), seed=seed,
                    mode=raw.get("mode"), difficulty=raw.get("difficulty"))
@@ -114,6 +123,8 @@ class TaskVariation:
             parts.append(f"permuted observations (seed {self.seed})")
         if self.permute_actions:
             parts.append(f"permuted actions (seed {self.seed})")
+        if self.reward_scale != 1.0:
+            parts.append(f"reward x{self.reward_scale:g}")
         if self.reward_noise:
             parts.append(f"reward noise {self.reward_noise:g}")
         return ", ".join(parts) or "unchanged"

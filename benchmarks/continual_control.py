@@ -21,7 +21,9 @@ Replay is flushed at every switch (``scenario.replay_at_switch: "flush"``), so e
 from its own data only, at 1 update per env step (``samples_per_insert`` = batch size), with a
 constant learning rate (a decaying one would itself slow later tasks down), no early stopping, and
 the network without layer norm (``layer_norm`` is one of the methods). ``--warm-noise 0`` makes the
-first task a permutation like the others (no noisy warm start).
+first task a permutation like the others (no noisy warm start). ``--warm-scale S`` multiplies the warm
+start's learning reward by S (with ``--warm-noise 0``: the nominal task at S times its value scale),
+the setting in which this benchmark shows lost trainability (BENCHMARKS.md).
 
 Each (method, seed) is :func:`evergreen.bench.continual.run_lockstep`: the system's actor, replay
 table, DQN learner loop, interventions, diagnostics and evaluation protocol in one process, in
@@ -65,7 +67,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 DEFAULT_METHODS = tuple(METHODS)
 
 
-def benchmark_config(method: str, seed: int, *, tasks: int, steps_per_task: int, warm_noise: float) -> Any:
+def benchmark_config(method: str, seed: int, *, tasks: int, steps_per_task: int, warm_noise: float,
+                     warm_scale: float = 1.0) -> Any:
     """The run config of one (method, seed): see the module docstring."""
     from evergreen.config import load_config
 
@@ -74,8 +77,10 @@ def benchmark_config(method: str, seed: int, *, tasks: int, steps_per_task: int,
     interventions, options = METHODS[method]
     task_list = [{"name": f"perm-{k}", "variation": {"permute_observations": True, "permute_actions": True,
                                                      "seed": 100 + k}} for k in range(tasks)]
-    if warm_noise:
-        task_list[0] = {"name": f"noisy-{warm_noise:g}", "variation": {"reward_noise": warm_noise}}
+    if warm_noise or warm_scale != 1.0:
+        name = "-".join(([f"noisy-{warm_noise:g}"] if warm_noise else []) +
+                        ([f"scaled-{warm_scale:g}"] if warm_scale != 1.0 else []))
+        task_list[0] = {"name": name, "variation": {"reward_noise": warm_noise, "reward_scale": warm_scale}}
     return load_config(preset="cartpole", overrides={
         "seed": seed,
         "network": {"norm": "none"},
@@ -94,7 +99,7 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     from evergreen.bench.continual import run_lockstep
 
     config = benchmark_config(job["method"], job["seed"], tasks=job["tasks"], steps_per_task=job["steps_per_task"],
-                              warm_noise=job["warm_noise"])
+                              warm_noise=job["warm_noise"], warm_scale=job.get("warm_scale", 1.0))
     result = run_lockstep(config, eval_every=job["eval_every"], eval_episodes=job["episodes"], progress=None)
     result.update(method=job["method"], seed=job["seed"])
     path = Path(job["path"])
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-task", type=int, default=6_000)
     parser.add_argument("--warm-noise", type=float, default=100.0,
                         help="reward noise of the first task (the warm start); 0 = a permuted task like the rest")
+    parser.add_argument("--warm-scale", type=float, default=1.0,
+                        help="factor on the first task's learning reward (the warm start's value-target scale)")
     parser.add_argument("--eval-every", type=int, default=1_000, help="env steps between evaluations of the current task")
     parser.add_argument("--episodes", type=int, default=5, help="evaluation episodes per task")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one core each)")
@@ -234,13 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
-    if args.tasks < 2 or args.steps_per_task < 500 or args.jobs < 1 or not args.warm_noise >= 0:
-        parser.error("--tasks must be >= 2, --steps-per-task >= 500, --jobs >= 1, --warm-noise >= 0")
+    if args.tasks < 2 or args.steps_per_task < 500 or args.jobs < 1 or not args.warm_noise >= 0 or \
+            not args.warm_scale > 0:
+        parser.error("--tasks must be >= 2, --steps-per-task >= 500, --jobs >= 1, --warm-noise >= 0, --warm-scale > 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.tasks}x{args.steps_per_task}-noise{args.warm_noise:g}"
+    tag = f"{args.tasks}x{args.steps_per_task}-noise{args.warm_noise:g}" + (
+        f"-scale{args.warm_scale:g}" if args.warm_scale != 1.0 else "")
     jobs = [{"method": m, "seed": s, "tasks": args.tasks, "steps_per_task": args.steps_per_task,
-             "warm_noise": args.warm_noise, "eval_every": args.eval_every, "episodes": args.episodes,
+             "warm_noise": args.warm_noise, "warm_scale": args.warm_scale, "eval_every": args.eval_every,
+             "episodes": args.episodes,
              "path": str(out / f"{m}-seed{s}-{tag}.json")}
             for s in seeds for m in methods]
     todo = [j for j in jobs if not Path(j["path"]).exists()]

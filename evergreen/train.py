@@ -55,6 +55,12 @@ from evergreen.scenario import Scenario
 LEARNER_CHUNK_S = 0.25
 #: Seconds between polls of the actors' statistics.
 ACTOR_POLL_S = 0.5
+#: At a task switch, how long the driver waits for every running actor to stop at the env-step gate
+#: with its rows inserted, before it switches anyway (an actor stuck elsewhere must not stall the run).
+GATE_DRAIN_S = 10.0
+#: At the run's end, how long all actors may sit at the closed gate before the run ends on the gate's
+#: count (the actors' statistics normally reach total_env_steps within one actor chunk).
+GATE_END_S = 3.0
 #: How often the driver checks that every replay shard's server runs, and how many crashes of one
 #: shard within the window it restarts before it stops the run as a crash loop.
 SHARD_CHECK_S = 1.0
@@ -516,6 +522,10 @@ class Trainer:
                     ray.get(learner.sample_task.remote(visit.task))
                 print(f"  scenario: {len(scenario.tasks)} tasks x {scenario.cycles} cycle(s), "
                       f"{scenario.total_steps:,} env steps; on visit {visit.index} (task {books.task!r})")
+            # Actors step until the next task switch or the run's end, then wait at the store's gate for the
+            # driver (see evergreen.weights): switches and the run's end are tied to env steps, not speed.
+            ray.get(store.open_gate.remote(env_steps=books.counters["env_steps"],
+                                           hold_at=self._gate_limit(books.counters["visit"])))
             # A resumed run continues with the actor count it had (it may have been scaled).
             num_actors = min(int(extra.get("num_actors", cfg.actors.num_actors)), cfg.control.max_actors) \
                 if extra else cfg.actors.num_actors
@@ -557,6 +567,22 @@ class Trainer:
                     end.update(stopped_by=summary.stopped_by, mean_return_100=summary.mean_return_100)
                 self._control.close(state=final_state, summary=end)
 
+    def _gate_limit(self, visit: int) -> int:
+        """The env step at which actors next wait for the driver: the end of visit ``visit`` when
+        another visit follows it, else the run's end."""
+        limit = self.config.learner.total_env_steps
+        if self.scenario is not None and self.scenario.switches and visit + 1 < len(self.scenario.visits):
+            limit = min(limit, self.scenario.visits[visit].end)
+        return limit
+
+    def _read_gate(self) -> dict[str, Any]:
+        import ray
+
+        try:
+            return ray.get(self._store.gate.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise ComponentError(f"the weight store (the actors' env-step gate) failed: {_ray_error(exc)}") from exc
+
     def _coordinate(self, books: Bookkeeping, client: Any) -> Summary:
         import ray
 
@@ -595,12 +621,28 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - reported; the run goes on / ends regardless
                 print(f"  replay checkpoint failed ({exc}); shards keep their previous checkpoint", file=sys.stderr)
 
-        def follow_scenario() -> None:
+        def follow_scenario(gate: dict[str, Any]) -> None:
             """Switch tasks when the run's env steps reached the next visit (each switch exactly once:
-            the visit index is in every checkpoint, beside the learner state that saw the switch)."""
-            target = self.scenario.visit_at(books.counters["env_steps"]).index
+            the visit index is in every checkpoint, beside the learner state that saw the switch).
+
+            The actors' count at the store's gate decides: they wait there from the visit's end, so the
+            switch is made with every running actor stopped and its old-task rows inserted."""
+            target = self.scenario.visit_at(gate["env_steps"]).index
             if target == books.counters["visit"]:
                 return
+            drain_until = time.time() + GATE_DRAIN_S
+            while gate["closed"] and len(gate["held"]) < pool.running and time.time() < drain_until:
+                time.sleep(0.05)
+                gate = self._read_gate()
+            if gate["closed"] and len(gate["held"]) < pool.running:
+                print(f"  task switch: {len(gate['held'])} of {pool.running} actors reached the env-step gate "
+                      f"within {GATE_DRAIN_S:g} s; switching without the others", file=sys.stderr)
+            switch_steps = gate["env_steps"]
+            # The records say which task each env step was on: take in the held actors' statistics (their
+            # chunks end within a second) so that the switch's record counts every old-task step.
+            while books.counters["env_steps"] < switch_steps and time.time() < drain_until:
+                time.sleep(0.05)
+                poll_actors()
             while inflight:  # the queued updates finish on the old task first
                 take_report(inflight.popleft())
             if self._evaluations is not None and cfg_eval.at_switch:  # the end of the visit: its weights, pre-switch
@@ -612,12 +654,11 @@ class Trainer:
                 flush = self.scenario.replay_at_switch == "flush"
                 per_task = self.scenario.replay_at_switch == "per_task"
                 try:
-                    # The actors first (they leave the old task at their next weight poll), then the
-                    # replay (flush: emptied; per-task: only the new task's table stays rate limited),
-                    # then the learner, which drops the batches it sampled before. With a flush the
-                    # old task's insert batches already on their way still land (replay_current_task_
-                    # fraction shows how many rows of them are trained on); per-task tables route them
-                    # to the old task's table.
+                    # The store's task first (actors act on it once the gate opens), then the replay
+                    # (flush: emptied; per-task: only the new task's table stays rate limited), then the
+                    # learner, which drops the batches it sampled before. The held actors inserted their
+                    # old-task rows already, so a flush leaves none behind (replay_current_task_fraction
+                    # shows it); an actor that missed the drain wait lands at most a poll's worth.
                     ray.get(self._store.set_task.remote(visit.task))
                     flushed = float(client.clear(timeout=60.0)) if flush else None
                     if per_task:
@@ -628,13 +669,17 @@ class Trainer:
                     raise ComponentError(f"the task switch to {task.name!r} failed: {_ray_error(exc)}") from exc
                 if flushed is not None:
                     metrics["replay_flushed_rows"] = flushed
-                books.task_switch(visit=index, index=visit.task, task=task.name, env_steps=books.counters["env_steps"],
+                books.task_switch(visit=index, index=visit.task, task=task.name, env_steps=switch_steps,
                                   metrics=metrics)
                 if self._control is not None:
                     self._control.set_task({"index": visit.task, "name": task.name, "visit": index})
                 done = ", ".join(f"{k} {v:g}" for k, v in sorted(metrics.items()))
-                print(f"  task switch at env step {books.counters['env_steps']:,}: visit {index}, task "
+                print(f"  task switch at env step {switch_steps:,}: visit {index}, task "
                       f"{task.name!r} ({task.variation.describe()}){'; ' + done if done else ''}", flush=True)
+            try:  # the actors go on, on the new task, until the next switch or the run's end
+                ray.get(self._store.open_gate.remote(hold_at=self._gate_limit(target)))
+            except ray.exceptions.RayError as exc:
+                raise ComponentError(f"the weight store failed after the task switch: {_ray_error(exc)}") from exc
             inflight.extend(train_call() for _ in range(2))
 
         cfg_eval = self.config.evaluation
@@ -648,6 +693,7 @@ class Trainer:
         placement_recorded = False
         last_log = last_ckpt = last_poll = time.time()
         stopped_by = "reached learner.total_env_steps"
+        all_held_since = None   # when every actor was first seen waiting at the run's final gate
         try:
             while True:
                 ready, _ = ray.wait([inflight[0]], timeout=ACTOR_POLL_S)
@@ -661,8 +707,12 @@ class Trainer:
                     self._supervise_shards(books)
                     if self._control is not None:
                         self._follow_control(books, stats, client)
+                    gate = self._read_gate()
                     if self.scenario.switches:
-                        follow_scenario()
+                        follow_scenario(gate)
+                    at_end = gate["closed"] and gate["hold_at"] >= lrn.total_env_steps \
+                        and len(gate["held"]) >= pool.running
+                    all_held_since = (all_held_since or now) if at_end else None
                     if next_eval is not None and books.counters["env_steps"] >= next_eval:
                         self._evaluations.submit("periodic", env_steps=books.counters["env_steps"],
                                                  visit=books.counters["visit"])
@@ -670,6 +720,12 @@ class Trainer:
                     if self._evaluations is not None:
                         self._evaluations.poll()
                 if books.counters["env_steps"] >= lrn.total_env_steps:
+                    break
+                if all_held_since is not None and now - all_held_since >= GATE_END_S:
+                    # Every actor waits at the final gate, yet their statistics fall short of the total:
+                    # an actor died between reporting its steps to the gate and returning its chunk.
+                    stopped_by = (f"reached learner.total_env_steps at the actors' gate "
+                                  f"({gate['env_steps']:,} env steps reported)")
                     break
                 if books.solved:
                     stopped_by = (f"solved: mean return of the last 100 episodes {books.mean_return:.1f} "

@@ -12,27 +12,96 @@ and experience never passes through Ray at all (it goes to replay over gRPC).
     if source.latest_version() > mine: state = source.get(source.latest_version())
     store.set_task.remote(1)                               # driver: a continual scenario moved on
     source.current_task()                                  # 1: actors switch at their next poll
+
+The store is also the run's env-step gate. Actors report the env steps they took at every poll
+(``source.poll(actor, steps, held=...)``: one round trip for version, task and gate), and the store
+closes the gate once the run's count reaches ``hold_at``: a task switch or the run's end. Held actors
+insert what they buffered and wait; the driver switches the learner and replay, then opens the gate
+again. So a switch lands within one poll interval per actor of its env step, on any machine and under
+any load, and no actor runs ahead of a switch the driver has not made yet::
+
+    store.open_gate.remote(env_steps=0, hold_at=20_000)    # driver: the next switch is at 20k env steps
+    ray.get(store.gate.remote())                           # {"env_steps": 20_004, "closed": True, "held": [0, 1]}
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
 import torch
 
+#: An actor that has not polled for this long no longer counts as held (it died, or was retired).
+HELD_FRESH_S = 2.0
+
+
+class PollAnswer(NamedTuple):
+    """What an actor's poll returns: the newest weights' version, the task to act on, and whether the
+    run's env-step gate is closed (the actor must insert what it buffered and wait)."""
+
+    version: int
+    task: int
+    hold: bool
+
+
+class EnvStepGate:
+    """The run's env-step count as the actors report it, and the limit at which they must wait.
+
+        gate = EnvStepGate()
+        gate.open(hold_at=100, env_steps=0)
+        gate.report(actor=0, env_steps=96)              # False: go on
+        gate.report(actor=0, env_steps=8)               # True: 104 >= 100, hold
+        gate.report(actor=0, env_steps=0, held=True)    # True; actor 0 now waits with its rows inserted
+        gate.state()["held"]                            # [0]
+        gate.open(hold_at=200)                          # the driver switched: on to the next limit
+    """
+
+    def __init__(self) -> None:
+        self.env_steps = 0                    # env steps the actors reported at their polls
+        self.hold_at: int | None = None       # closed once env_steps reaches this (None: never)
+        self._held: dict[int, float] = {}     # actor index -> its last poll while held, buffer inserted
+
+    @property
+    def closed(self) -> bool:
+        return self.hold_at is not None and self.env_steps >= self.hold_at
+
+    def open(self, *, hold_at: int | None, env_steps: int | None = None) -> None:
+        if env_steps is not None:
+            self.env_steps = int(env_steps)
+        self.hold_at = None if hold_at is None else int(hold_at)
+        self._held.clear()
+
+    def report(self, actor: int, env_steps: int, held: bool = False) -> bool:
+        """Count ``env_steps`` more; True while the actor must hold (``held``: it holds, rows inserted)."""
+        self.env_steps += max(0, int(env_steps))
+        if self.closed and held:
+            self._held[int(actor)] = time.monotonic()
+        else:
+            self._held.pop(int(actor), None)
+        return self.closed
+
+    def state(self) -> dict[str, Any]:
+        """The count, the limit, whether the gate is closed, and the actors held at it (polled lately)."""
+        now = time.monotonic()
+        held = sorted(a for a, t in self._held.items() if now - t < HELD_FRESH_S) if self.closed else []
+        return {"env_steps": self.env_steps, "hold_at": self.hold_at, "closed": self.closed, "held": held}
+
 
 @ray.remote(num_cpus=0)
 class WeightStore:
-    """Holds the latest (version, object ref) pair. Refs are wrapped in a list so Ray does not resolve them."""
+    """Holds the latest (version, object ref) pair, the current task and the env-step gate.
+
+    Refs are wrapped in a list so Ray does not resolve them."""
 
     def __init__(self, task: int = 0) -> None:
         self._version = -1
         self._ref: list[Any] = []
         self._task = int(task)  # the scenario task actors act on (continual runs)
+        self._gate = EnvStepGate()
 
     def publish(self, version: int, ref_holder: list[Any]) -> None:
         if version >= self._version:
@@ -49,6 +118,20 @@ class WeightStore:
 
     def current_task(self) -> int:
         return self._task
+
+    def open_gate(self, *, hold_at: int | None, env_steps: int | None = None) -> None:
+        """Let actors step until the run's count reaches ``hold_at`` (None: no limit); ``env_steps`` sets
+        the count (a run's start or resume)."""
+        self._gate.open(hold_at=hold_at, env_steps=env_steps)
+
+    def poll(self, actor: int, env_steps: int, held: bool = False) -> PollAnswer:
+        """An actor's poll: count the ``env_steps`` it took since its previous poll; ``held`` says it is
+        waiting at the closed gate with everything it collected inserted."""
+        return PollAnswer(self._version, self._task, self._gate.report(actor, env_steps, held))
+
+    def gate(self) -> dict[str, Any]:
+        """:meth:`EnvStepGate.state`."""
+        return self._gate.state()
 
 
 class WeightPublisher:
@@ -133,10 +216,14 @@ class WeightPublisher:
 
 class RayWeightSource:
     """Actor side: the ``weights_source`` interface of ``actors.actor.Actor`` over a WeightStore handle
-    (``current_task()`` included: actors switch tasks when they poll for weights)."""
+    (``current_task()`` included: actors switch tasks when they poll for weights; ``poll`` asks for
+    version, task and the env-step gate in one round trip)."""
 
     def __init__(self, store: Any):
         self.store = store
+
+    def poll(self, actor: int, env_steps: int, held: bool = False) -> PollAnswer:
+        return PollAnswer(*ray.get(self.store.poll.remote(actor, env_steps, held)))
 
     def latest_version(self) -> int:
         return ray.get(self.store.latest_version.remote())

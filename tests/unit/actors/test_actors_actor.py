@@ -310,3 +310,66 @@ def test_actor_follows_the_task_at_its_weight_polls_and_rows_carry_their_task():
         Actor(env_config=env, policy=policy(), adder=adder(env), insert=inserter, tasks=[])
     with pytest.raises(ValueError, match="Actor task must be an index into its 2 task"):
         Actor(env_config=env, policy=policy(), adder=adder(env), insert=inserter, tasks=tasks, task=2)
+
+
+class GatedWeights(TaskWeights):
+    """The run's weight store without Ray: version, task and the env-step gate in one poll."""
+
+    def __init__(self, hold_at):
+        from evergreen.weights import EnvStepGate
+
+        super().__init__()
+        self.gate = EnvStepGate()
+        self.gate.open(hold_at=hold_at, env_steps=0)
+        self.polls: list[tuple[int, bool]] = []
+
+    def poll(self, actor, env_steps, held=False):
+        self.polls.append((env_steps, held))
+        return self.latest_version(), self.task, self.gate.report(actor, env_steps, held)
+
+
+def test_an_actor_stops_at_the_closed_gate_with_its_rows_inserted_and_goes_on_when_it_opens():
+    env = EnvConfig(id="CartPole-v1", num_envs=2, seed=1)
+    inserter, weights = RecordingInserter(), GatedWeights(hold_at=100)
+    weights.publish(0, prefer_action(0))
+    actor = Actor(env_config=env, policy=policy(), adder=adder(env, n=1), insert=inserter, weights_source=weights,
+                  insert_batch_size=1000, weights_poll_interval=10, async_inserts=False)
+    try:
+        stats = actor.run(max_seconds=0.5)
+        # 10 vector steps x 2 envs per poll: the gate closes at the poll that reports step 100, no later.
+        assert actor.gate_closed and stats.env_steps == actor.total_env_steps == 100
+        assert weights.gate.env_steps == 100 and stats.held_s > 0.3
+        # Held, it inserted the rows it had buffered (the batch was far from full; autoreset steps make no
+        # row) and said so.
+        assert 90 <= len(inserter.column("action")) == stats.transitions <= 100
+        assert weights.gate.state()["held"] == [0]
+        assert weights.polls[-1] == (0, True)
+        weights.task = 0
+        weights.gate.open(hold_at=300)
+        more = actor.run(max_seconds=0.5)
+        assert more.env_steps == 200 and weights.gate.env_steps == 300 and actor.gate_closed
+        weights.gate.open(hold_at=None)
+        assert actor.run(5).env_steps == 10 and not actor.gate_closed
+    finally:
+        actor.close()
+
+
+def test_the_gate_counts_reported_steps_and_forgets_actors_that_stop_polling(monkeypatch):
+    from evergreen import weights as weights_module
+    from evergreen.weights import EnvStepGate
+
+    gate = EnvStepGate()
+    assert gate.state() == {"env_steps": 0, "hold_at": None, "closed": False, "held": []}
+    assert gate.report(0, 10_000, held=True) is False    # no limit: never closed, nobody held
+    gate.open(hold_at=100, env_steps=40)
+    assert gate.report(0, 50) is False and gate.report(1, 20) is True and gate.env_steps == 110
+    assert gate.report(0, -5, held=True) is True and gate.env_steps == 110   # a negative report counts nothing
+    assert gate.state()["held"] == [0]
+    clock = [1000.0]
+    monkeypatch.setattr(weights_module.time, "monotonic", lambda: clock[0])
+    gate.report(1, 0, held=True)
+    clock[0] += weights_module.HELD_FRESH_S + 1   # actor 1 died while held: it no longer counts
+    gate.report(0, 0, held=True)
+    assert gate.state()["held"] == [0]
+    gate.open(hold_at=200)
+    assert gate.state() == {"env_steps": 110, "hold_at": 200, "closed": False, "held": []}

@@ -137,6 +137,29 @@ def test_reward_noise_changes_the_learning_signal_only_and_is_seeded():
             TaskVariation.from_dict({"reward_noise": bad})
 
 
+def test_reward_scale_multiplies_the_learning_signal_only():
+    scaled = TaskVariation.from_dict({"reward_scale": 100.0})
+    assert scaled.describe() == "reward x100"
+    config = EnvConfig(id="CartPole-v1", num_envs=2, seed=0)
+    env, plain = make_vector_env(config, variation=scaled), make_vector_env(config)
+    try:
+        env.reset()
+        plain.reset()
+        for _ in range(30):
+            actions = np.zeros(2, dtype=np.int64)
+            _, reward, _, _, info = env.step(actions)
+            _, plain_reward, _, _, _ = plain.step(actions)
+            np.testing.assert_array_equal(reward, 100.0 * plain_reward)
+            np.testing.assert_array_equal(info["raw_reward"], plain_reward)
+        np.testing.assert_array_equal(env.pop_episode_stats()[0], plain.pop_episode_stats()[0])   # true returns
+    finally:
+        env.close()
+        plain.close()
+    for bad in (0.0, -2.0, float("inf"), "2", True):
+        with pytest.raises(ValueError, match="reward_scale = .* is invalid: expected a finite number > 0"):
+            TaskVariation.from_dict({"reward_scale": bad})
+
+
 def test_variations_bad_for_an_env_are_refused_naming_what_is_wrong():
     with pytest.raises(ValueError, match="friction = 0.0 is invalid: expected > 0"):
         TaskVariation.from_dict({"params": {"friction": 0.0}})
