@@ -492,6 +492,12 @@ def _make_gymnasium(config: EnvConfig, variation: Any = None) -> VectorEnv:
 
     def make_one() -> Any:
         env = gym.make(config.id)
+        space = env.observation_space
+        if isinstance(space, gym.spaces.Box) and space.dtype == np.float64:
+            # MuJoCo observes in float64; networks and replay work in float32 (half the bytes per row).
+            single = gym.spaces.Box(low=space.low.astype(np.float32), high=space.high.astype(np.float32),
+                                    dtype=np.float32)
+            env = gym.wrappers.TransformObservation(env, lambda obs: obs.astype(np.float32), single)
         if p > 0.0:
             env = gym.wrappers.StickyAction(env, repeat_action_probability=p)
         return env

@@ -1,4 +1,5 @@
-"""Acting policies: the ``Policy`` interface, and the epsilon-greedy policy of value-based agents.
+"""Acting policies: the ``Policy`` interface, the epsilon-greedy policy of value-based agents, and the
+stochastic policy of actor-critic agents on continuous actions (SAC).
 
 A policy owns the acting network and its exploration: ``act(obs, env_steps=...)`` returns the
 actions for a batch of observations and any per-step extras (e.g. log-probabilities) that an adder
@@ -16,6 +17,10 @@ Usage::
     eps = apex_epsilon(index=3, num_actors=8)         # 0.4 ** (1 + 7 * 3 / 7) = 0.4 ** 4
     rng = np.random.default_rng(0)
     actions = epsilon_greedy(q_values, epsilon=eps, rng=rng)   # int64 [B]
+
+    policy = GaussianPolicy(network=sac_actor, low=[-2.0], high=[2.0], random_steps=1_000, seed=[0, 3])
+    policy.act(obs, env_steps=0).actions              # float32 [B, 1], uniform in the box (first 1000 steps)
+    policy.act(obs, env_steps=5_000).actions          # a sample of the squashed Gaussian, inside the box
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 
 __all__ = [
     "EpsilonGreedyPolicy",
+    "GaussianPolicy",
     "Policy",
     "PolicyStep",
     "EpsilonSchedule",
@@ -221,3 +227,48 @@ class EpsilonGreedyPolicy:
 
     def describe(self, *, env_steps: int) -> dict[str, float]:
         return {"epsilon": float(self.epsilon(env_steps))}
+
+
+class GaussianPolicy:
+    """Acts with a sample of a squashed-Gaussian actor (``learner.sac.GaussianActor``), or its mean.
+
+    For this actor's first ``random_steps`` env steps the actions are uniform over the action box
+    (SAC's warm-up, so that early replay is not shaped by an untrained actor). ``deterministic``
+    (evaluation) takes the actor's mean action instead of a sample. The network must provide
+    ``act(obs, deterministic=..., generator=...)`` returning actions inside ``[low, high]``.
+    """
+
+    def __init__(self, *, network: nn.Module, low: Any, high: Any, random_steps: int = 0,
+                 deterministic: bool = False, seed: int | Any = 0) -> None:
+        if not isinstance(network, nn.Module) or not callable(getattr(network, "act", None)):
+            raise ValueError(f"network must be an nn.Module with act(obs, deterministic, generator), got "
+                             f"{type(network).__name__}")
+        self.low = np.asarray(low, dtype=np.float32).reshape(-1)
+        self.high = np.asarray(high, dtype=np.float32).reshape(-1)
+        if self.low.shape != self.high.shape or not np.all(np.isfinite(self.low)) or not np.all(self.low < self.high):
+            raise ValueError(f"action bounds low={low!r}, high={high!r}: expected finite arrays of one shape "
+                             "with low < high")
+        self.random_steps = _check_step(random_steps)
+        self.deterministic = bool(deterministic)
+        self.network = network.eval().requires_grad_(False)
+        self._rng = np.random.default_rng(seed)
+        self._generator = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+
+    def act(self, obs: np.ndarray, *, env_steps: int) -> PolicyStep:
+        if not self.deterministic and env_steps < self.random_steps:
+            actions = self._rng.uniform(self.low, self.high, size=(obs.shape[0], self.low.size))
+            return PolicyStep(actions=actions.astype(np.float32))
+        with torch.inference_mode():
+            actions = self.network.act(torch.as_tensor(obs, dtype=torch.float32), deterministic=self.deterministic,
+                                       generator=self._generator)
+        # Float rounding of tanh * scale + bias may land a hair outside the box: replay refuses that.
+        return PolicyStep(actions=np.clip(actions.float().numpy(), self.low, self.high))
+
+    def load_weights(self, weights: Mapping[str, Any] | nn.Module) -> None:
+        if isinstance(weights, nn.Module):
+            self.network = weights.eval().requires_grad_(False)
+        else:
+            self.network.load_state_dict(weights)
+
+    def describe(self, *, env_steps: int) -> dict[str, float]:
+        return {"random_actions": float(not self.deterministic and env_steps < self.random_steps)}

@@ -11,6 +11,7 @@ inside the window.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 import time
@@ -20,6 +21,13 @@ from typing import Any
 import numpy as np
 
 from evergreen.train import Trainer
+
+
+def burn_cpu() -> None:
+    """The body of a CPU-burning process (benchmarks' ``--burn``: the machine under load)."""
+    os.setsid()  # its own group, so the benchmark's Ctrl-C handling is not involved
+    while True:
+        pass
 
 
 def run_system(config: Any, *, warmup_s: float, seconds: float, run_dir: Path | None = None,

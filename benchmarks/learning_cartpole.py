@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _system import burn_cpu  # noqa: E402
+
 from evergreen.config import load_config  # noqa: E402
 from evergreen.train import Trainer  # noqa: E402
 
@@ -75,12 +77,6 @@ def run_sb3(seed: int, max_env_steps: int) -> dict:
             "mean_return": mean}
 
 
-def _burn() -> None:
-    os.setsid()  # its own group, so the benchmark's Ctrl-C handling is not involved
-    while True:
-        pass
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -91,7 +87,7 @@ def main() -> int:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="evergreen-bench-cartpole-"))
-    burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(args.burn)]
+    burners = [multiprocessing.Process(target=burn_cpu, daemon=True) for _ in range(args.burn)]
     for burner in burners:
         burner.start()
     rows = []

@@ -56,17 +56,19 @@ class Summary:
 class Bookkeeping:
     """See the module docstring."""
 
-    def __init__(self, run_dir: Path, *, telemetry: Any = None, stop_at_return: float | None = None):
+    def __init__(self, run_dir: Path, *, telemetry: Any = None, stop_at_return: float | None = None,
+                 stop_window: int = 100):
         self.run_dir = Path(run_dir)
         self.telemetry = telemetry
         self.stop_at_return = stop_at_return
+        self.stop_window = int(stop_window)  # episodes the stop_at_return mean is over
         self.counters: dict[str, Any] = {"env_steps": 0, "updates": 0, "episodes": 0, "elapsed_s": 0.0, "visit": 0}
         self.last_record: dict[str, Any] | None = None
         """The newest record :meth:`emit` wrote (what the control plane's heartbeats repeat)."""
         self.task: str | None = None  # the scenario task's name in records (None: a single-task run)
         self.task_index = 0
         self._switch: dict[str, Any] | None = None  # the switch the next record announces
-        self.returns: deque[float] = deque(maxlen=100)
+        self.returns: deque[float] = deque(maxlen=max(100, self.stop_window))
         self._log = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
         self.replay_rows_lost = 0
         """Rows replay acknowledged to actors and lost with a shard crash, in this run segment."""
@@ -167,12 +169,15 @@ class Bookkeeping:
 
     @property
     def mean_return(self) -> float | None:
-        return float(np.mean(self.returns)) if self.returns else None
+        """The mean return of the last 100 episodes (fewer at the start)."""
+        return float(np.mean(list(self.returns)[-100:])) if self.returns else None
 
     @property
     def solved(self) -> bool:
-        return (self.stop_at_return is not None and len(self.returns) >= 100
-                and float(np.mean(self.returns)) >= self.stop_at_return)
+        """``stop_at_return`` reached by the mean of the last ``stop_window`` episodes."""
+        if self.stop_at_return is None or len(self.returns) < self.stop_window:
+            return False
+        return float(np.mean(list(self.returns)[-self.stop_window:])) >= self.stop_at_return
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """What a learner checkpoint stores beside the algorithm state."""
@@ -251,7 +256,9 @@ def progress_line(r: dict[str, Any]) -> str:
     """The one-line progress report printed for each record."""
     ret = "   n/a" if r["return_mean_100"] is None else f"{r['return_mean_100']:6.1f}"
     lag = "n/a" if r["policy_lag_updates"] is None else f"{r['policy_lag_updates']:.0f}"
-    loss = "n/a" if r.get("loss") is None else f"{r['loss']:.4f}"
+    # The algorithm's loss: DQN's TD loss, or an actor-critic's critic loss.
+    value = r.get("loss", r.get("critic_loss"))
+    loss = "n/a" if value is None else f"{value:.4f}"
     return (f"[{r['elapsed_s']:7.1f}s] env {r['env_steps']:>9,} ({r['env_steps_per_s']:6.0f}/s) | "
             f"upd {r['updates']:>8,} ({r['updates_per_s']:5.1f}/s) | return(100) {ret} | "
             f"episodes {r['episodes']:,} | replay {r['replay_size']:,} | lag {lag} | "

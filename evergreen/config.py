@@ -25,6 +25,7 @@ from evergreen.configtools import from_dict, to_dict
 from evergreen.scenario import ScenarioConfig
 from learner.dqn import DQNConfig
 from learner.networks import NetworkConfig
+from learner.sac import SACConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -115,7 +116,9 @@ class LearnerConfig:
     total_env_steps: int = 100_000
     """The run stops after this many environment steps (summed over actors)."""
     stop_at_return: float | None = None
-    """Stop early once the mean return of the last 100 episodes reaches this; null never stops early."""
+    """Stop early once the mean return of the last ``stop_window`` episodes reaches this; null never stops early."""
+    stop_window: int = 100
+    """Episodes the ``stop_at_return`` mean is over (records' ``return_mean_100`` stays over the last 100)."""
     updates_per_env_step: float = 0.25
     """Learner pacing without a replay rate limiter: target updates per env step (0 = as fast as possible)."""
     publish_every: int = 50
@@ -195,7 +198,7 @@ class RunConfig:
     telemetry_port: int = 0
     """Port of the run's Prometheus /metrics endpoint; 0 picks a free one (recorded in the run dir)."""
     algorithm: str = "dqn"
-    """Agent builder (evergreen.agents): "dqn"."""
+    """Agent builder (evergreen.agents): "dqn" (discrete actions) or "sac" (continuous actions)."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray: local or an existing cluster."""
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -204,6 +207,8 @@ class RunConfig:
     """Q-network architecture."""
     dqn: DQNConfig = field(default_factory=DQNConfig)
     """DQN-family algorithm."""
+    sac: SACConfig = field(default_factory=SACConfig)
+    """Soft actor-critic (continuous actions)."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """Replay service."""
     actors: ActorsConfig = field(default_factory=ActorsConfig)
@@ -267,6 +272,8 @@ class RunConfig:
             f"<= capacity per shard ({r.capacity // r.num_shards}); otherwise sampling never starts",
         )
         _check(lrn.batch_size >= 1, "learner.batch_size", lrn.batch_size, ">= 1")
+        _check(isinstance(lrn.stop_window, int) and not isinstance(lrn.stop_window, bool) and lrn.stop_window >= 1,
+               "learner.stop_window", lrn.stop_window, "an integer >= 1")
         _check(
             r.min_size_to_sample * r.num_shards >= lrn.batch_size,
             "replay.min_size_to_sample", r.min_size_to_sample,

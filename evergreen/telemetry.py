@@ -46,7 +46,11 @@ series until a value comes again, so a diverged loss is never shown as its last 
     evergreen_task_start_timestamp_seconds{task}     gauge     record ``time`` when the run switched to task
     evergreen_task_switches_total                    counter
     evergreen_plasticity_<diagnostic>{layer}         gauge     ``diag/<name>`` and ``diag/<name>/<layer>``
-    evergreen_intervention_<metric>{intervention}    gauge     ``<intervention>/<metric>``
+                                                               (several networks: ``{network,layer}`` from
+                                                               ``diag/<network>/<name>/<layer>``)
+    evergreen_intervention_<metric>{intervention}    gauge     ``<intervention>/<metric>`` (several networks:
+                                                               ``{intervention,network}`` from
+                                                               ``<intervention>/<network>/<metric>``)
     evergreen_intervention_events_total{intervention,event}   counter (event metrics, below)
 
 Rules:
@@ -273,7 +277,8 @@ class TelemetryExporter:
 
     def __init__(self, *, run: str, port: int = 0, host: str = "127.0.0.1", task: str = "default",
                  batch_size: int | None = None, return_buckets: Sequence[float] = RETURN_BUCKETS,
-                 length_buckets: Sequence[float] = LENGTH_BUCKETS, families: Mapping[str, Any] | None = None):
+                 length_buckets: Sequence[float] = LENGTH_BUCKETS, families: Mapping[str, Any] | None = None,
+                 networks: Sequence[str] = ()):
         if not isinstance(run, str) or not run:
             raise ValueError(f"run={run!r}: expected a non-empty string (the run directory's name)")
         if not isinstance(task, str) or not task:
@@ -284,6 +289,11 @@ class TelemetryExporter:
                                        or batch_size <= 0):
             raise ValueError(f"batch_size={batch_size!r}: expected a positive int or None")
         self.run, self.host, self.batch_size = run, host, batch_size
+        # An algorithm with several networks (SAC: actor, critic) prefixes its diagnostics and intervention
+        # metrics with the network (diag/critic/..., redo/critic/...): those series get a ``network`` label.
+        if isinstance(networks, str) or not all(isinstance(n, str) and n for n in networks):
+            raise ValueError(f"networks={networks!r}: expected a sequence of network names")
+        self._networks = tuple(networks) if len(networks) > 1 else ()
         # The algorithm's own metrics (an agent builder's telemetry_families: key -> family, help, kind).
         self._fixed = dict(_FIXED)
         for key, spec in (families or {}).items():
@@ -416,7 +426,7 @@ class TelemetryExporter:
             number = _number(key, value)
             family, help_text, labelnames, labels = self._dynamic(key)
             self._set_gauge(s, family, help_text, labelnames, labels, number, key)
-            if labelnames == ("run", "intervention"):
+            if labelnames[:2] == ("run", "intervention"):  # with a network: its event reads "critic_units_reset"
                 self._count_event(s, key, labels[1], number)
 
         if self.batch_size is not None:
@@ -451,22 +461,34 @@ class TelemetryExporter:
             return (f"evergreen_learner_{sanitize(key)}", f"Learner metric {key!r} (not in the record contract).",
                     ("run",), (run,))
         if parts[0] == "diag":
+            network, parts = self._network_of(["diag", *parts[1:]], at=1)
             if len(parts) < 2 or not parts[1]:
-                raise ValueError(f"metrics record key {key!r}: expected diag/<name> or diag/<name>/<layer>")
+                raise ValueError(f"metrics record key {key!r}: expected diag/<name> or diag/<name>/<layer>"
+                                 + (f" (after a network of {list(self._networks)})" if self._networks else ""))
             name, rest = parts[1], "/".join(parts[2:])
             sub = DIAGNOSTIC_SUBMETRICS.get((name, rest))
             if sub is not None:
                 suffix, layer = sub, "total"
             else:
                 suffix, layer = DIAGNOSTIC_NAMES.get(name) or sanitize(name), rest or "total"
+            labelnames, labels = (("run", "network", "layer"), (run, network, layer)) if self._networks \
+                else (("run", "layer"), (run, layer))
             return (f"evergreen_plasticity_{suffix}", f"Plasticity diagnostic {name!r} (record key diag/{name}/...).",
-                    ("run", "layer"), (run, layer))
+                    labelnames, labels)
+        network, parts = self._network_of(parts, at=1)
         intervention, metric = parts[0], "/".join(parts[1:])
         if not metric:
             raise ValueError(f"metrics record key {key!r}: expected <intervention>/<metric>")
         name = f"evergreen_intervention_{_ratio_suffix(sanitize(metric))}"
-        return (name, f"Intervention metric {metric!r} (record key <intervention>/{metric}).",
-                ("run", "intervention"), (run, intervention))
+        labelnames, labels = (("run", "intervention", "network"), (run, intervention, network)) if self._networks \
+            else (("run", "intervention"), (run, intervention))
+        return (name, f"Intervention metric {metric!r} (record key <intervention>/{metric}).", labelnames, labels)
+
+    def _network_of(self, parts: list[str], *, at: int) -> tuple[str, list[str]]:
+        """With several networks: the network named at ``parts[at]`` ("" if none is) and the parts without it."""
+        if self._networks and len(parts) > at + 1 and parts[at] in self._networks:
+            return parts[at], parts[:at] + parts[at + 1:]
+        return "", parts
 
     def _claim(self, s: _State, family: str, labels: tuple[str, ...], key: str) -> None:
         owner = s.sources.setdefault((family, labels), key)

@@ -372,7 +372,8 @@ class Trainer:
 
         cfg = self.config
         self._telemetry = TelemetryExporter(run=self.run_dir.name, task=cfg.env.id, batch_size=cfg.learner.batch_size,
-                                            port=cfg.telemetry_port, families=builder.telemetry_families)
+                                            port=cfg.telemetry_port, families=builder.telemetry_families,
+                                            networks=builder.networks)
         port = self._telemetry.start()
         write_targets(self.run_dir, {"learner": port, "replay": [mp for _, mp in self._shard_endpoints]},
                       sd_dir=self._targets_dir)
@@ -493,7 +494,8 @@ class Trainer:
                   f"{ray.cluster_resources().get('CPU', 0):g} logical CPUs, {len(ray.nodes())} node(s)")
             client = self._start_replay(tables)
             self._start_telemetry(builder)
-            books = Bookkeeping(self.run_dir, telemetry=self._telemetry, stop_at_return=cfg.learner.stop_at_return)
+            books = Bookkeeping(self.run_dir, telemetry=self._telemetry, stop_at_return=cfg.learner.stop_at_return,
+                                stop_window=cfg.learner.stop_window)
             store = self._store = WeightStore.remote()
             publisher = WeightPublisher(store, actor_keys=set(builder.acting_network().state_dict()))
             learner = self._start_learner(builder, client, publisher)
@@ -728,8 +730,9 @@ class Trainer:
                                   f"({gate['env_steps']:,} env steps reported)")
                     break
                 if books.solved:
-                    stopped_by = (f"solved: mean return of the last 100 episodes {books.mean_return:.1f} "
-                                  f">= {lrn.stop_at_return}")
+                    window = list(books.returns)[-lrn.stop_window:]
+                    stopped_by = (f"solved: mean return of the last {lrn.stop_window} episodes "
+                                  f"{float(np.mean(window)):.1f} >= {lrn.stop_at_return}")
                     break
                 if self._stop_reason:
                     stopped_by = self._stop_reason

@@ -201,7 +201,9 @@ class InterventionSet:
         unknown = sorted({n for n, _ in self.bound} - set(self.networks))
         if unknown:
             raise ValueError(f"interventions bound to unknown networks {unknown}; networks: {list(self.networks)}")
-        self._prefix_network = len({n for n, _ in self.bound}) > 1
+        # An algorithm with several networks names the network in every metric (``redo/critic/...``), so that
+        # a metric keeps its name whichever networks an intervention is bound to.
+        self._prefix_network = len(self.networks) > 1
 
     def __len__(self) -> int:
         return len(self.bound)
@@ -247,10 +249,14 @@ class InterventionSet:
                 terms[key] = term.detach().reshape(()).float()
         return total, terms
 
-    def after_step(self, ctx: InterventionContext, *, probe_obs: torch.Tensor | None = None) -> dict[str, float]:
+    def after_step(self, ctx: InterventionContext, *,
+                   probe_obs: torch.Tensor | Mapping[str, torch.Tensor | None] | None = None) -> dict[str, float]:
+        """Every bound intervention's ``after_step``. ``probe_obs`` is one probe batch for every network, or
+        one per network name (networks read different inputs: SAC's critic reads observation and action)."""
         metrics: dict[str, float] = {}
         for network, iv in self.bound:
-            metrics.update(self._metric(network, iv, iv.after_step(ctx.view(network), probe_obs=probe_obs)))
+            probe = probe_obs.get(network) if isinstance(probe_obs, Mapping) else probe_obs
+            metrics.update(self._metric(network, iv, iv.after_step(ctx.view(network), probe_obs=probe)))
         return metrics
 
     def on_task_switch(self, ctx: InterventionContext) -> dict[str, float]:

@@ -27,9 +27,10 @@ from typing import Any
 
 from evergreen.agents.base import AgentBuilder, TelemetryFamily
 from evergreen.agents.dqn import DQNBuilder
+from evergreen.agents.sac import SACBuilder
 
 #: algorithm name (``RunConfig.algorithm``) -> builder class.
-AGENTS: dict[str, type] = {"dqn": DQNBuilder}
+AGENTS: dict[str, type] = {"dqn": DQNBuilder, "sac": SACBuilder}
 
 
 def make_builder(config: Any, spec: Any) -> AgentBuilder:
@@ -41,4 +42,4 @@ def make_builder(config: Any, spec: Any) -> AgentBuilder:
     return cls(config, spec)
 
 
-__all__ = ["AGENTS", "AgentBuilder", "DQNBuilder", "TelemetryFamily", "make_builder"]
+__all__ = ["AGENTS", "AgentBuilder", "DQNBuilder", "SACBuilder", "TelemetryFamily", "make_builder"]

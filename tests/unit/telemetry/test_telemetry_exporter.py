@@ -356,3 +356,30 @@ def test_evaluations_are_exported_per_task_and_bad_ones_change_nothing(exporter)
     with pytest.raises(ValueError, match="eval mean"):
         exporter.update_evaluation({"pong": {"mean": 7.0}, "breakout": {"mean": "high"}})
     assert scrape(exporter)["evergreen_eval_return"][(("run", "run-a"), ("task", "pong"))] == 1.0  # all or nothing
+
+
+def test_an_algorithm_with_several_networks_gets_a_network_label():
+    exp = TelemetryExporter(run="sac-a", task="Pendulum-v1", networks=("actor", "critic"))
+    exp.start()
+    try:
+        exp.update({"time": 1_800_000_000.0, "env_steps": 100, "updates": 10, "episodes": 0,
+                    "diag/actor/dormant_ratio/total": 0.25, "diag/critic/dormant_ratio/total": 0.5,
+                    "diag/critic/dormant_ratio/q1.fc0": 0.75, "diag/critic/srank": 12.0,
+                    "diag/actor/plasticity_probe/ratio": 1.5,
+                    "redo/critic/units_reset": 0.0, "redo/actor/dormant_fraction": 0.125})
+        exp.update({"time": 1_800_000_010.0, "env_steps": 200, "updates": 20, "episodes": 0,
+                    "redo/critic/units_reset": 4.0})
+        s = scrape(exp)
+        assert one(s, "evergreen_plasticity_dormant_ratio", run="sac-a", network="actor", layer="total") == 0.25
+        assert one(s, "evergreen_plasticity_dormant_ratio", run="sac-a", network="critic", layer="total") == 0.5
+        assert one(s, "evergreen_plasticity_dormant_ratio", run="sac-a", network="critic", layer="q1.fc0") == 0.75
+        assert one(s, "evergreen_plasticity_srank", run="sac-a", network="critic", layer="total") == 12.0
+        assert one(s, "evergreen_plasticity_probe_loss_ratio", run="sac-a", network="actor", layer="total") == 1.5
+        assert one(s, "evergreen_intervention_units_reset", run="sac-a", intervention="redo", network="critic") == 4.0
+        assert one(s, "evergreen_intervention_dormant_ratio", run="sac-a", intervention="redo", network="actor") == 0.125
+        assert one(s, "evergreen_intervention_events_total", run="sac-a", intervention="redo",
+                   event="critic_units_reset") == 1
+    finally:
+        exp.stop()
+    with pytest.raises(ValueError, match="networks='actor'"):
+        TelemetryExporter(run="x", networks="actor")
