@@ -163,7 +163,7 @@ def summarize(results: list[dict[str, Any]], methods: list[str]) -> tuple[list[d
     return rows, "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
+def plot(results: list[dict[str, Any]], methods: list[str], path: Path, *, warm: str = "a noisy warm start") -> Path:
     """Evaluation return of the current task, dormant ratio, srank and the plasticity probe's loss ratio
 over env steps (mean over seeds, band min..max)."""
     import matplotlib
@@ -204,9 +204,9 @@ over env steps (mean over seeds, band min..max)."""
     axes[1].set_ylabel("dormant ratio")
     axes[2].set_ylabel("srank")
     axes[3].set_ylabel("probe loss / fresh\n(> 1: less plastic)")
-    axes[3].set_xlabel("env steps (a new task at each shaded/unshaded boundary; the first is the noisy warm start)")
+    axes[3].set_xlabel(f"env steps (a new task at each shaded/unshaded boundary; the first is {warm})")
     axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("Continual CartPole: a noisy warm start, then permuted observations and actions; replay flushed")
+    fig.suptitle(f"Continual CartPole: {warm}, then permuted observations and actions; replay flushed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + header + "\n\n" + table)
     (out / "table.md").write_text(header + "\n\n" + table + "\n")
     (out / "summary.json").write_text(json.dumps({"rows": rows, "args": vars(args), "wall_s": total}, indent=1))
-    print(f"\nplot: {plot(results, methods, out / 'continual_control.png')}")
+    warm = (f"a warm start with the reward x{args.warm_scale:g}" if args.warm_scale != 1 else
+            "a noisy warm start" if args.warm_noise > 0 else "a permuted task")
+    print(f"\nplot: {plot(results, methods, out / 'continual_control.png', warm=warm)}")
     return 0
 
 

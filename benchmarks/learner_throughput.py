@@ -1,6 +1,6 @@
 """Learner throughput: the full system's update rate against a bare update loop, in one run.
 
-    .venv/bin/python benchmarks/learner_throughput.py [--presets cartpole,pong] [--seconds 30] [--before aa10109]
+    .venv/bin/python benchmarks/learner_throughput.py [--presets cartpole,pong,pendulum] [--seconds 30] [--before aa10109]
 
 For each preset:
 
@@ -9,7 +9,8 @@ For each preset:
   the learner's torch thread count, nothing else running;
 * **bare (now, eager)**: where the preset sets ``dqn.compile``, the same loop with it off;
 * **bare (before)**: the same loop with ``learner/dqn.py`` as it was at git revision ``--before``
-  (loaded from git into this process), to show what the hot-path work changed;
+  (loaded from git into this process), to show what the hot-path work changed (DQN presets only;
+  the pendulum preset's SAC has no earlier version);
 * **system, learner-bound**: ``evergreen train --preset <preset>`` (Ray actors, gRPC replay shard, the
   learner as a Ray actor) with a replay ratio of ``LEARNER_BOUND_UPDATES_PER_ENV_STEP`` updates per
   env step, so that the rate limiter holds the actors to a trickle and nothing but the learner's own
@@ -71,9 +72,15 @@ def synthetic_batches(spec, batch_size: int, count: int, seed: int = 0) -> list[
             return rng.integers(0, 256, shape, dtype=np.uint8)
         return rng.standard_normal(shape).astype(spec.observation_dtype)
 
+    def action() -> np.ndarray:
+        if spec.discrete:
+            return rng.integers(0, spec.num_actions, batch_size)
+        box = spec.actions   # continuous: uniform inside the box
+        return rng.uniform(box.low, box.high, (batch_size, *box.shape)).astype(np.float32)
+
     return [{
         "obs": torch.from_numpy(obs()),
-        "action": torch.from_numpy(rng.integers(0, spec.num_actions, batch_size)),
+        "action": torch.from_numpy(action()),
         "reward": torch.from_numpy(rng.standard_normal(batch_size).astype(np.float32)),
         "discount": torch.from_numpy(rng.choice([0.0, 0.97], batch_size).astype(np.float32)),
         "next_obs": torch.from_numpy(obs()),
@@ -153,7 +160,9 @@ def bare_rates(config, *, old_module, seconds: float, rounds: int) -> dict[str, 
     torch.set_num_threads(threads)
     batches = synthetic_batches(spec, config.learner.batch_size, 16)
     loops = {"now": builder.make_algorithm(torch.device("cpu")).update}
-    if config.dqn.compile and old_module is not None:  # the same update without compilation, for the table
+    if config.algorithm != "dqn":
+        old_module = None   # the "before" revision is of learner/dqn.py
+    if config.algorithm == "dqn" and config.dqn.compile and old_module is not None:  # the same update without compilation, for the table
         eager = dataclasses.replace(config, dqn=dataclasses.replace(config.dqn, compile=False))
         loops["eager"] = make_builder(eager, spec).make_algorithm(torch.device("cpu")).update
     if old_module is not None:
@@ -219,7 +228,10 @@ def main() -> int:
         if preset == "cartpole" and "before" in pre:
             ok &= bare_now / before >= 2.0
         eager = f"{pre['eager']:.0f}" if "eager" in pre else "(no dqn.compile)"
-        print(f"| {preset} | {pre['threads']} | {before:.0f} | {eager} | {bare_now:.0f} | {bare_now / before:.2f}x "
+        has_before = "before" in pre
+        before_cell = f"{before:.0f}" if has_before else "n/a"
+        gain_cell = f"{bare_now / before:.2f}x" if has_before else "n/a"
+        print(f"| {preset} | {pre['threads']} | {before_cell} | {eager} | {bare_now:.0f} | {gain_cell} "
               f"| {beside:.0f} | {system['updates_per_s']:.0f} | **{ratio:.2f}** "
               f"| {system['updates_per_s'] / beside:.2f} | {100 * system['wait']:.0f}% "
               f"| {paced['updates_per_s']:.0f} ({ratio_limit:g} samples/insert) | {paced['env_steps_per_s']:.0f} |")

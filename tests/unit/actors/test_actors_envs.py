@@ -266,3 +266,17 @@ def test_continuous_actions_are_checked_against_the_box():
             env.step(np.array([0, 1]))
         with pytest.raises(ValueError, match="outside the action box"):
             env.step(np.array([[np.nan], [0.0]], dtype=np.float32))
+
+
+def test_mujoco_envs_observe_in_float32_with_their_action_box():
+    spec = env_spec(EnvConfig(id="Hopper-v5"))   # mujoco is a dependency: no skip
+    assert spec.observation_shape == (11,) and spec.observation_dtype == np.float32
+    assert spec.actions == BoxActions(shape=(3,), low=(-1.0,) * 3, high=(1.0,) * 3)
+    env = make_vector_env(EnvConfig(id="HalfCheetah-v5", num_envs=2, seed=0))
+    try:
+        obs = env.reset()
+        assert obs.dtype == np.float32 and obs.shape == (2, 17)
+        next_obs, reward, *_ = env.step(np.zeros((2, 6), np.float32))
+        assert next_obs.dtype == np.float32 and np.all(np.isfinite(next_obs)) and reward.shape == (2,)
+    finally:
+        env.close()

@@ -94,3 +94,37 @@ def test_epsilon_greedy_bad_inputs():
         epsilon_greedy(np.zeros((2, 3)), epsilon=np.array([0.1, 0.2, 0.3]), rng=rng)
     with pytest.raises(ValueError, match="rng"):
         epsilon_greedy(np.zeros((2, 3)), epsilon=0.1, rng=np.random.RandomState(0))
+
+
+def test_gaussian_policy_warms_up_uniformly_then_samples_the_actor_inside_the_box():
+    import torch
+
+    from actors.policy import GaussianPolicy
+    from learner.sac import GaussianActor
+
+    low, high = [-2.0, 0.0], [2.0, 1.0]
+    torch.manual_seed(0)
+    actor = GaussianActor(3, (2,), (16,), action_low=low, action_high=high)
+    obs = np.random.default_rng(0).standard_normal((4000, 3)).astype(np.float32)
+    policy = GaussianPolicy(network=actor, low=low, high=high, random_steps=100, seed=[0, 1])
+    warm = policy.act(obs, env_steps=99).actions
+    assert warm.dtype == np.float32 and warm.shape == (4000, 2)
+    # Uniform over the box: the mean of each dimension is its centre, the spread that of a uniform.
+    np.testing.assert_allclose(warm.mean(0), [0.0, 0.5], atol=0.05)
+    np.testing.assert_allclose(warm.std(0), [4 / 12 ** 0.5, 1 / 12 ** 0.5], rtol=0.05)
+    assert policy.describe(env_steps=99) == {"random_actions": 1.0}
+    sampled = policy.act(obs, env_steps=100).actions
+    assert policy.describe(env_steps=100) == {"random_actions": 0.0}
+    assert np.all(sampled >= low) and np.all(sampled <= high)
+    with torch.no_grad():
+        mean = actor.act(torch.from_numpy(obs), deterministic=True).numpy()
+    assert not np.allclose(sampled, mean)                      # a sample, not the mean
+    # Seeded: the same seed repeats the same actions; evaluation takes the mean, warm-up or not.
+    again = GaussianPolicy(network=actor, low=low, high=high, random_steps=100, seed=[0, 1])
+    np.testing.assert_array_equal(again.act(obs, env_steps=99).actions, warm)
+    evaluation = GaussianPolicy(network=actor, low=low, high=high, random_steps=100, deterministic=True)
+    np.testing.assert_allclose(evaluation.act(obs, env_steps=0).actions, mean, atol=1e-6)
+    with pytest.raises(ValueError, match="action bounds"):
+        GaussianPolicy(network=actor, low=[1.0, 0.0], high=[0.0, 1.0])
+    with pytest.raises(ValueError, match="act\\(obs, deterministic, generator\\)"):
+        GaussianPolicy(network=torch.nn.Linear(3, 2), low=low, high=high)
