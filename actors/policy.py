@@ -176,6 +176,15 @@ def epsilon_greedy(q_values: np.ndarray, *, epsilon: float | np.ndarray, rng: np
     return np.where(explore, random_actions, greedy)
 
 
+def _loaded(network: nn.Module, weights: Mapping[str, Any] | nn.Module) -> nn.Module:
+    """The acting network after new learner weights: ``weights`` itself when it is a whole network (the
+    architecture changed), else ``network`` with the state dict loaded."""
+    if isinstance(weights, nn.Module):
+        return weights.eval().requires_grad_(False)
+    network.load_state_dict(weights)
+    return network
+
+
 class EpsilonGreedyPolicy:
     """Greedy on the network's Q-values (QR heads: the quantile mean), random with probability epsilon.
 
@@ -220,10 +229,7 @@ class EpsilonGreedyPolicy:
         return PolicyStep(actions=actions)
 
     def load_weights(self, weights: Mapping[str, Any] | nn.Module) -> None:
-        if isinstance(weights, nn.Module):
-            self.network = weights.eval().requires_grad_(False)
-        else:
-            self.network.load_state_dict(weights)
+        self.network = _loaded(self.network, weights)
 
     def describe(self, *, env_steps: int) -> dict[str, float]:
         return {"epsilon": float(self.epsilon(env_steps))}
@@ -265,10 +271,7 @@ class GaussianPolicy:
         return PolicyStep(actions=np.clip(actions.float().numpy(), self.low, self.high))
 
     def load_weights(self, weights: Mapping[str, Any] | nn.Module) -> None:
-        if isinstance(weights, nn.Module):
-            self.network = weights.eval().requires_grad_(False)
-        else:
-            self.network.load_state_dict(weights)
+        self.network = _loaded(self.network, weights)
 
     def describe(self, *, env_steps: int) -> dict[str, float]:
         return {"random_actions": float(not self.deterministic and env_steps < self.random_steps)}

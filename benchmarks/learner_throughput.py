@@ -140,6 +140,7 @@ def bare_beside_sampling(config, *, rate: float, seconds: float, rounds: int) ->
         with ReplayClient([shard.address]) as client:  # fill it with rows of the right shapes
             rows = {k: v.numpy() for k, v in synthetic_batches(spec, table.capacity, 1)[0].items()}
             rows["policy_version"] = np.zeros(table.capacity, dtype=np.int64)
+            rows["task"] = np.zeros(table.capacity, dtype=np.int64)
             client.insert(rows, writer_key="bench")
         context = multiprocessing.get_context("spawn")
         stop = context.Event()

@@ -21,7 +21,8 @@ Example (what ``learner/loop.py`` and the checkpoint code do)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,7 +31,7 @@ import torch
 
 from plasticity.base import NetworkSlot
 
-__all__ = ["Algorithm", "InvalidBatch", "NetworkSlot", "UpdateResult"]
+__all__ = ["Algorithm", "InvalidBatch", "NetworkSlot", "UpdateResult", "load_state_or_keep", "switch_task"]
 
 
 class InvalidBatch(ValueError):
@@ -93,3 +94,46 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; on error the previous state is kept and ValueError raised."""
         ...
+
+
+def load_state_or_keep(state: Any, *, algorithm: str, keys: set[str] | frozenset[str], state_format: int,
+                       interventions: Any, current: Callable[[], Mapping[str, Any]],
+                       apply: Callable[[Mapping[str, Any]], None]) -> None:
+    """What every algorithm's ``load_state_dict`` checks, then ``apply(state)``, all or nothing.
+
+    ``state`` must have exactly ``keys``, ``state["format"] == state_format`` and the same (network,
+    intervention) list as ``interventions``; if ``apply`` fails half-way, ``apply(current())`` as taken
+    before puts the previous state back and ValueError names what failed.
+
+        load_state_or_keep(state, algorithm="DQN", keys=KEYS, state_format=2, interventions=self.interventions,
+                           current=self.state_dict, apply=self._apply_state)
+    """
+    if not isinstance(state, Mapping) or set(state) != set(keys):
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"{algorithm} state must have keys {sorted(keys)}, got {got}")
+    if state["format"] != state_format:
+        raise ValueError(f"{algorithm} state format {state['format']!r} is not supported (expected {state_format})")
+    entries = state["interventions"]
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) and set(e) == {"name", "network", "state"}
+                                                 for e in entries):
+        raise ValueError(f"{algorithm} state 'interventions' must be a list of {{name, network, state}} entries, "
+                         f"got {entries!r}")
+    saved = [(e["network"], e["name"]) for e in entries]
+    mine = [(network, iv.name) for network, iv in interventions]
+    if saved != mine:
+        raise ValueError(f"checkpoint interventions {saved} differ from this learner's {mine} (network, name)")
+    backup = copy.deepcopy(current())
+    try:
+        apply(state)
+    except Exception as exc:
+        apply(backup)
+        raise ValueError(f"could not load {algorithm} state ({exc}); the previous state was kept") from exc
+
+
+def switch_task(ctx: Any, interventions: Any, task: int | None) -> dict[str, float]:
+    """What every algorithm's ``task_switch`` does: ``ctx.task`` becomes ``task`` (None: the next one) and
+    every intervention's ``on_task_switch`` runs; returns their metrics. ValueError for a bad ``task``."""
+    if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
+        raise ValueError(f"task must be an integer >= 0, got {task!r}")
+    ctx.task = ctx.task + 1 if task is None else task
+    return interventions.on_task_switch(ctx)

@@ -58,13 +58,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.core import InvalidBatch, UpdateResult
+from learner.core import InvalidBatch, UpdateResult, load_state_or_keep, switch_task
 from learner.networks import NetworkConfig, QNetwork, build_network, torch_obs_dtype
 from plasticity.base import Intervention, InterventionContext, InterventionSet, NetworkSlot, structure_version
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs")
 _log = logging.getLogger(__name__)
 _STATE_FORMAT = 2
+_STATE_KEYS = frozenset({"format", "online", "target", "optimizer", "step", "task", "interventions", "generator"})
 
 
 @dataclass(frozen=True)
@@ -524,10 +525,7 @@ class DQN:
 
     def task_switch(self, task: int | None = None) -> dict[str, float]:
         """Tell the interventions that the task changed (``ctx.task`` becomes ``task`` or ``task + 1``)."""
-        if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
-            raise ValueError(f"task must be an integer >= 0, got {task!r}")
-        self.ctx.task = self.ctx.task + 1 if task is None else task
-        metrics = self.interventions.on_task_switch(self.ctx)
+        metrics = switch_task(self.ctx, self.interventions, task)
         self._refresh_if_restructured()
         return metrics
 
@@ -562,26 +560,8 @@ class DQN:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; on any error the previous state is put back and ValueError raised."""
-        expected = {"format", "online", "target", "optimizer", "step", "task", "interventions", "generator"}
-        if not isinstance(state, Mapping) or set(state) != expected:
-            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"DQN state must have keys {sorted(expected)}, got {got}")
-        if state["format"] != _STATE_FORMAT:
-            raise ValueError(f"DQN state format {state['format']!r} is not supported (expected {_STATE_FORMAT})")
-        entries = state["interventions"]
-        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and set(e) == {"name", "network", "state"}
-                                                     for e in entries):
-            raise ValueError(f"DQN state 'interventions' must be a list of {{name, network, state}} entries, got {entries!r}")
-        saved = [(e["network"], e["name"]) for e in entries]
-        mine = [(network, iv.name) for network, iv in self.interventions]
-        if saved != mine:
-            raise ValueError(f"checkpoint interventions {saved} differ from this learner's {mine} (network, name)")
-        backup = copy.deepcopy(self.state_dict())
-        try:
-            self._apply_state(state)
-        except Exception as exc:
-            self._apply_state(backup)
-            raise ValueError(f"could not load DQN state ({exc}); the previous state was kept") from exc
+        load_state_or_keep(state, algorithm="DQN", keys=_STATE_KEYS, state_format=_STATE_FORMAT,
+                           interventions=self.interventions, current=self.state_dict, apply=self._apply_state)
 
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         # Interventions first: one that changes the network's structure (e.g. a head injection)

@@ -75,7 +75,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.core import InvalidBatch, UpdateResult
+from learner.core import InvalidBatch, UpdateResult, load_state_or_keep, switch_task
 from learner.dqn import _adam, _is_number, _positive, _weighted_mean, adam_step, clip_grad_norm
 from learner.networks import NetworkConfig, _dense_stack, _Parts, collect_head_layers
 from plasticity.base import InterventionContext, InterventionSet, NetworkSlot, structure_version
@@ -844,10 +844,7 @@ class SAC:
 
     def task_switch(self, task: int | None = None) -> dict[str, float]:
         """Tell the interventions that the task changed (``ctx.task`` becomes ``task`` or ``task + 1``)."""
-        if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
-            raise ValueError(f"task must be an integer >= 0, got {task!r}")
-        self.ctx.task = self.ctx.task + 1 if task is None else task
-        metrics = self.interventions.on_task_switch(self.ctx)
+        metrics = switch_task(self.ctx, self.interventions, task)
         self._refresh_if_restructured()
         return metrics
 
@@ -887,25 +884,8 @@ class SAC:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; on any error the previous state is put back and ValueError raised."""
-        if not isinstance(state, Mapping) or set(state) != _STATE_KEYS:
-            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"SAC state must have keys {sorted(_STATE_KEYS)}, got {got}")
-        if state["format"] != _STATE_FORMAT:
-            raise ValueError(f"SAC state format {state['format']!r} is not supported (expected {_STATE_FORMAT})")
-        entries = state["interventions"]
-        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and set(e) == {"name", "network", "state"}
-                                                     for e in entries):
-            raise ValueError(f"SAC state 'interventions' must be a list of {{name, network, state}} entries, got {entries!r}")
-        saved = [(e["network"], e["name"]) for e in entries]
-        mine = [(network, iv.name) for network, iv in self.interventions]
-        if saved != mine:
-            raise ValueError(f"checkpoint interventions {saved} differ from this learner's {mine} (network, name)")
-        backup = copy.deepcopy(self.state_dict())
-        try:
-            self._apply_state(state)
-        except Exception as exc:
-            self._apply_state(backup)
-            raise ValueError(f"could not load SAC state ({exc}); the previous state was kept") from exc
+        load_state_or_keep(state, algorithm="SAC", keys=_STATE_KEYS, state_format=_STATE_FORMAT,
+                           interventions=self.interventions, current=self.state_dict, apply=self._apply_state)
 
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         # Interventions first: one that changes a network's structure (e.g. a head injection) rebuilds

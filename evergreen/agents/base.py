@@ -75,3 +75,38 @@ class AgentBuilder(Protocol):
     def make_diagnostics(self, algorithm: Any, probe_obs: torch.Tensor) -> dict[str, Any]:
         """Plasticity diagnostics per network name (empty when diagnostics are off)."""
         ...
+
+
+class NStepReplayAgent:
+    """What the builders of n-step replay agents share: interventions bound to the builder's ``networks``,
+    and the replay columns, bounds and adder of n-step transitions (``actors.n_step``, ``actors.gamma``).
+
+    A builder sets ``networks``, ``config`` (the run config) and ``spec`` (the env's spec) and inherits::
+
+        class SACBuilder(NStepReplayAgent):
+            networks = ("actor", "critic")
+    """
+
+    networks: tuple[str, ...] = ()
+    config: Any
+    spec: Any
+
+    def interventions(self) -> Any:
+        """A fresh set of the run's interventions, bound to the builder's networks (each intervention's
+        ``networks`` option narrows that); every process builds its own."""
+        from plasticity.interventions import bind_interventions
+
+        p = self.config.plasticity
+        return bind_interventions(p.interventions, p.options, networks=self.networks)
+
+    def replay_fields(self) -> list[tuple[str, Any, tuple[int, ...]]]:
+        return self.make_adder().schema()
+
+    def replay_bounds(self) -> dict[str, Any]:
+        return replay_bounds(self.spec)
+
+    def make_adder(self) -> Any:
+        from actors.adder import NStepAdder
+
+        a = self.config.actors
+        return NStepAdder(self.spec, num_envs=self.config.env.num_envs, n=a.n_step, gamma=a.gamma)

@@ -15,13 +15,11 @@ from typing import Any
 
 import torch
 
-from actors.adder import NStepAdder
 from actors.envs import EnvSpec
 from actors.policy import ConstantEpsilon, EpsilonGreedyPolicy, LinearEpsilon, apex_epsilon
-from evergreen.agents.base import TelemetryFamily, replay_bounds
+from evergreen.agents.base import NStepReplayAgent, TelemetryFamily
 from learner.dqn import DQN
 from learner.networks import NetworkConfig, build_network
-from plasticity.base import InterventionSet
 
 
 def exploration_schedule(actors: Any, *, index: int, step_offset: int = 0, max_actors: int | None = None) -> Any:
@@ -40,7 +38,7 @@ def exploration_schedule(actors: Any, *, index: int, step_offset: int = 0, max_a
     return LinearEpsilon(start=full(step_offset), end=end, steps=remaining)
 
 
-class DQNBuilder:
+class DQNBuilder(NStepReplayAgent):
     """See the module docstring and ``evergreen.agents``."""
 
     name = "dqn"
@@ -68,24 +66,7 @@ class DQNBuilder:
         config.dqn.validate()
         config.network.validate()
 
-    def interventions(self) -> InterventionSet:
-        """A fresh set of the run's interventions, bound to ``"q"`` (every process builds its own)."""
-        from plasticity.interventions import bind_interventions
-
-        p = self.config.plasticity
-        return bind_interventions(p.interventions, p.options, networks=self.networks)
-
-    # -- replay and actors ----------------------------------------------------------------------------
-
-    def replay_fields(self) -> list[tuple[str, Any, tuple[int, ...]]]:
-        return self.make_adder().schema()
-
-    def replay_bounds(self) -> dict[str, Any]:
-        return replay_bounds(self.spec)
-
-    def make_adder(self) -> NStepAdder:
-        a = self.config.actors
-        return NStepAdder(self.spec, num_envs=self.config.env.num_envs, n=a.n_step, gamma=a.gamma)
+    # -- actors (replay columns, bounds and the adder: NStepReplayAgent) ------------------------------
 
     def acting_network(self) -> torch.nn.Module:
         """A freshly built Q-network of the learner's architecture (interventions' overrides applied)."""

@@ -17,15 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.adder import NStepAdder
 from actors.envs import BoxActions, EnvSpec
 from actors.policy import GaussianPolicy
-from evergreen.agents.base import TelemetryFamily, replay_bounds
+from evergreen.agents.base import NStepReplayAgent, TelemetryFamily
 from learner.sac import SAC
-from plasticity.base import InterventionSet
 
 
-class SACBuilder:
+class SACBuilder(NStepReplayAgent):
     """See the module docstring and ``evergreen.agents``."""
 
     name = "sac"
@@ -60,25 +58,7 @@ class SACBuilder:
         """The checks of the section only this algorithm reads (called by ``RunConfig.validate``)."""
         config.sac.validate()
 
-    def interventions(self) -> InterventionSet:
-        """A fresh set of the run's interventions, bound to ``"actor"`` and ``"critic"`` (each intervention's
-        ``networks`` option narrows that)."""
-        from plasticity.interventions import bind_interventions
-
-        p = self.config.plasticity
-        return bind_interventions(p.interventions, p.options, networks=self.networks)
-
-    # -- replay and actors ----------------------------------------------------------------------------
-
-    def replay_fields(self) -> list[tuple[str, Any, tuple[int, ...]]]:
-        return self.make_adder().schema()
-
-    def replay_bounds(self) -> dict[str, Any]:
-        return replay_bounds(self.spec)
-
-    def make_adder(self) -> NStepAdder:
-        a = self.config.actors
-        return NStepAdder(self.spec, num_envs=self.config.env.num_envs, n=a.n_step, gamma=a.gamma)
+    # -- actors (replay columns, bounds and the adder: NStepReplayAgent) ------------------------------
 
     def acting_network(self) -> torch.nn.Module:
         """A freshly built actor of the learner's architecture (interventions' overrides applied)."""

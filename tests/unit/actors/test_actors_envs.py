@@ -280,3 +280,25 @@ def test_mujoco_envs_observe_in_float32_with_their_action_box():
         assert next_obs.dtype == np.float32 and np.all(np.isfinite(next_obs)) and reward.shape == (2,)
     finally:
         env.close()
+
+
+def test_the_friction_variation_makes_a_slippery_ant():
+    """Dohare et al.'s slippery-Ant setting: the sliding friction of every geom, kept across resets, and
+    the physics follows it (the same actions from the same state move a slippery Ant differently)."""
+    from actors.tasks import TaskVariation
+
+    def rollout(friction):
+        variation = TaskVariation.from_dict({"params": {"friction": friction}})
+        env = make_vector_env(EnvConfig(id="Ant-v5", num_envs=1, seed=3), variation=variation)
+        try:
+            model = env._env.envs[0].unwrapped.model
+            env.reset()
+            assert np.all(model.geom_friction[:, 0] == friction)   # every geom, still after a reset
+            actions = np.random.default_rng(0).uniform(-1, 1, (40, 1, 8)).astype(np.float32)
+            return np.stack([env.step(a)[0][0] for a in actions])
+        finally:
+            env.close()
+
+    grippy, slippery = rollout(1.0), rollout(0.02)
+    assert not np.allclose(grippy, slippery, atol=1e-3)
+    np.testing.assert_array_equal(rollout(0.02), slippery)      # deterministic given the seed
