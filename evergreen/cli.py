@@ -10,6 +10,7 @@
     evergreen scale runs/cartpole-... --actors 3 # add or remove actors while it runs
     evergreen stop runs/cartpole-...             # graceful stop with a final checkpoint
     evergreen runs                               # the runs the control plane knows
+    evergreen deploy render --preset pong --actors 8 --gpus 1 --out k8s/pong   # KubeRay manifests for a run
 
 Each subcommand lives with the code it runs; this module only dispatches, importing lazily so that
 `evergreen replay serve` does not pay for torch and Ray.
@@ -31,6 +32,8 @@ commands:
   scale RUN --actors N   change the number of actors of a running job
   stop RUN          stop a running job gracefully (final checkpoint)
   runs              the runs the control plane knows, with their state
+  deploy render     Kubernetes (KubeRay) manifests for a run (--preset, --actors, --gpus, --out)
+  deploy tree       regenerate the kustomize tree deploy/k8s from the defaults
 """
 
 
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from evergreen.control.commands import main as control_main
 
         return control_main(command, rest)
+    if command == "deploy":
+        from evergreen.deploy import main as deploy_main
+
+        return deploy_main(rest)
     if command == "bench" and rest[:1] == ["plasticity"]:
         from evergreen.bench.plasticity import main as bench_main
 

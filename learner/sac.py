@@ -145,6 +145,10 @@ class SACConfig:
     the temperature (Nikishin et al. 2022); null = never."""
     adam_eps: float = 1e-8
     """Adam epsilon of all three optimizers."""
+    normalize_observations: bool = False
+    """Normalize observations inside the networks by running mean and variance (clipped to +-10): the
+    learner updates the statistics from its training batches, and they travel to the actors with the
+    actor's weights, so acting and learning always normalize alike."""
     learning_starts: int = 5000
     """Env steps of the run (all actors together) whose actions are uniform over the action box before the
     actors sample the policy (SAC's warm-up; read by the actors, not by the update)."""
@@ -160,7 +164,7 @@ class SACConfig:
             _positive(f"sac.{name}", getattr(self, name))
         if not _is_number(self.tau) or not 0.0 < self.tau <= 1.0:
             raise ValueError(f"sac.tau must be in (0, 1], got {self.tau!r}")
-        for name in ("autotune", "layer_norm"):
+        for name in ("autotune", "layer_norm", "normalize_observations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"sac.{name} must be true or false, got {getattr(self, name)!r}")
         if self.target_entropy is not None and not _is_number(self.target_entropy):
@@ -202,6 +206,44 @@ def _check_float(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has dtype {x.dtype}; expected a floating-point tensor")
 
 
+class ObservationNormalizer(nn.Module):
+    """``clip((obs - mean) / sqrt(var + eps), -clip, clip)`` with running statistics (buffers, so they are in
+    the state dict and in the actors' weights). Only :meth:`update` changes them (the learner's batches).
+
+    Example::
+
+        norm = ObservationNormalizer(3)
+        norm.update(batch_obs)          # running mean/variance over every row seen so far
+        x = norm(obs)                   # normalized, clipped to +-10
+    """
+
+    def __init__(self, dim: int, *, clip: float = 10.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip, self.eps = float(clip), float(eps)
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(self.var + self.eps).to(obs.dtype)
+        return ((obs - self.mean.to(obs.dtype)) * scale).clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, obs: torch.Tensor) -> None:
+        """Merge the rows of ``obs`` ``[B, dim]`` into the statistics (Chan et al.'s parallel update, float64)."""
+        x = obs.detach().to(torch.float64).reshape(-1, self.mean.shape[0])
+        n = float(x.shape[0])
+        if n == 0:
+            return
+        batch_mean, batch_var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta.square() * self.count * n / total
+        self.mean.add_(delta * n / total)
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+
 class GaussianActor(nn.Module):
     """Tanh-squashed Gaussian policy: obs ``[B, obs_dim]`` -> hidden MLP -> ``head`` -> ``[B, 2 * act_dim]``.
 
@@ -232,6 +274,7 @@ class GaussianActor(nn.Module):
         action_low: Sequence[float] | None = None,
         action_high: Sequence[float] | None = None,
         activation: str | Callable[[], nn.Module] = "relu",
+        normalize_observations: bool = False,
     ):
         super().__init__()
         if not _is_pos_int(obs_dim):
@@ -255,11 +298,13 @@ class GaussianActor(nn.Module):
         self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
         self.register_buffer("action_scale", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
         self.register_buffer("action_bias", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
+        #: Observation normalization by running statistics (``sac.normalize_observations``), else identity.
+        self.normalizer: nn.Module = ObservationNormalizer(obs_dim) if normalize_observations else nn.Identity()
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """``[B, feature_dim]``: the last hidden layer's activations."""
         _check_float("obs", obs)
-        return self.encoder(obs.to(self.action_scale.dtype))
+        return self.encoder(self.normalizer(obs.to(self.action_scale.dtype)))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(obs))
@@ -366,7 +411,7 @@ class TwinQCritic(nn.Module):
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), layer_norm: bool = False,
-                 *, activation: str | Callable[[], nn.Module] = "relu"):
+                 *, activation: str | Callable[[], nn.Module] = "relu", normalize_observations: bool = False):
         super().__init__()
         if not _is_pos_int(obs_dim) or not _is_pos_int(act_dim):
             raise ValueError(f"obs_dim and act_dim must be integers >= 1, got {obs_dim!r}, {act_dim!r}")
@@ -379,8 +424,12 @@ class TwinQCritic(nn.Module):
         self._slots = (slots1, slots2)
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.feature_dim = w1 + w2
+        # The observation part of the input is normalized with the actor's statistics (SAC copies them).
+        self.normalizer: nn.Module | None = ObservationNormalizer(obs_dim) if normalize_observations else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalizer is not None:
+            x = torch.cat([self.normalizer(x[:, :self.obs_dim]), x[:, self.obs_dim:]], dim=-1)
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -565,9 +614,11 @@ class SAC:
             torch.random.default_generator.manual_seed(seed)
             actor = GaussianActor(self.obs_dim, (self.act_dim,), cfg.hidden, self._arch["actor"]["layer_norm"],
                                   cfg.log_std_min, cfg.log_std_max, action_low=self.action_low.tolist(),
-                                  action_high=self.action_high.tolist(), activation=self._arch["actor"]["activation"])
+                                  action_high=self.action_high.tolist(), activation=self._arch["actor"]["activation"],
+                                  normalize_observations=cfg.normalize_observations)
             critic = TwinQCritic(self.obs_dim, self.act_dim, cfg.hidden, self._arch["critic"]["layer_norm"],
-                                 activation=self._arch["critic"]["activation"])
+                                 activation=self._arch["critic"]["activation"],
+                                 normalize_observations=cfg.normalize_observations)
         return actor, critic
 
     # ------------------------------------------------------------------ properties
@@ -755,6 +806,9 @@ class SAC:
         obs, action, reward, discount, next_obs, w = self._prepare(batch, weights)
         cfg = self.config
         alpha = self.log_alpha.detach().exp()
+        if cfg.normalize_observations:  # this batch's rows join the statistics before anything reads them
+            self.actor.normalizer.update(obs)
+            self._share_observation_statistics()
 
         # Critic.
         y, next_logp = self._target_values(reward, discount, next_obs, alpha, self.generator)
@@ -815,15 +869,27 @@ class SAC:
     def _reset_networks(self) -> None:
         """Primacy-bias reset: fresh actor, critic (and target = critic), empty Adam states, initial alpha."""
         actor, critic = self._build_networks(_derived_seed(self.seed, _RESET_STREAM, self.ctx.step))
+        # The observation statistics describe the data, not what was learned: they survive the reset.
+        statistics = copy.deepcopy(self.actor.normalizer.state_dict())
         with torch.no_grad():
             self.actor.load_state_dict(actor.state_dict())
             self.critic.load_state_dict(critic.state_dict())
             self.critic_target.load_state_dict(critic.state_dict())
             self.log_alpha.fill_(math.log(self.config.init_alpha))
+            if self.config.normalize_observations:
+                self.actor.normalizer.load_state_dict(statistics)
+                self._share_observation_statistics()
         for optimizer in (self.actor_optimizer, self.critic_optimizer, self.alpha_optimizer):
             optimizer.state.clear()
         if self._probes is not None:
             self._probes.invalidate()
+
+    @torch.no_grad()
+    def _share_observation_statistics(self) -> None:
+        """The critic and its target normalize with the actor's statistics."""
+        for critic in (self.critic, self.critic_target):
+            for name, value in self.actor.normalizer.state_dict().items():
+                getattr(critic.normalizer, name).copy_(value)
 
     # ------------------------------------------------------------------ probes and task switches
 
