@@ -75,6 +75,9 @@ class ReplayConfig:
     """Where each shard checkpoints, on its node: a path with {shard} (and optionally {run}); "" = <run dir>/replay/shard-{shard}."""
     host: str = "auto"
     """Address shards bind: "auto" = 127.0.0.1 for a local run, the node's IP on a cluster."""
+    metrics_port: int = 0
+    """Port of each shard's /metrics on its host's address (0: a free one, named in ports.json); a fixed port
+    lets Prometheus scrape shards on a cluster (one shard per node, as the Kubernetes replay group places them)."""
     placement: Placement = field(default_factory=Placement)
     """Ray resources of each shard process."""
 
@@ -197,6 +200,8 @@ class RunConfig:
     """Where run directories are created (and runs_dir/prometheus_targets, the Prometheus file_sd folder)."""
     telemetry_port: int = 0
     """Port of the run's Prometheus /metrics endpoint; 0 picks a free one (recorded in the run dir)."""
+    telemetry_host: str = "127.0.0.1"
+    """Address the run's /metrics binds: loopback for a local run; "0.0.0.0" to be scraped from other hosts."""
     algorithm: str = "dqn"
     """Agent builder (evergreen.agents): "dqn" (discrete actions) or "sac" (continuous actions)."""
     ray: RayConfig = field(default_factory=RayConfig)
@@ -315,6 +320,10 @@ class RunConfig:
         _check(p.diagnostics_every >= 1, "plasticity.diagnostics_every", p.diagnostics_every, ">= 1")
         _check(p.probe_size >= 2, "plasticity.probe_size", p.probe_size, ">= 2")
         _check(0 <= self.telemetry_port <= 65535, "telemetry_port", self.telemetry_port, "a port in [0, 65535]")
+        _check(isinstance(self.telemetry_host, str) and bool(self.telemetry_host.strip()), "telemetry_host",
+               self.telemetry_host, 'an address to bind, e.g. "127.0.0.1" or "0.0.0.0"')
+        _check(0 <= self.replay.metrics_port <= 65535, "replay.metrics_port", self.replay.metrics_port,
+               "a port in [0, 65535] (0: a free one)")
         if p.interventions:
             from plasticity.interventions import bind_interventions
 

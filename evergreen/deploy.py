@@ -56,7 +56,7 @@ DATA = "/data"                        # the shared volume: run directories and r
 RUNS_DIR = f"{DATA}/runs"
 REPLAY_CHECKPOINTS = f"{DATA}/replay/{{run}}/shard-{{shard}}"
 TELEMETRY_PORT = 9400                 # the run's /metrics (telemetry_port), on the head where the driver runs
-REPLAY_METRICS_PORT = 9401            # the port the replay PodMonitor scrapes (see deploy/README.md: not fixed yet)
+REPLAY_METRICS_PORT = 9401            # each shard's /metrics (replay.metrics_port), one shard per replay pod
 REDIS_PORT = 6379
 REDIS_IMAGE = "redis:7.4.1"
 REDIS_SECRET = "evergreen-redis"      # key "password"; created by hand, never rendered
@@ -104,6 +104,10 @@ _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
 
 def check_options(opts: Options) -> None:
     """Refuse bad input with the flag and the value, before anything is rendered."""
+    if opts.preset.endswith(".json"):
+        # The RayJob's driver reads the preset inside the image, where only configs/ is sure to exist.
+        raise ValueError(f"--preset {opts.preset!r} is invalid here: expected the name of a preset in configs/ "
+                         "(the image holds those); give changes to it as config flags")
     if opts.actors is not None and (isinstance(opts.actors, bool) or opts.actors < 1):
         raise ValueError(f"--actors {opts.actors!r} is invalid: expected an integer >= 1 (actors the run starts with)")
     if isinstance(opts.gpus, bool) or opts.gpus < 0:
@@ -136,6 +140,10 @@ def run_flags(opts: Options) -> list[tuple[str, str]]:
         "ray.address": "auto",
         "runs_dir": RUNS_DIR,
         "telemetry_port": str(TELEMETRY_PORT),
+        # Both exporters listen where the PodMonitors scrape them: the run's on the head pod's address,
+        # each shard's on its own pod's address (shards bind the node IP on a cluster) at a fixed port.
+        "telemetry_host": "0.0.0.0",
+        "replay.metrics_port": str(REPLAY_METRICS_PORT),
         "control.redis_url": f"redis://evergreen-redis.{opts.namespace}.svc:{REDIS_PORT}/0",
         "replay.checkpoint_dir": REPLAY_CHECKPOINTS,
     }
@@ -626,10 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     render_p = sub.add_parser("render", help="manifests for one run: RayCluster, RayJob, Redis, policies, monitoring")
     render_p.add_argument("--preset", default="cartpole", help="a preset name from configs/ or a path to a JSON file")
-    render_p.add_argument("--actors", type=int, default=None,
+    # dest names apart from the config's own `actors` section, which add_flags below maps too.
+    render_p.add_argument("--actors", dest="start_actors", metavar="N", type=int, default=None,
                           help="actors the run starts with (default: the preset's actors.num_actors)")
-    render_p.add_argument("--gpus", type=int, default=0, help="GPUs of the learner pod; 0 = the learner runs on CPU")
-    render_p.add_argument("--out", required=True, type=Path, help="directory to write the YAML files to")
+    render_p.add_argument("--gpus", dest="learner_gpus", metavar="G", type=int, default=0,
+                          help="GPUs of the learner pod; 0 = the learner runs on CPU")
+    render_p.add_argument("--out", metavar="DIR", required=True, type=Path, help="directory to write the YAML files to")
     render_p.add_argument("--namespace", default="evergreen")
     render_p.add_argument("--image", default=DEFAULT_IMAGE, help="the Evergreen image, pinned to a version tag")
     render_p.add_argument("--storage", default="100Gi", help="size of the shared ReadWriteMany volume at /data")
@@ -644,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _given_flags(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    return tuple((k, v) for k, v in vars(args).items() if "." in k or k in fields)
+    defaults = RunConfig()
+    leaves = {f.name for f in dataclasses.fields(RunConfig) if not dataclasses.is_dataclass(getattr(defaults, f.name))}
+    return tuple((k, v) for k, v in vars(args).items() if "." in k or k in leaves)
 
 
 def main(argv: list[str]) -> int:
@@ -654,8 +665,9 @@ def main(argv: list[str]) -> int:
         if args.command == "tree":
             written = tree(args.out)
         else:
-            opts = Options(preset=args.preset, actors=args.actors, gpus=args.gpus, namespace=args.namespace,
-                           image=args.image, storage=args.storage, storage_class=args.storage_class,
+            opts = Options(preset=args.preset, actors=args.start_actors, gpus=args.learner_gpus,
+                           namespace=args.namespace, image=args.image, storage=args.storage,
+                           storage_class=args.storage_class,
                            replay_memory=args.replay_memory, monitoring_namespace=args.monitoring_namespace,
                            operator_namespace=args.operator_namespace, flags=_given_flags(args))
             written = write(render(opts), args.out)

@@ -354,7 +354,7 @@ class Trainer:
             directory = template.format(shard=index, run=self.run_dir.name)
             self._shards.append(ShardActor.options(**_resources(r.placement)).remote(
                 tables, checkpoint_dir=directory, shard_index=index, host=r.host,
-                cluster=bool(self.config.ray.address), token=token,
+                cluster=bool(self.config.ray.address), token=token, metrics_port=r.metrics_port,
                 # After a crash the shard's limiter may be ahead of the learner's checkpoint: re-centre it.
                 rebase_limiter_on_restore=self.resume))
         try:
@@ -372,7 +372,8 @@ class Trainer:
 
         cfg = self.config
         self._telemetry = TelemetryExporter(run=self.run_dir.name, task=cfg.env.id, batch_size=cfg.learner.batch_size,
-                                            port=cfg.telemetry_port, families=builder.telemetry_families,
+                                            port=cfg.telemetry_port, host=cfg.telemetry_host,
+                                            families=builder.telemetry_families,
                                             networks=builder.networks)
         port = self._telemetry.start()
         write_targets(self.run_dir, {"learner": port, "replay": [mp for _, mp in self._shard_endpoints]},
@@ -633,8 +634,19 @@ class Trainer:
             if target == books.counters["visit"]:
                 return
             drain_until = time.time() + GATE_DRAIN_S
+
+            def keep_training() -> None:
+                # The learner goes on with the old task meanwhile: a held actor may be waiting for the rate
+                # limiter to take its last insert, which only the learner's sampling allows.
+                if not inflight:
+                    inflight.append(train_call())
+                ready, _ = ray.wait([inflight[0]], timeout=0.05)
+                if ready:
+                    take_report(inflight.popleft())
+                    inflight.append(train_call())
+
             while gate["closed"] and len(gate["held"]) < pool.running and time.time() < drain_until:
-                time.sleep(0.05)
+                keep_training()
                 gate = self._read_gate()
             if gate["closed"] and len(gate["held"]) < pool.running:
                 print(f"  task switch: {len(gate['held'])} of {pool.running} actors reached the env-step gate "
@@ -643,7 +655,7 @@ class Trainer:
             # The records say which task each env step was on: take in the held actors' statistics (their
             # chunks end within a second) so that the switch's record counts every old-task step.
             while books.counters["env_steps"] < switch_steps and time.time() < drain_until:
-                time.sleep(0.05)
+                keep_training()
                 poll_actors()
             while inflight:  # the queued updates finish on the old task first
                 take_report(inflight.popleft())

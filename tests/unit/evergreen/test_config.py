@@ -58,6 +58,8 @@ def test_config_round_trips_through_the_run_dir(tmp_path):
         ({"env": {"num_envs": 0}}, "num_envs"),
         ({"network": {"encoder": "transformer"}}, "transformer"),
         ({"telemetry_port": 70000}, "telemetry_port = 70000 is invalid"),
+        ({"telemetry_host": " "}, "telemetry_host = ' ' is invalid: expected an address to bind"),
+        ({"replay": {"metrics_port": 70000}}, "replay.metrics_port = 70000 is invalid"),
         ({"algorithm": "ppo"}, "algorithm = 'ppo' is invalid: expected one of ['dqn', 'sac']"),
         ({"learner": {"placement": {"num_gpus": -1}}}, "learner.placement.num_gpus = -1.0 is invalid"),
         ({"replay": {"placement": {"resources": {"replay": 0}}}}, "replay.placement.resources = {'replay': 0}"),
