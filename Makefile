@@ -1,6 +1,11 @@
 # The README's two commands:  `make train`  and  `make test`.
 # Each creates .venv on first use: torch==2.13.0 first (the CPU build on this machine), then the project,
 # so that the project's `torch>=` range is already satisfied and pip pulls no CUDA packages.
+#
+# The container image (Dockerfile, deploy/image/, deploy/README.md "Image"; needs podman, not run by .ci/run):
+#   make image        deploy/image/build.sh: podman build from the local base localhost/evergreen-base:<release>
+#                     (build it once with deploy/image/build-base.sh, mmdebstrap); TORCH_VARIANT=cu126 for CUDA
+#   make image-test   build, then deploy/image/test.sh: a cartpole run and a replay shard's health in the image
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +14,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= cartpole
 ARGS   ?=
 
-.PHONY: train test test-all lint bench proto clean
+.PHONY: train test test-all lint bench proto clean image image-test
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +39,12 @@ lint: $(STAMP)
 
 proto: $(STAMP)  ## regenerate replay/proto/*_pb2*.py after editing replay/proto/*.proto
 	$(PY) -m replay.proto.generate
+
+image:  ## the container image (deploy/image/build.sh; environment: IMAGE, TAG, TORCH_VARIANT, BASE_IMAGE)
+	bash deploy/image/build.sh
+
+image-test: image  ## build the image, then run it (deploy/image/test.sh)
+	bash deploy/image/test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
