@@ -62,7 +62,7 @@ REDIS_IMAGE = "redis:7.4.1"
 REDIS_SECRET = "evergreen-redis"      # key "password"; created by hand, never rendered
 RAY_TOKEN_SECRET = "evergreen-ray-token"  # key "auth_token" (KubeRay's key); created by hand, never rendered
 DATA_CLAIM = "evergreen-data"
-RAY_UID = 1000                        # the image's unprivileged user (rayproject/ray's "ray" user)
+RAY_UID = 10001                       # the image's unprivileged user (Dockerfile: ARG UID)
 REDIS_UID = 999                       # the redis image's "redis" user
 MEMORY_PER_CPU_GI = 2                 # memory of a Ray worker pod per CPU slot
 

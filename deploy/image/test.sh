@@ -6,7 +6,7 @@
 #   deploy/image/test.sh registry.example.com/evergreen:0.1.0
 #
 # 1. `evergreen` with the default CMD (--help) exits 0;
-# 2. the image works under the manifests' uid (1000, no passwd entry): torch, ray and the trainer import;
+# 2. the image works under the manifests' uid (10001, the image's user): torch, ray and the trainer import;
 # 3. `evergreen train --preset cartpole --learner.total_env_steps 3000` runs to the end (exit 0) and writes
 #    config.json and metrics.jsonl to the volume;
 # 4. a replay shard (`evergreen replay serve`, with a token) answers the gRPC health service SERVING for ""
@@ -52,10 +52,10 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 echo "== 1. $ref --help"
 podman run --rm "${common[@]}" "$ref" >/dev/null || fail "evergreen --help did not exit 0"
 
-echo "== 2. as uid 1000 (the manifests' runAsUser)"
-podman run --rm "${common[@]}" --user 1000:1000 --entrypoint python3 "$ref" -c \
+echo "== 2. as uid 10001 (the manifests' runAsUser)"
+podman run --rm "${common[@]}" --user 10001:10001 --entrypoint python3 "$ref" -c \
   'import getpass, torch, ray, evergreen.train; print("user", getpass.getuser(), "torch", torch.__version__, "ray", ray.__version__)' \
-  || fail "imports as uid 1000"
+  || fail "imports as uid 10001"
 
 echo "== 3. evergreen train --preset cartpole --learner.total_env_steps 3000"
 podman volume create "$volume" >/dev/null   # empty: takes /data's owner (the image's user) on first mount
