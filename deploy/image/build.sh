@@ -88,6 +88,9 @@ elif [ "$have_torch_wheel" = 1 ]; then
   args+=(--build-arg "TORCH_INDEX_URL=")   # torch from the wheel cache, its dependencies from the default index
 fi
 
+# Docker image format: the OCI format has no SHELL instruction, and the Dockerfile's RUN lines rely on
+# bash with pipefail (podman ignores SHELL with a warning otherwise).
+args+=(--format docker)
 echo "== podman build $ref (base $BASE_IMAGE, torch $torch_version+$variant)"
 start=$(date +%s)
 podman build "${args[@]}" "$@" .
