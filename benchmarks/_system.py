@@ -10,11 +10,15 @@ inside the window.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
+import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,24 @@ def burn_cpu() -> None:
     os.setsid()  # its own group, so the benchmark's Ctrl-C handling is not involved
     while True:
         pass
+
+
+@contextlib.contextmanager
+def cpu_burners(count: int) -> Iterator[None]:
+    """``count`` CPU-burning processes for the duration of the block (killed by pid at its end).
+
+        with cpu_burners(args.burn):
+            rows = [run(seed) for seed in seeds]
+    """
+    burners = [multiprocessing.Process(target=burn_cpu, daemon=True) for _ in range(count)]
+    for burner in burners:
+        burner.start()
+    try:
+        yield
+    finally:
+        for burner in burners:
+            os.kill(burner.pid, signal.SIGKILL)
+            burner.join()
 
 
 def run_system(config: Any, *, warmup_s: float, seconds: float, run_dir: Path | None = None,

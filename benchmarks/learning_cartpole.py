@@ -21,9 +21,7 @@ Targets: every Evergreen seed solves within 100k env steps and 5 minutes.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _system import burn_cpu  # noqa: E402
+from _system import cpu_burners  # noqa: E402
 
 from evergreen.config import load_config  # noqa: E402
 from evergreen.train import Trainer  # noqa: E402
@@ -87,11 +85,8 @@ def main() -> int:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="evergreen-bench-cartpole-"))
-    burners = [multiprocessing.Process(target=burn_cpu, daemon=True) for _ in range(args.burn)]
-    for burner in burners:
-        burner.start()
     rows = []
-    try:
+    with cpu_burners(args.burn):
         for seed in seeds:
             rows.append(run_evergreen(seed, args.max_env_steps, root))
             print(f"-- evergreen seed {seed}: {rows[-1]}", flush=True)
@@ -99,10 +94,6 @@ def main() -> int:
             for seed in seeds:
                 rows.append(run_sb3(seed, args.max_env_steps))
                 print(f"-- sb3 seed {seed}: {rows[-1]}", flush=True)
-    finally:
-        for burner in burners:
-            os.kill(burner.pid, signal.SIGKILL)
-            burner.join()
     print(f"\nload: {args.burn} CPU-burning processes beside the benchmark on {os.cpu_count()} cores")
     print("| system | seed | solved | env steps | updates | wall time (s) | mean return (last 100) |")
     print("|---|---:|:---:|---:|---:|---:|---:|")

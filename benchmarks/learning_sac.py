@@ -20,9 +20,7 @@ Target: every Evergreen seed within 20k env steps.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _system import burn_cpu  # noqa: E402
+from _system import cpu_burners  # noqa: E402
 
 from evergreen.config import load_config  # noqa: E402
 from evergreen.train import Trainer  # noqa: E402
@@ -92,11 +90,8 @@ def main() -> int:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="evergreen-bench-sac-"))
-    burners = [multiprocessing.Process(target=burn_cpu, daemon=True) for _ in range(args.burn)]
-    for burner in burners:
-        burner.start()
     rows = []
-    try:
+    with cpu_burners(args.burn):
         for seed in seeds:
             rows.append(run_evergreen(seed, args.max_env_steps, root))
             print(f"-- evergreen seed {seed}: {rows[-1]}", flush=True)
@@ -104,10 +99,6 @@ def main() -> int:
             for seed in seeds:
                 rows.append(run_sb3(seed, args.max_env_steps))
                 print(f"-- sb3 seed {seed}: {rows[-1]}", flush=True)
-    finally:
-        for burner in burners:
-            os.kill(burner.pid, signal.SIGKILL)
-            burner.join()
     print(f"\nload: {args.burn} CPU-burning processes beside the benchmark on {os.cpu_count()} cores")
     print(f"| system | seed | reached {SOLVED_AT:g} | env steps | updates | wall time (s) | mean return (last {WINDOW}) |")
     print("|---|---:|:---:|---:|---:|---:|---:|")

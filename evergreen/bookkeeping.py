@@ -173,11 +173,17 @@ class Bookkeeping:
         return float(np.mean(list(self.returns)[-100:])) if self.returns else None
 
     @property
+    def stop_window_mean(self) -> float | None:
+        """The mean return of the last ``stop_window`` episodes; None until there are that many."""
+        if len(self.returns) < self.stop_window:
+            return None
+        return float(np.mean(list(self.returns)[-self.stop_window:]))
+
+    @property
     def solved(self) -> bool:
         """``stop_at_return`` reached by the mean of the last ``stop_window`` episodes."""
-        if self.stop_at_return is None or len(self.returns) < self.stop_window:
-            return False
-        return float(np.mean(list(self.returns)[-self.stop_window:])) >= self.stop_at_return
+        mean = self.stop_window_mean
+        return self.stop_at_return is not None and mean is not None and mean >= self.stop_at_return
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """What a learner checkpoint stores beside the algorithm state."""

@@ -461,7 +461,7 @@ class TelemetryExporter:
             return (f"evergreen_learner_{sanitize(key)}", f"Learner metric {key!r} (not in the record contract).",
                     ("run",), (run,))
         if parts[0] == "diag":
-            network, parts = self._network_of(["diag", *parts[1:]], at=1)
+            network, parts = self._network_of(parts, at=1)
             if len(parts) < 2 or not parts[1]:
                 raise ValueError(f"metrics record key {key!r}: expected diag/<name> or diag/<name>/<layer>"
                                  + (f" (after a network of {list(self._networks)})" if self._networks else ""))

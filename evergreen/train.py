@@ -742,9 +742,8 @@ class Trainer:
                                   f"({gate['env_steps']:,} env steps reported)")
                     break
                 if books.solved:
-                    window = list(books.returns)[-lrn.stop_window:]
                     stopped_by = (f"solved: mean return of the last {lrn.stop_window} episodes "
-                                  f"{float(np.mean(window)):.1f} >= {lrn.stop_at_return}")
+                                  f"{books.stop_window_mean:.1f} >= {lrn.stop_at_return}")
                     break
                 if self._stop_reason:
                     stopped_by = self._stop_reason

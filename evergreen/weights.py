@@ -223,7 +223,7 @@ class RayWeightSource:
         self.store = store
 
     def poll(self, actor: int, env_steps: int, held: bool = False) -> PollAnswer:
-        return PollAnswer(*ray.get(self.store.poll.remote(actor, env_steps, held)))
+        return ray.get(self.store.poll.remote(actor, env_steps, held))
 
     def latest_version(self) -> int:
         return ray.get(self.store.latest_version.remote())

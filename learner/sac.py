@@ -607,15 +607,35 @@ class SAC:
             raise ValueError(f"interventions set norm {norm!r} on the {name!r} network; expected 'none' or 'layer_norm'")
         return {"layer_norm": norm == "layer_norm", "activation": overrides.get("activation", "relu")}
 
+    @classmethod
+    def build_actor(cls, config: SACConfig, *, obs_dim: int, action_low: Sequence[float],
+                    action_high: Sequence[float], interventions: InterventionSet | None = None,
+                    seed: int = 0) -> GaussianActor:
+        """The actor exactly as ``SAC(config, ..., seed=seed, interventions=...)`` initializes it, without the
+        critic and the optimizers: what actors act with until the learner's first weights arrive.
+
+            actor = SAC.build_actor(SACConfig(), obs_dim=3, action_low=[-2.0], action_high=[2.0])
+        """
+        architecture = cls._architecture(config, interventions or InterventionSet([], networks=cls.NETWORKS), "actor")
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            return cls._new_actor(config, obs_dim, action_low, action_high, architecture)
+
+    @staticmethod
+    def _new_actor(config: SACConfig, obs_dim: int, action_low: Sequence[float], action_high: Sequence[float],
+                   architecture: dict[str, Any]) -> GaussianActor:
+        return GaussianActor(obs_dim, (len(action_low),), config.hidden, architecture["layer_norm"],
+                             config.log_std_min, config.log_std_max, action_low=list(action_low),
+                             action_high=list(action_high), activation=architecture["activation"],
+                             normalize_observations=config.normalize_observations)
+
     def _build_networks(self, seed: int) -> tuple[GaussianActor, TwinQCritic]:
         """Freshly initialized actor and critic (on the CPU) from ``seed``, under a forked global RNG."""
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
-            actor = GaussianActor(self.obs_dim, (self.act_dim,), cfg.hidden, self._arch["actor"]["layer_norm"],
-                                  cfg.log_std_min, cfg.log_std_max, action_low=self.action_low.tolist(),
-                                  action_high=self.action_high.tolist(), activation=self._arch["actor"]["activation"],
-                                  normalize_observations=cfg.normalize_observations)
+            actor = self._new_actor(cfg, self.obs_dim, self.action_low.tolist(), self.action_high.tolist(),
+                                    self._arch["actor"])
             critic = TwinQCritic(self.obs_dim, self.act_dim, cfg.hidden, self._arch["critic"]["layer_norm"],
                                  activation=self._arch["critic"]["activation"],
                                  normalize_observations=cfg.normalize_observations)
@@ -887,9 +907,10 @@ class SAC:
     @torch.no_grad()
     def _share_observation_statistics(self) -> None:
         """The critic and its target normalize with the actor's statistics."""
+        source = self.actor.normalizer
         for critic in (self.critic, self.critic_target):
-            for name, value in self.actor.normalizer.state_dict().items():
-                getattr(critic.normalizer, name).copy_(value)
+            for name in ("mean", "var", "count"):
+                getattr(critic.normalizer, name).copy_(getattr(source, name))
 
     # ------------------------------------------------------------------ probes and task switches
 

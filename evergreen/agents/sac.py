@@ -62,7 +62,9 @@ class SACBuilder(NStepReplayAgent):
 
     def acting_network(self) -> torch.nn.Module:
         """A freshly built actor of the learner's architecture (interventions' overrides applied)."""
-        return self.make_algorithm(torch.device("cpu")).acting_network()
+        return SAC.build_actor(self.config.sac, obs_dim=self.spec.observation_shape[0],
+                               action_low=self.spec.actions.low, action_high=self.spec.actions.high,
+                               interventions=self.interventions(), seed=self.config.seed)
 
     def make_policy(self, *, actor_index: int, env_steps_offset: int) -> GaussianPolicy:
         # sac.learning_starts counts the run's env steps; each actor takes its share of the warm-up.
