@@ -208,6 +208,12 @@ class ActorPool:
         with self._lock:
             return sum(1 for s in self._slots.values() if s.state == "running")
 
+    def chunks(self) -> dict[int, int]:
+        """``step_for`` chunks each running actor has returned since its launch (its statistics are in
+        ``stats()`` up to the last of them)."""
+        with self._lock:
+            return {i: s.chunks for i, s in sorted(self._slots.items()) if s.state == "running"}
+
     def handles(self) -> dict[int, Any]:
         """Ray handles of the running actors by index (for inspection and fault-injection tests)."""
         with self._lock:

@@ -58,9 +58,6 @@ ACTOR_POLL_S = 0.5
 #: At a task switch, how long the driver waits for every running actor to stop at the env-step gate
 #: with its rows inserted, before it switches anyway (an actor stuck elsewhere must not stall the run).
 GATE_DRAIN_S = 10.0
-#: At the run's end, how long all actors may sit at the closed gate before the run ends on the gate's
-#: count (the actors' statistics normally reach total_env_steps within one actor chunk).
-GATE_END_S = 3.0
 #: How often the driver checks that every replay shard's server runs, and how many crashes of one
 #: shard within the window it restarts before it stops the run as a crash loop.
 SHARD_CHECK_S = 1.0
@@ -707,7 +704,9 @@ class Trainer:
         placement_recorded = False
         last_log = last_ckpt = last_poll = time.time()
         stopped_by = "reached learner.total_env_steps"
-        all_held_since = None   # when every actor was first seen waiting at the run's final gate
+        # The actors' returned chunks when all were first seen waiting at the run's final gate: once each has
+        # returned another, every step it took is in the books.
+        held_at_end: dict[int, int] | None = None
         try:
             while True:
                 ready, _ = ray.wait([inflight[0]], timeout=ACTOR_POLL_S)
@@ -726,7 +725,7 @@ class Trainer:
                         follow_scenario(gate)
                     at_end = gate["closed"] and gate["hold_at"] >= lrn.total_env_steps \
                         and len(gate["held"]) >= pool.running
-                    all_held_since = (all_held_since or now) if at_end else None
+                    held_at_end = (pool.chunks() if held_at_end is None else held_at_end) if at_end else None
                     if next_eval is not None and books.counters["env_steps"] >= next_eval:
                         self._evaluations.submit("periodic", env_steps=books.counters["env_steps"],
                                                  visit=books.counters["visit"])
@@ -735,11 +734,14 @@ class Trainer:
                         self._evaluations.poll()
                 if books.counters["env_steps"] >= lrn.total_env_steps:
                     break
-                if all_held_since is not None and now - all_held_since >= GATE_END_S:
-                    # Every actor waits at the final gate, yet their statistics fall short of the total:
-                    # an actor died between reporting its steps to the gate and returning its chunk.
-                    stopped_by = (f"reached learner.total_env_steps at the actors' gate "
-                                  f"({gate['env_steps']:,} env steps reported)")
+                if held_at_end is not None and all(count >= 1 and count != held_at_end.get(index)
+                                                   for index, count in pool.chunks().items()):
+                    # Every actor waits at the final gate and has returned its statistics since: take them in.
+                    # Short of the total even then, an actor died between reporting its steps and returning them.
+                    stats = poll_actors()
+                    if books.counters["env_steps"] < lrn.total_env_steps:
+                        stopped_by = (f"reached learner.total_env_steps at the actors' gate "
+                                      f"({gate['env_steps']:,} env steps reported)")
                     break
                 if books.solved:
                     stopped_by = (f"solved: mean return of the last {lrn.stop_window} episodes "
