@@ -141,7 +141,10 @@ class LearnerConfig:
     checkpoint_dir: str = ""
     """Where the learner writes checkpoints, on its node; "" = <run dir>/checkpoints."""
     placement: Placement = field(default_factory=Placement)
-    """Ray resources of the learner process (num_gpus 1 on a GPU node)."""
+    """Ray resources of each learner rank's process (num_gpus 1 on a GPU node)."""
+    num_ranks: int = 1
+    """Data-parallel learner ranks (one torch.distributed group: NCCL on CUDA, gloo on the CPU). Each samples
+    its own batch_size rows, so an update trains on num_ranks * batch_size; rank 0 publishes and checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,11 @@ class RunConfig:
             lrn.device == "auto" or lrn.device == "cpu" or lrn.device.startswith("cuda"),
             "learner.device", lrn.device, '"auto", "cpu", "cuda" or "cuda:N"',
         )
+        _check(isinstance(lrn.num_ranks, int) and not isinstance(lrn.num_ranks, bool) and lrn.num_ranks >= 1,
+               "learner.num_ranks", lrn.num_ranks, "an integer >= 1")
+        _check(lrn.num_ranks == 1 or ":" not in lrn.device, "learner.device", lrn.device,
+               '"auto", "cpu" or "cuda" with learner.num_ranks > 1 (each rank gets its own GPU from Ray, '
+               'learner.placement.num_gpus)')
         _check(p.diagnostics_every >= 1, "plasticity.diagnostics_every", p.diagnostics_every, ">= 1")
         _check(p.probe_size >= 2, "plasticity.probe_size", p.probe_size, ">= 2")
         _check(0 <= self.telemetry_port <= 65535, "telemetry_port", self.telemetry_port, "a port in [0, 65535]")

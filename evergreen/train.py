@@ -18,8 +18,9 @@ through the driver or the object store. The links, in the order ``Trainer.run`` 
 4. telemetry      — this process serves the run's ``/metrics`` (learner and actor statistics);
 5. weight store   — a Ray actor holding the latest (version, object ref) of the acting weights, and
    the continual scenario's current task (``evergreen.scenario``), which actors follow at their polls;
-6. learner        — ``learner.ray_learner.RayLearner``: algorithm, prefetching replay dataset,
-   updates, priority write-back, weight publishing, diagnostics, checkpoints; restored on ``--resume``;
+6. learner        — ``learner.ray_learner.LearnerGroup``: ``learner.num_ranks`` data-parallel ranks (one
+   by default), each with the algorithm, a prefetching replay dataset, updates and priority write-back;
+   rank 0 publishes weights, runs diagnostics and checkpoints; restored on ``--resume``;
 7. actors         — ``actors.ray_actor.ActorPool``: each actor writes straight to replay over gRPC
    and pulls weights by version;
 8. coordination   — learner ``train`` calls kept queued, actor statistics polled, the scenario's task
@@ -320,7 +321,8 @@ class Trainer:
             # Room for as many actors as `evergreen scale` may ask for: on a Ray of the run's own, logical
             # CPUs are only accounting (Ray does not start a process per CPU), and its size is fixed at init.
             actors = max(cfg.actors.num_actors, cfg.control.max_actors if cfg.control.enabled else 0)
-            need = (cfg.replay.num_shards * cfg.replay.placement.num_cpus + cfg.learner.placement.num_cpus
+            need = (cfg.replay.num_shards * cfg.replay.placement.num_cpus
+                    + cfg.learner.num_ranks * cfg.learner.placement.num_cpus
                     + actors * cfg.actors.placement.num_cpus
                     + (cfg.evaluation.placement.num_cpus if self._evaluates() else 0.0))
             # Logical CPUs: enough for every component's reservation; they share the machine's cores.
@@ -379,10 +381,12 @@ class Trainer:
               + ", ".join(f"http://{address.rsplit(':', 1)[0]}:{mp}/metrics" for address, mp in self._shard_endpoints))
 
     def _start_learner(self, builder: Any, client: Any, publisher: Any) -> Any:
-        from learner.ray_learner import RayLearner
+        from learner.ray_learner import LearnerGroup
 
         cfg, lrn = self.config, self.config.learner
-        self._learner = RayLearner.options(**_resources(lrn.placement)).remote(
+        # learner.num_ranks ranks, each with its placement; several form one data-parallel group.
+        self._learner = LearnerGroup.start(
+            num_ranks=lrn.num_ranks, options=_resources(lrn.placement),
             make_algorithm=builder.make_algorithm, client=client, batch_size=lrn.batch_size,
             prioritized=cfg.replay.sampler == "prioritized", publish=publisher,
             checkpoint_dir=lrn.checkpoint_dir or str(self.run_dir / "checkpoints"),
@@ -437,6 +441,7 @@ class Trainer:
             actors = self._pool.placement(timeout_s=1.0)
             placement = {
                 "learner": ray.get(self._learner.info.remote(), timeout=10),
+                "learner_ranks": ray.get([rank.info.remote() for rank in self._learner.ranks], timeout=10),
                 "replay": ray.get([s.info.remote() for s in self._shards], timeout=10),
                 "actors": actors,
                 "driver": {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()},
@@ -598,6 +603,7 @@ class Trainer:
         def take_report(ref) -> None:
             try:
                 books.add_learner_report(ray.get(ref))
+                learner.raise_failures()   # the other ranks' calls (data-parallel learner)
             except ray.exceptions.RayError as exc:
                 raise LearnerError(f"the learner failed: {_ray_error(exc)}") from exc
 
@@ -919,7 +925,7 @@ class Trainer:
             from ray.autoscaler.sdk import request_resources
 
             cfg = self.config
-            bundles = [_bundle(cfg.actors.placement)] * actors + [_bundle(cfg.learner.placement)] + \
+            bundles = [_bundle(cfg.actors.placement)] * actors + [_bundle(cfg.learner.placement)] * cfg.learner.num_ranks + \
                 [_bundle(cfg.replay.placement)] * cfg.replay.num_shards
             request_resources(bundles=[b for b in bundles if b])
         except Exception as exc:  # noqa: BLE001 - no autoscaler: the actors wait for room instead
@@ -1014,7 +1020,7 @@ class Trainer:
                 ray.get(self._learner.close.remote(), timeout=30)
             except Exception as exc:  # noqa: BLE001
                 print(f"  (learner stop: {_ray_error(exc)})", file=sys.stderr)
-            ray.kill(self._learner)
+            self._learner.kill()
         for shard in self._shards:
             try:
                 ray.get(shard.stop.remote(), timeout=120)  # SIGTERM: the shard checkpoints and exits

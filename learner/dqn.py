@@ -60,6 +60,7 @@ from torch import nn
 
 from learner.core import InvalidBatch, UpdateResult, load_state_or_keep, switch_task
 from learner.networks import NetworkConfig, QNetwork, build_network, torch_obs_dtype
+from learner.parallel import SINGLE, SingleProcess
 from plasticity.base import Intervention, InterventionContext, InterventionSet, NetworkSlot, structure_version
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs")
@@ -158,11 +159,10 @@ class DQN:
     :func:`plasticity.interventions.bind_interventions` with ``networks=DQN.NETWORKS``), or a plain
     list of interventions, which are all bound to ``"q"``.
 
-    Data-parallel use (one DQN per rank, each sampling its own batches): ``grad_sync(grads)`` is
-    called after backward and before clipping with the gradient tensors, to average them across
-    ranks in place (e.g. ``dist.all_reduce`` of a flattened copy, divided by the world size);
-    ``all_reduce_mean`` becomes ``ctx.all_reduce_mean`` for interventions' data-dependent decisions.
-    Both default to single-process behaviour.
+    Data-parallel use (one DQN per rank, each sampling its own batches): ``parallel`` is the rank's
+    :class:`learner.parallel.ReplicaGroup`; its ``grad_sync`` averages the gradients after backward
+    and before clipping, and its ``all_reduce_mean`` becomes ``ctx.all_reduce_mean`` for the
+    interventions' data-dependent decisions. The default is one process.
 
     Example: see the module docstring.
     """
@@ -181,8 +181,7 @@ class DQN:
         device: str | torch.device = "cpu",
         seed: int = 0,
         interventions: InterventionSet | Sequence[Intervention] = (),
-        grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
-        all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        parallel: SingleProcess = SINGLE,
     ):
         config.validate()
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -220,9 +219,8 @@ class DQN:
             {"q": NetworkSlot(self.online, self.optimizer, self.target)},
             generator=torch.Generator(device=self.device).manual_seed(seed),
         )
-        if all_reduce_mean is not None:
-            self.ctx.all_reduce_mean = all_reduce_mean
-        self._grad_sync = grad_sync
+        self.parallel = parallel
+        self.ctx.all_reduce_mean = parallel.all_reduce_mean
         self._probe: torch.Tensor | None = None
         self._quantile_tau = (
             (torch.arange(self.online.num_quantiles, dtype=torch.float32, device=self.device) + 0.5)
@@ -285,10 +283,30 @@ class DQN:
             return torch.from_numpy(np.ascontiguousarray(value))
         raise InvalidBatch(f"batch[{name!r}] must be a torch.Tensor or numpy array, got {type(value).__name__}")
 
+    def check_batch(self, batch: Mapping[str, Any], *, weights: Any = None) -> None:
+        """Raise :class:`InvalidBatch` where :meth:`update` would refuse ``batch``; change nothing.
+
+        What data-parallel ranks agree on before they update (a rank that refused its batch inside
+        ``update`` would leave the others waiting in the gradient all-reduce)."""
+        self._validated(batch, weights)
+
     def _prepare(
         self, batch: Mapping[str, Any], weights: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Validate the whole batch before anything is touched, then move it to the device.
+        """Validate the whole batch before anything is touched, then move it to the device."""
+        t, w = self._validated(batch, weights)
+        dev = self.device
+        return (
+            t["obs"].to(dev, non_blocking=True),
+            t["action"].to(dev, torch.long, non_blocking=True),
+            t["reward"].to(dev, torch.float32, non_blocking=True),
+            t["discount"].to(dev, torch.float32, non_blocking=True),
+            t["next_obs"].to(dev, non_blocking=True),
+            None if w is None else w.to(dev, torch.float32, non_blocking=True),
+        )
+
+    def _validated(self, batch: Mapping[str, Any], weights: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The batch's fields and weights as tensors, where they are, once every check passed.
 
         Value checks run where the batch is: on host tensors (what the replay dataset hands over)
         they cost no device synchronization.
@@ -331,15 +349,7 @@ class DQN:
             w_low, w_high = torch.aminmax(w)
             if not (bool(torch.isfinite(w_high)) and float(w_low) >= 0):
                 raise InvalidBatch(f"weights must be finite and >= 0, got min {float(w_low)}, max {float(w_high)}")
-        dev = self.device
-        return (
-            t["obs"].to(dev, non_blocking=True),
-            action.to(dev, torch.long, non_blocking=True),
-            t["reward"].to(dev, torch.float32, non_blocking=True),
-            t["discount"].to(dev, torch.float32, non_blocking=True),
-            t["next_obs"].to(dev, non_blocking=True),
-            None if w is None else w.to(dev, torch.float32, non_blocking=True),
-        )
+        return t, w
 
     # ------------------------------------------------------------------ the loss
 
@@ -438,8 +448,7 @@ class DQN:
             loss.backward()
         # Frozen parameters (e.g. an injected head's frozen copies) have no gradient and are skipped.
         grads = [p.grad for p in self._online_params if p.grad is not None]
-        if self._grad_sync is not None:
-            self._grad_sync(grads)
+        self.parallel.grad_sync(grads)   # the mean over ranks (nothing with one process)
         grad_norm = clip_grad_norm(grads, cfg.max_grad_norm)  # the norm before clipping
         if cfg.lr_end is not None:
             # A function of the step count alone, so a resumed run continues the same schedule.

@@ -230,11 +230,23 @@ class LearnerLoop:
     def step(self, *, timeout: float | None = 1.0) -> dict[str, float] | None:
         """One update; None if no batch arrived within ``timeout`` (replay filling or rate-limited) or the
         batch was invalid (counted in ``counters.dropped_batches``, logged, and skipped)."""
+        batch = self.next_batch(timeout=timeout)
+        return None if batch is None else self.train_on(batch)
+
+    def next_batch(self, *, timeout: float | None = 1.0) -> Batch | None:
+        """The next prefetched batch, or None if none arrived within ``timeout``; raises a failed priority update."""
         if self._priorities is not None and self._priorities.errors:
             raise RuntimeError(f"priority update failed: {self._priorities.errors[0]}") from self._priorities.errors[0]
-        batch = self.prefetcher.get(timeout=timeout)
-        if batch is None:
-            return None
+        return self.prefetcher.get(timeout=timeout)
+
+    def drop_invalid(self, exc: InvalidBatch) -> None:
+        """Count and log a batch the algorithm refused (a multi-day run goes on without it)."""
+        self.counters.dropped_batches += 1
+        if self.counters.dropped_batches <= 10 or self.counters.dropped_batches % 1000 == 0:
+            log.warning("dropped an invalid batch (%d so far): %s", self.counters.dropped_batches, exc)
+
+    def train_on(self, batch: Batch) -> dict[str, float] | None:
+        """One update on ``batch``: the metrics, or None for an invalid batch (dropped, see :meth:`step`)."""
         if self.diagnostics:
             start = time.perf_counter()
             for diagnostics in self.diagnostics.values():
@@ -243,11 +255,8 @@ class LearnerLoop:
         start = time.perf_counter()
         try:
             result = self.algorithm.update(batch.tensors, weights=batch.weights)
-        except InvalidBatch as exc:
-            # Nothing was changed (the algorithm validates first); a multi-day run goes on without it.
-            self.counters.dropped_batches += 1
-            if self.counters.dropped_batches <= 10 or self.counters.dropped_batches % 1000 == 0:
-                log.warning("dropped an invalid batch (%d so far): %s", self.counters.dropped_batches, exc)
+        except InvalidBatch as exc:   # nothing was changed: the algorithm validates first
+            self.drop_invalid(exc)
             return None
         self.counters.update_seconds += time.perf_counter() - start
         self.counters.updates += 1

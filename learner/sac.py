@@ -78,6 +78,7 @@ from torch import nn
 from learner.core import InvalidBatch, UpdateResult, load_state_or_keep, switch_task
 from learner.dqn import _adam, _is_number, _positive, _weighted_mean, adam_step, clip_grad_norm
 from learner.networks import NetworkConfig, _dense_stack, _Parts, collect_head_layers
+from learner.parallel import SINGLE, SingleProcess
 from plasticity.base import InterventionContext, InterventionSet, NetworkSlot, structure_version
 from plasticity.layers import HiddenLayer
 
@@ -319,15 +320,16 @@ class GaussianActor(nn.Module):
         """``(mean, log_std)``, each ``[B, act_dim]``, of the Gaussian before the tanh."""
         return self.params_from_output(self(obs))
 
-    def rsample(self, mean: torch.Tensor, log_std: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rsample(self, mean: torch.Tensor, log_std: torch.Tensor, generator: torch.Generator | None = None, *,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterized ``(action [B, act_dim], log_prob [B])`` for ``u = mean + std * eps``.
 
         ``log_prob = sum_k [log N(u_k; mean_k, std_k) - log(scale_k * (1 - tanh(u_k)^2) + 1e-6)]``,
         with ``log N(u; mean, std) = -eps^2 / 2 - log_std - log sqrt(2 pi)``. ``eps`` is drawn with
-        ``generator`` (on ``mean``'s device) or the global RNG.
+        ``generator`` (on ``mean``'s device) or the global RNG, unless ``noise`` (shaped like ``mean``) is given.
         """
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = noise if noise is not None else torch.randn(mean.shape, generator=generator, device=mean.device,
+                                                          dtype=mean.dtype)
         u = mean + log_std.exp() * eps
         squashed = torch.tanh(u)
         action = squashed * self.action_scale + self.action_bias
@@ -519,7 +521,9 @@ class SAC:
     Networks are initialized from ``seed`` under a forked RNG (the global torch RNG is left alone);
     ``ctx.generator`` (the interventions') and :attr:`generator` (the update's sampling noise) live
     on ``device`` and are seeded from ``seed`` as well, so the run is a function of ``seed`` and the
-    batches. ``interventions``: an :class:`plasticity.base.InterventionSet` from
+    batches. ``parallel``: the rank's :class:`learner.parallel.ReplicaGroup` for data-parallel ranks
+    (gradients, observation statistics and the interventions' decisions reduced over ranks; the
+    update's noise drawn for the whole group). ``interventions``: an :class:`plasticity.base.InterventionSet` from
     :func:`plasticity.interventions.bind_interventions` with ``networks=SAC.NETWORKS`` (or None).
     Build-time overrides (``norm``, ``activation``) apply to the network they are bound to.
 
@@ -539,6 +543,7 @@ class SAC:
         device: str | torch.device = "cpu",
         seed: int = 0,
         interventions: InterventionSet | None = None,
+        parallel: SingleProcess = SINGLE,
     ):
         config.validate()
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -585,6 +590,8 @@ class SAC:
              "critic": NetworkSlot(self.critic, self.critic_optimizer, self.critic_target)},
             generator=torch.Generator(device=dev).manual_seed(seed),
         )
+        self.parallel = parallel
+        self.ctx.all_reduce_mean = parallel.all_reduce_mean
         self._low = {torch.device("cpu"): torch.from_numpy(low)}
         self._high = {torch.device("cpu"): torch.from_numpy(high)}
         self._probes: _Probes | None = None
@@ -690,8 +697,26 @@ class SAC:
             table[device] = table[torch.device("cpu")].to(device)
         return table[device]
 
+    def check_batch(self, batch: Mapping[str, Any], *, weights: Any = None) -> None:
+        """Raise :class:`InvalidBatch` where :meth:`update` would refuse ``batch``; change nothing (what
+        data-parallel ranks agree on before they update)."""
+        self._validated(batch, weights)
+
     def _prepare(self, batch: Mapping[str, Any], weights: Any) -> tuple[torch.Tensor, ...]:
-        """Validate the whole batch before anything is touched, then move it to the device.
+        """Validate the whole batch before anything is touched, then move it to the device."""
+        t, w = self._validated(batch, weights)
+        dev = self.device
+        return (
+            t["obs"].to(dev, torch.float32, non_blocking=True),
+            t["action"].to(dev, torch.float32, non_blocking=True),
+            t["reward"].to(dev, torch.float32, non_blocking=True),
+            t["discount"].to(dev, torch.float32, non_blocking=True),
+            t["next_obs"].to(dev, torch.float32, non_blocking=True),
+            None if w is None else w.to(dev, torch.float32, non_blocking=True),
+        )
+
+    def _validated(self, batch: Mapping[str, Any], weights: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The batch's fields and weights as tensors, where they are, once every check passed.
 
         Value checks run where the batch is, with one host read for all of them (on host tensors,
         what the replay dataset hands over, no device synchronization at all).
@@ -734,15 +759,7 @@ class SAC:
         ok = torch.stack([c.to(t["obs"].device) for c in checks]).tolist()  # the one host read
         if not all(ok):
             self._raise_invalid(ok, t, w)
-        dev = self.device
-        return (
-            t["obs"].to(dev, torch.float32, non_blocking=True),
-            action.to(dev, torch.float32, non_blocking=True),
-            t["reward"].to(dev, torch.float32, non_blocking=True),
-            t["discount"].to(dev, torch.float32, non_blocking=True),
-            t["next_obs"].to(dev, torch.float32, non_blocking=True),
-            None if w is None else w.to(dev, torch.float32, non_blocking=True),
-        )
+        return t, w
 
     def _raise_invalid(self, ok: list[bool], t: dict[str, torch.Tensor], w: torch.Tensor | None) -> None:
         for key, good in zip(("obs", "next_obs", "reward"), ok[:3], strict=True):
@@ -766,9 +783,19 @@ class SAC:
     def _target_values(self, reward, discount, next_obs, alpha, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(``y = reward + discount * (min_j Q'_j(next_obs, a') - alpha * logp')`` [B], ``logp'`` [B]); no grad."""
         with torch.no_grad():
-            next_action, next_logp = self.actor.sample(next_obs, generator)
+            mean, log_std = self.actor.distribution_params(next_obs)
+            next_action, next_logp = self.actor.rsample(mean, log_std, noise=self._noise(mean, generator))
             next_q = self.critic_target.q(next_obs, next_action).min(dim=1).values
             return reward + discount * (next_q - alpha * next_logp), next_logp
+
+    def _noise(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Standard normal noise shaped like ``like`` ``[B, act_dim]``. With data-parallel ranks, this rank's
+        rows of one draw for the whole group's batch: every rank draws the same numbers (the generators
+        stay in step) and the group's update is one process's update on the concatenated batch."""
+        rank, ranks = self.parallel.rank, self.parallel.world_size
+        rows = like.shape[0]
+        noise = torch.randn((rows * ranks, *like.shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
+        return noise if ranks == 1 else noise[rank * rows:(rank + 1) * rows]
 
     @staticmethod
     def _td(q: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -814,6 +841,8 @@ class SAC:
         self._zero_grads(inputs)
         loss.backward(inputs=inputs)
         grads = [p.grad for p in network_params if p.grad is not None]
+        # The mean over ranks, before clipping (the temperature has no network: its own gradient).
+        self.parallel.grad_sync(grads if network_params else [p.grad for p in inputs if p.grad is not None])
         norm = clip_grad_norm(grads, self.config.max_grad_norm) if grads else torch.zeros((), device=self.device)
         adam_step(optimizer)
         return norm
@@ -826,8 +855,8 @@ class SAC:
         obs, action, reward, discount, next_obs, w = self._prepare(batch, weights)
         cfg = self.config
         alpha = self.log_alpha.detach().exp()
-        if cfg.normalize_observations:  # this batch's rows join the statistics before anything reads them
-            self.actor.normalizer.update(obs)
+        if cfg.normalize_observations:  # this batch's rows (every rank's) join the statistics before anything reads them
+            self.actor.normalizer.update(self.parallel.gather_rows(obs))
             self._share_observation_statistics()
 
         # Critic.
@@ -846,7 +875,7 @@ class SAC:
         if actor_updated:
             actor_features = self.actor.features(obs)
             mean, log_std = self.actor.params_from_output(self.actor.head(actor_features))
-            pi, logp = self.actor.rsample(mean, log_std, self.generator)
+            pi, logp = self.actor.rsample(mean, log_std, noise=self._noise(mean, self.generator))
             actor_loss = (alpha * logp - self.critic.q(obs, pi).min(dim=1).values).mean()
             extra, actor_terms = self.interventions.loss(self.ctx, "actor", obs=obs, features=actor_features)
             terms.update(actor_terms)
@@ -857,7 +886,9 @@ class SAC:
                 self._step(alpha_loss, self.alpha_optimizer, [])
             else:
                 alpha_loss = torch.zeros((), device=self.device)
-            self._last_policy = torch.stack([actor_loss.detach(), alpha_loss.detach(), grad_norm_actor.detach()])
+            # The group's mean with data-parallel ranks: this state is checkpointed, and replicas stay identical.
+            self._last_policy = self.parallel.all_reduce_mean(
+                torch.stack([actor_loss.detach(), alpha_loss.detach(), grad_norm_actor.detach()]))
 
         self.ctx.step += 1
         metrics: dict[str, float] = self.interventions.after_step(self.ctx, probe_obs=self._probes)

@@ -56,8 +56,9 @@ class AgentBuilder(Protocol):
         """``replay.schema.Bounds`` per column name, for the columns whose values replay must check."""
         ...
 
-    def make_algorithm(self, device: torch.device) -> Any:
-        """The learner's Algorithm on ``device`` (seeded from the run config)."""
+    def make_algorithm(self, device: torch.device, parallel: Any = ...) -> Any:
+        """The learner's Algorithm on ``device`` (seeded from the run config); ``parallel`` is the rank's
+        ``learner.parallel.ReplicaGroup`` when the learner has several data-parallel ranks."""
         ...
 
     def make_policy(self, *, actor_index: int, env_steps_offset: int) -> Any:

@@ -20,6 +20,7 @@ from actors.policy import ConstantEpsilon, EpsilonGreedyPolicy, LinearEpsilon, a
 from evergreen.agents.base import NStepReplayAgent, TelemetryFamily
 from learner.dqn import DQN
 from learner.networks import NetworkConfig, build_network
+from learner.parallel import SINGLE
 
 
 def exploration_schedule(actors: Any, *, index: int, step_offset: int = 0, max_actors: int | None = None) -> Any:
@@ -88,11 +89,11 @@ class DQNBuilder(NStepReplayAgent):
         """The evaluation protocol's policy: greedy in ``network`` but for a constant ``epsilon``."""
         return EpsilonGreedyPolicy(network=network, epsilon=ConstantEpsilon(epsilon), seed=[self.config.seed, 999])
 
-    def make_algorithm(self, device: torch.device) -> DQN:
+    def make_algorithm(self, device: torch.device, parallel: Any = SINGLE) -> DQN:
         cfg = self.config
         return DQN(cfg.dqn, cfg.network, obs_shape=self.spec.observation_shape, num_actions=self.spec.num_actions,
                    obs_dtype=self.spec.observation_dtype.name, device=str(device), seed=cfg.seed,
-                   interventions=self.interventions())
+                   interventions=self.interventions(), parallel=parallel)
 
     def make_diagnostics(self, algorithm: DQN, probe_obs: torch.Tensor) -> dict[str, Any]:
         from plasticity.diagnostics import Diagnostics, q_value_policy

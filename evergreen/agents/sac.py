@@ -20,6 +20,7 @@ import torch
 from actors.envs import BoxActions, EnvSpec
 from actors.policy import GaussianPolicy
 from evergreen.agents.base import NStepReplayAgent, TelemetryFamily
+from learner.parallel import SINGLE
 from learner.sac import SAC
 
 
@@ -80,11 +81,11 @@ class SACBuilder(NStepReplayAgent):
 
     # -- learner --------------------------------------------------------------------------------------
 
-    def make_algorithm(self, device: torch.device) -> SAC:
+    def make_algorithm(self, device: torch.device, parallel: Any = SINGLE) -> SAC:
         cfg = self.config
         return SAC(cfg.sac, obs_shape=self.spec.observation_shape, action_low=self.spec.actions.low,
                    action_high=self.spec.actions.high, device=str(device), seed=cfg.seed,
-                   interventions=self.interventions())
+                   interventions=self.interventions(), parallel=parallel)
 
     def make_diagnostics(self, algorithm: SAC, probe_obs: torch.Tensor) -> dict[str, Any]:
         from plasticity.diagnostics import Diagnostics, PolicyView

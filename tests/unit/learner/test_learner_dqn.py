@@ -554,22 +554,28 @@ def test_cuda_updates_match_cpu_and_resume(distributional):
 
 
 def test_grad_sync_sees_every_gradient_before_clipping_and_all_reduce_reaches_the_context():
+    from learner.parallel import SingleProcess
+
     seen = []
 
-    def halve(grads):  # stands in for a DDP all-reduce: in place, before clipping
-        seen.append(len(grads))
-        for g in grads:
-            g.mul_(0.5)
+    class Halving(SingleProcess):  # stands in for a group's all-reduce: in place, before clipping
+        def grad_sync(self, grads):
+            seen.append(len(grads))
+            for g in grads:
+                g.mul_(0.5)
+
+        def all_reduce_mean(self, tensor):
+            return tensor * 1.0
 
     reference = _linear_dqn(huber_delta=0.5)
     reference.update(HAND_BATCH, weights=HAND_WEIGHTS)
-    mean = lambda t: t * 1.0  # noqa: E731
+    group = Halving()
     synced = DQN(DQNConfig(max_grad_norm=None, huber_delta=0.5), LINEAR, obs_shape=(2,), num_actions=2,
-                 obs_dtype="float32", grad_sync=halve, all_reduce_mean=mean)
+                 obs_dtype="float32", parallel=group)
     _set_linear(synced.online, W_ONLINE, B_ONLINE)
     _set_linear(synced.target, W_TARGET, B_TARGET)
     result = synced.update(HAND_BATCH, weights=HAND_WEIGHTS)
-    assert seen == [2] and synced.ctx.all_reduce_mean is mean
+    assert seen == [2] and synced.ctx.all_reduce_mean == group.all_reduce_mean
     for ref, p in zip(reference.online.parameters(), synced.online.parameters(), strict=True):
         torch.testing.assert_close(p.grad, 0.5 * ref.grad, rtol=0, atol=1e-7)
     ref_norm = math.sqrt(sum(float((p.grad**2).sum()) for p in reference.online.parameters()))
