@@ -643,7 +643,8 @@ def _fmt(bound: float) -> str:
 
 
 def write_targets(run_dir: str | os.PathLike, ports: Mapping[str, int | Sequence[int] | None], *,
-                  host: str = "127.0.0.1", run: str | None = None, sd_dir: str | os.PathLike | None = None) -> Path:
+                  host: str = "127.0.0.1", hosts: Mapping[str, str | Sequence[str]] | None = None,
+                  run: str | None = None, sd_dir: str | os.PathLike | None = None) -> Path:
     """Write ``run_dir/prometheus_targets.json`` (Prometheus ``file_sd``) and ``run_dir/ports.json``.
 
         write_targets("runs/cartpole-1", {"learner": 9400, "replay": [9401, 9402]},
@@ -653,6 +654,8 @@ def write_targets(run_dir: str | os.PathLike, ports: Mapping[str, int | Sequence
 
     Each component becomes target groups labelled ``job="evergreen-<component>"`` and ``run`` (the run
     directory's name unless given); replay ports are listed in shard order and labelled ``shard``.
+    Targets are at ``host``, or at ``hosts[component]`` (one host, or one per port: the shards of a
+    cluster run live on different nodes), the address Prometheus reaches them at.
     ``file_sd`` globs only the last path element, so ``deploy/prometheus/prometheus.yml`` cannot read
     ``runs/*/prometheus_targets.json``: with ``sd_dir`` the same targets are also written to
     ``sd_dir/<run>.json``, the directory that config watches (``runs/prometheus_targets``).
@@ -676,13 +679,17 @@ def write_targets(run_dir: str | os.PathLike, ports: Mapping[str, int | Sequence
         for p in listed:
             if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
                 raise ValueError(f"ports[{component!r}] contains {p!r}: expected ports in 1..65535")
+        where = (hosts or {}).get(component, host)
+        where = [where] * len(listed) if isinstance(where, str) else list(where)
+        if len(where) != len(listed) or not all(isinstance(h, str) and h for h in where):
+            raise ValueError(f"hosts[{component!r}] = {where!r}: expected one host name or one per port ({len(listed)})")
         plain[component] = value if isinstance(value, int) else listed
         labels = {"job": f"evergreen-{component}", "run": run}
         if isinstance(value, int):
-            groups.append({"targets": [f"{host}:{value}"], "labels": labels})
+            groups.append({"targets": [f"{where[0]}:{value}"], "labels": labels})
         else:
-            groups.extend({"targets": [f"{host}:{p}"], "labels": {**labels, "shard": str(i)}}
-                          for i, p in enumerate(listed))
+            groups.extend({"targets": [f"{h}:{p}"], "labels": {**labels, "shard": str(i)}}
+                          for i, (h, p) in enumerate(zip(where, listed, strict=True)))
     targets = run_dir / "prometheus_targets.json"
     text = json.dumps(groups, indent=2) + "\n"
     if sd_dir is not None:

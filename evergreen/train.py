@@ -375,7 +375,14 @@ class Trainer:
                                             families=builder.telemetry_families,
                                             networks=builder.networks)
         port = self._telemetry.start()
+        # Where Prometheus reaches each exporter: a shard's metrics at its gRPC address's host (its node on
+        # a cluster); the run's at telemetry_host, or at this node's address where that is a wildcard bind.
+        from learner.parallel import local_ip
+
+        wildcard = cfg.telemetry_host in ("0.0.0.0", "::")
         write_targets(self.run_dir, {"learner": port, "replay": [mp for _, mp in self._shard_endpoints]},
+                      hosts={"learner": local_ip() if wildcard else cfg.telemetry_host,
+                             "replay": [address.rsplit(":", 1)[0] for address, _ in self._shard_endpoints]},
                       sd_dir=self._targets_dir)
         print(f"  metrics: run http://127.0.0.1:{port}/metrics, replay "
               + ", ".join(f"http://{address.rsplit(':', 1)[0]}:{mp}/metrics" for address, mp in self._shard_endpoints))

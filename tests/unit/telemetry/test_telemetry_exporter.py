@@ -324,8 +324,19 @@ def test_write_targets(tmp_path):
         write_targets(tmp_path / "missing", {"learner": 1})
     with pytest.raises(ValueError, match=r"component 'Learner!'"):
         write_targets(run_dir, {"Learner!": 1})
+    with pytest.raises(ValueError, match=r"hosts\['replay'\] = \['a'\]: expected one host name or one per port \(2\)"):
+        write_targets(run_dir, {"learner": 9500, "replay": [9501, 9502]}, hosts={"replay": ["a"]})
     # The refused calls left the earlier files as they were.
     assert json.loads((run_dir / "ports.json").read_text()) == {"learner": 9400, "replay": [9401, 9402]}
+
+
+def test_write_targets_per_component_and_per_shard_hosts(tmp_path):
+    run_dir = tmp_path / "cluster-1"
+    run_dir.mkdir()
+    path = write_targets(run_dir, {"learner": 9400, "replay": [9401, 9401]},
+                         hosts={"learner": "10.0.0.5", "replay": ["10.0.1.7", "10.0.1.8"]})
+    assert [g["targets"] for g in json.loads(path.read_text())] == [["10.0.0.5:9400"], ["10.0.1.7:9401"],
+                                                                   ["10.0.1.8:9401"]]
 
 
 def test_write_targets_sd_dir_and_clear(tmp_path):
