@@ -14,8 +14,8 @@ The cluster's shape comes from the same config the run reads, so the two cannot 
   `evergreen scale` never asks for more than the autoscaler may add;
 * the ``replay`` group holds one shard per pod: each pod advertises exactly ``replay.placement`` (custom
   resources included, {"replay": 1} unless the config names others), so shards land there and nowhere else;
-* with ``--gpus G`` a ``learner`` group of one pod with G GPUs, advertising {"learner": 1}, which the run's
-  ``learner.placement`` then asks for.
+* with ``--gpus G`` a ``learner`` group of one pod with G GPUs, advertising {"learner": G}: the run gets
+  ``learner.num_ranks G`` data-parallel ranks, each asking for one GPU and {"learner": 1}.
 
 The RayJob's entrypoint is `evergreen train` with the preset and every override that the cluster needs
 (``ray.address auto``, the Redis URL, the data paths) or that was given here, plus ``--resume-if-exists``
@@ -152,9 +152,11 @@ def run_flags(opts: Options) -> list[tuple[str, str]]:
         flags["replay.placement.resources"] = _flag_value({"replay": 1})
     if opts.actors is not None:
         flags["actors.num_actors"] = str(opts.actors)
-    if opts.gpus:
-        flags["learner.placement.num_gpus"] = str(opts.gpus)
+    if opts.gpus:   # one learner rank per GPU, all in the learner pod (data-parallel when G > 1)
+        flags["learner.placement.num_gpus"] = "1"
         flags["learner.placement.resources"] = _flag_value({"learner": 1})
+        if opts.gpus > 1:
+            flags["learner.num_ranks"] = str(opts.gpus)
     flags.update(dict(opts.flags))
     return sorted(flags.items())
 
@@ -304,14 +306,14 @@ def replay_group(opts: Options, config: RunConfig) -> dict:
 
 
 def learner_group(opts: Options, config: RunConfig) -> dict:
-    lrn = config.learner.placement
-    cpus = _ceil_cpus(lrn.num_cpus)
+    lrn, ranks = config.learner.placement, config.learner.num_ranks
+    cpus = _ceil_cpus(lrn.num_cpus * ranks)   # the pod holds every rank: room for all of them
     gpu = {"nvidia.com/gpu": str(opts.gpus)}
     tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     return {
         "groupName": "learner", "replicas": 1, "minReplicas": 0, "maxReplicas": 1,
         "rayStartParams": {"num-cpus": str(cpus), "num-gpus": str(opts.gpus),
-                           "resources": _ray_resources(lrn.resources)},
+                           "resources": _ray_resources({k: v * ranks for k, v in lrn.resources.items()})},
         "template": {"metadata": {"labels": _labels("learner")},
                      "spec": _ray_pod(opts, container="ray-worker", ports=[], data=True, tolerations=tolerations,
                                       resources=_resources(str(cpus), f"{8 * max(cpus, 2)}Gi", extra=gpu),

@@ -47,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -107,6 +108,10 @@ class DQNConfig:
     removes (about 2x the updates/s of the eager update for the cartpole preset); it costs a one-time
     compilation of ~10-30 s at the first update. Used only while no intervention adds a loss term
     (those run eager); if compilation fails the learner logs why and stays eager."""
+    bf16: bool = False
+    """Run the update's forward passes and loss under bfloat16 autocast (tensor cores on CUDA; the
+    parameters, gradients, Adam state and priorities stay float32). Meant for GPUs: on the CPU it
+    works but is slower than float32."""
 
     def validate(self) -> DQNConfig:
         """Raise ValueError naming the first bad field; return self."""
@@ -126,8 +131,9 @@ class DQNConfig:
             _positive("dqn.lr_end", self.lr_end, suffix=" (or null for a constant lr)")
         if isinstance(self.lr_decay_steps, bool) or not isinstance(self.lr_decay_steps, int) or self.lr_decay_steps < 1:
             raise ValueError(f"dqn.lr_decay_steps must be an integer >= 1, got {self.lr_decay_steps!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"dqn.compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"dqn.{name} must be true or false, got {getattr(self, name)!r}")
         return self
 
     def learning_rate(self, step: int) -> float:
@@ -283,6 +289,12 @@ class DQN:
             return torch.from_numpy(np.ascontiguousarray(value))
         raise InvalidBatch(f"batch[{name!r}] must be a torch.Tensor or numpy array, got {type(value).__name__}")
 
+    def _autocast(self) -> Any:
+        """``dqn.bf16``: the forward passes and the loss in bfloat16 (parameters, gradients and Adam stay float32)."""
+        if not self.config.bf16:
+            return contextlib.nullcontext()   # (an autocast context that is off still costs ~2 us per enter)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def check_batch(self, batch: Mapping[str, Any], *, weights: Any = None) -> None:
         """Raise :class:`InvalidBatch` where :meth:`update` would refuse ``batch``; change nothing.
 
@@ -428,15 +440,18 @@ class DQN:
         """
         obs, action, reward, discount, next_obs, w = self._prepare(batch, weights)
         cfg = self.config
-        stats = self._compiled_loss_and_grads(obs, action, reward, discount, next_obs, w)
+        with self._autocast():
+            stats = self._compiled_loss_and_grads(obs, action, reward, discount, next_obs, w)
         if stats is not None:
             loss, priorities, td_error, q_taken = stats
             td_loss, terms = loss, {}
         else:
-            per_sample, priorities, td_error, q_taken, features = self._td_loss(obs, action, reward, discount, next_obs)
-            td_loss = _weighted_mean(per_sample, w)
-            extra, terms = self.interventions.loss(self.ctx, "q", obs=obs, features=features)
-            loss = td_loss if extra is None else td_loss + extra
+            with self._autocast():   # the forward passes and the loss; the backward runs outside, as autocast wants
+                per_sample, priorities, td_error, q_taken, features = self._td_loss(obs, action, reward, discount,
+                                                                                    next_obs)
+                td_loss = _weighted_mean(per_sample.float(), w)
+                extra, terms = self.interventions.loss(self.ctx, "q", obs=obs, features=features)
+                loss = td_loss if extra is None else td_loss + extra.float()
 
             # Gradients are zeroed in place and reused (no per-update allocation of gradient tensors),
             # in one foreach call: Optimizer.zero_grad's per-parameter Python loop costs as much as the

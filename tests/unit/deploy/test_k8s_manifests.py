@@ -262,6 +262,11 @@ def test_gpu_learner_has_gpu_limits_and_tolerations():
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert group["rayStartParams"]["num-gpus"] == "2"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # Two GPUs: two data-parallel learner ranks of one GPU each, and room for both in the pod.
+    entrypoint = shlex.split(one(objects(gpus=2), "RayJob")["spec"]["entrypoint"])
+    flags = dict(zip(entrypoint[::1], entrypoint[1::1], strict=False))
+    assert flags["--learner.num_ranks"] == "2" and flags["--learner.placement.num_gpus"] == "1"
+    assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {"learner": 2}
 
 
 SECRETISH = ("PASSWORD", "TOKEN", "SECRET", "KEY", "CREDENTIAL")

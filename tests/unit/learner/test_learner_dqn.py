@@ -580,3 +580,32 @@ def test_grad_sync_sees_every_gradient_before_clipping_and_all_reduce_reaches_th
         torch.testing.assert_close(p.grad, 0.5 * ref.grad, rtol=0, atol=1e-7)
     ref_norm = math.sqrt(sum(float((p.grad**2).sum()) for p in reference.online.parameters()))
     assert result.metrics["grad_norm"] == pytest.approx(0.5 * ref_norm, abs=1e-6)
+
+
+@pytest.mark.parametrize("distributional", [False, True])
+def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_the_state_float32(distributional):
+    net = NetworkConfig(encoder="mlp", hidden_sizes=(32, 32), distributional="qr" if distributional else "none",
+                        num_quantiles=8)
+    full = DQN(DQNConfig(), net, obs_shape=(3,), num_actions=2, obs_dtype="float32")
+    half = DQN(DQNConfig(bf16=True), net, obs_shape=(3,), num_actions=2, obs_dtype="float32")
+    seen = []
+    layer = next(m for m in half.online.modules() if isinstance(m, nn.Linear))
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        batch = _random_batch(rng)
+        a, b = full.update(batch), half.update(batch)
+        assert np.isfinite(b.metrics["loss"]) and b.priorities.dtype == np.float32
+        assert b.metrics["loss"] == pytest.approx(a.metrics["loss"], rel=0.05, abs=1e-3)
+    assert torch.bfloat16 in seen   # the update's forward ran under autocast
+    assert all(p.dtype == torch.float32 for p in half.online.parameters())
+    assert all(v.dtype == torch.float32 for s in half.optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
+    # bf16 rounding: close to the float32 run, and not the same
+    diffs = [float((p - q).abs().max()) for p, q in zip(full.online.parameters(), half.online.parameters(), strict=True)]
+    assert 0 < max(diffs) < 1e-2
+
+
+def test_bf16_must_be_a_bool():
+    with pytest.raises(ValueError, match="dqn.bf16 must be true or false, got 'yes'"):
+        DQNConfig(bf16="yes").validate()
