@@ -31,7 +31,8 @@ import torch
 
 from plasticity.base import NetworkSlot
 
-__all__ = ["Algorithm", "InvalidBatch", "NetworkSlot", "UpdateResult", "load_state_or_keep", "switch_task"]
+__all__ = ["Algorithm", "DeferredResult", "InvalidBatch", "NetworkSlot", "UpdateResult", "load_state_or_keep",
+           "packed_result", "switch_task"]
 
 
 class InvalidBatch(ValueError):
@@ -53,14 +54,59 @@ class UpdateResult:
     """Anything else an algorithm wants the loop to see (unused by the loop itself)."""
 
 
+class DeferredResult:
+    """An update's result on its way to the host: what keeps a GPU learner from waiting on every update.
+
+    The update's priorities and scalar metrics, packed into one device tensor, are copied into pinned
+    host memory with a non-blocking copy queued behind the update's kernels, and an event marks its
+    end. The learner queues the next update meanwhile and calls :meth:`result` one update later, when
+    the copy is normally done (the wait, if any, ends with the copy, not with later work)::
+
+        pending = algorithm.update(batch, weights=w, defer=True)   # DeferredResult on CUDA
+        algorithm.update(next_batch, defer=True)                  # queued behind it
+        result = pending.result()                                 # UpdateResult, as without defer
+    """
+
+    def __init__(self, packed: torch.Tensor, *, size: int, names: list[str], metrics: dict[str, float]):
+        self._host = packed.detach().to("cpu", non_blocking=True)
+        self._event = None
+        if packed.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._size, self._names, self._metrics = size, names, metrics
+
+    def result(self) -> UpdateResult:
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._host.numpy()
+        metrics = dict(self._metrics)
+        metrics.update(zip(self._names, values[self._size:].tolist(), strict=True))
+        return UpdateResult(metrics=metrics, priorities=values[:self._size].copy())
+
+
+def packed_result(priorities: torch.Tensor, names: list[str], scalars: torch.Tensor, metrics: dict[str, float], *,
+                  defer: bool = False) -> UpdateResult | DeferredResult:
+    """An update's ``priorities`` ``[B]`` and named ``scalars`` with the host ``metrics`` it has already, in one
+    device-to-host transfer: now (an :class:`UpdateResult`), or with ``defer`` on a CUDA device as a
+    :class:`DeferredResult` (no host synchronization in the update)."""
+    packed = torch.cat([priorities.detach().float(), scalars.detach().float()])
+    deferred = DeferredResult(packed, size=priorities.shape[0], names=names, metrics=metrics) \
+        if defer and packed.is_cuda else None
+    return deferred if deferred is not None else \
+        DeferredResult(packed.cpu(), size=priorities.shape[0], names=names, metrics=metrics).result()
+
+
 @runtime_checkable
 class Algorithm(Protocol):
     """The learner-side algorithm (see the module docstring for how it is driven)."""
 
     device: torch.device
 
-    def update(self, batch: Mapping[str, Any], *, weights: Any = None) -> UpdateResult:
-        """One gradient step on ``batch`` (importance ``weights`` [B] or None); bad input raises InvalidBatch first."""
+    def update(self, batch: Mapping[str, Any], *, weights: Any = None, defer: bool = False) -> UpdateResult:
+        """One gradient step on ``batch`` (importance ``weights`` [B] or None); bad input raises InvalidBatch first.
+
+        ``defer``: on a CUDA device, return a :class:`DeferredResult` instead of waiting for the result's copy
+        to the host (what the learner loop asks for; elsewhere an UpdateResult either way)."""
         ...
 
     def acting_weights(self) -> dict[str, torch.Tensor]:

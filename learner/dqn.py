@@ -59,7 +59,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.core import InvalidBatch, UpdateResult, load_state_or_keep, switch_task
+from learner.core import (
+    DeferredResult,
+    InvalidBatch,
+    UpdateResult,
+    load_state_or_keep,
+    packed_result,
+    switch_task,
+)
 from learner.networks import NetworkConfig, QNetwork, build_network, torch_obs_dtype
 from learner.parallel import SINGLE, SingleProcess
 from plasticity.base import Intervention, InterventionContext, InterventionSet, NetworkSlot, structure_version
@@ -175,6 +182,8 @@ class DQN:
 
     #: The plastic networks this algorithm trains (what interventions may target).
     NETWORKS = ("q",)
+    #: ``update(..., defer=True)`` hands back a :class:`learner.core.DeferredResult` on CUDA devices.
+    supports_defer = True
 
     def __init__(
         self,
@@ -433,8 +442,10 @@ class DQN:
 
     # ------------------------------------------------------------------ the update
 
-    def update(self, batch: Mapping[str, torch.Tensor | np.ndarray], *, weights: Any = None) -> UpdateResult:
-        """One gradient step on ``batch`` (fields: see the module docstring); ``weights``: importance weights [B].
+    def update(self, batch: Mapping[str, torch.Tensor | np.ndarray], *, weights: Any = None,
+               defer: bool = False) -> UpdateResult | DeferredResult:
+        """One gradient step on ``batch`` (fields: see the module docstring); ``weights``: importance weights [B];
+        ``defer``: see :meth:`learner.core.Algorithm.update`.
 
         A malformed batch raises ValueError before any state changes.
         """
@@ -481,15 +492,12 @@ class DQN:
             [loss.detach(), td_loss.detach(), td_error.mean(), q_taken.detach().mean(), grad_norm.detach(),
              *terms.values()]
         ).float()
-        # One device->host transfer for priorities and every scalar metric.
-        packed = torch.cat([priorities.float(), scalars]).cpu().numpy()
-        size = priorities.shape[0]
-        values = packed[size:].tolist()
-        metrics.update(zip(["loss", "td_loss", "td_error", "q", "grad_norm", *terms], values, strict=True))
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["step"] = float(self.ctx.step)
         metrics["target_updated"] = float(target_updated)
-        return UpdateResult(metrics=metrics, priorities=packed[:size].copy())
+        # One device->host transfer for priorities and every scalar metric (deferred: no wait for it here).
+        return packed_result(priorities, ["loss", "td_loss", "td_error", "q", "grad_norm", *terms], scalars, metrics,
+                             defer=defer)
 
     def _quantile_loss(
         self,

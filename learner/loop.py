@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from learner.core import InvalidBatch
+from learner.core import DeferredResult, InvalidBatch
 from learner.dataset import Batch
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,9 @@ class LearnerLoop:
         self._priorities = _BackgroundCalls("priority-updates") if update_priorities else None
         self._update_priorities = update_priorities
         self.last_diagnostics: dict[str, float] = {}
+        # Algorithms that can hand back a GPU update's result without waiting for it (learner.core.DeferredResult).
+        self._defer = {"defer": True} if getattr(algorithm, "supports_defer", False) else {}
+        self._pending: tuple[DeferredResult, Batch] | None = None
 
     def publish(self) -> None:
         self.counters.published_version = self.counters.updates
@@ -254,19 +257,19 @@ class LearnerLoop:
             self.counters.diagnostics_seconds += time.perf_counter() - start
         start = time.perf_counter()
         try:
-            result = self.algorithm.update(batch.tensors, weights=batch.weights)
+            result = self.algorithm.update(batch.tensors, weights=batch.weights, **self._defer)
         except InvalidBatch as exc:   # nothing was changed: the algorithm validates first
             self.drop_invalid(exc)
             return None
         self.counters.update_seconds += time.perf_counter() - start
         self.counters.updates += 1
-        if self._priorities is not None and result.priorities is not None:
-            priorities = np.asarray(result.priorities, dtype=np.float64)
-            if batch.table:  # back to the table the batch came from (per-task tables: maybe not today's)
-                self._priorities.submit(functools.partial(self._update_priorities, table=batch.table), batch.keys,
-                                        priorities)
-            else:
-                self._priorities.submit(self._update_priorities, batch.keys, priorities)
+        if isinstance(result, DeferredResult):
+            # A GPU update's result is read one update later, when its copy to the host is done: the next
+            # update is queued meanwhile, and the host never waits for the device at every update.
+            (earlier, self._pending) = (self._pending, (result, batch))
+            metrics = self._finish(*earlier) if earlier is not None else {}
+        else:
+            metrics = self._finish(result, batch)
         if batch.task is not None and len(batch.task):
             tasks, counts = np.unique(batch.task, return_counts=True)
             for task, count in zip(tasks.tolist(), counts.tolist(), strict=True):
@@ -277,7 +280,6 @@ class LearnerLoop:
             self.counters.policy_lag_count += 1
         if self.counters.updates % self.publish_every == 0:
             self.publish()
-        metrics = dict(result.metrics)
         if self.diagnostics:
             start = time.perf_counter()
             prefixed = len(self.diagnostics) > 1
@@ -293,6 +295,26 @@ class LearnerLoop:
                 metrics.update(measured_now)
         return metrics
 
+    def _finish(self, result: Any, batch: Batch) -> dict[str, float]:
+        """An update's result on the host: its priorities go back to replay; returns its metrics."""
+        if isinstance(result, DeferredResult):
+            result = result.result()
+        if self._priorities is not None and result.priorities is not None:
+            priorities = np.asarray(result.priorities, dtype=np.float64)
+            if batch.table:  # back to the table the batch came from (per-task tables: maybe not today's)
+                self._priorities.submit(functools.partial(self._update_priorities, table=batch.table), batch.keys,
+                                        priorities)
+            else:
+                self._priorities.submit(self._update_priorities, batch.keys, priorities)
+        return dict(result.metrics)
+
+    def flush(self) -> dict[str, float] | None:
+        """The metrics of a deferred update not yet read (its priorities sent back), or None if there is none."""
+        if self._pending is None:
+            return None
+        (result, batch), self._pending = self._pending, None
+        return self._finish(result, batch)
+
     def take_policy_lag(self) -> float | None:
         """Mean policy lag (in updates) since the last call."""
         c = self.counters
@@ -303,6 +325,7 @@ class LearnerLoop:
         return lag
 
     def close(self) -> None:
+        self.flush()
         self.prefetcher.stop()
         if self._priorities is not None:
             self._priorities.close()

@@ -75,7 +75,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.core import InvalidBatch, UpdateResult, load_state_or_keep, switch_task
+from learner.core import (
+    DeferredResult,
+    InvalidBatch,
+    UpdateResult,
+    load_state_or_keep,
+    packed_result,
+    switch_task,
+)
 from learner.dqn import _adam, _is_number, _positive, _weighted_mean, adam_step, clip_grad_norm
 from learner.networks import NetworkConfig, _dense_stack, _Parts, collect_head_layers
 from learner.parallel import SINGLE, SingleProcess
@@ -532,6 +539,8 @@ class SAC:
 
     #: The plastic networks this algorithm trains (what interventions may target).
     NETWORKS = ("actor", "critic")
+    #: ``update(..., defer=True)`` hands back a :class:`learner.core.DeferredResult` on CUDA devices.
+    supports_defer = True
 
     def __init__(
         self,
@@ -847,8 +856,10 @@ class SAC:
         adam_step(optimizer)
         return norm
 
-    def update(self, batch: Mapping[str, torch.Tensor | np.ndarray], *, weights: Any = None) -> UpdateResult:
-        """One SAC update on ``batch`` (fields: see the module docstring); ``weights``: importance weights [B].
+    def update(self, batch: Mapping[str, torch.Tensor | np.ndarray], *, weights: Any = None,
+               defer: bool = False) -> UpdateResult | DeferredResult:
+        """One SAC update on ``batch`` (fields: see the module docstring); ``weights``: importance weights [B];
+        ``defer``: see :meth:`learner.core.Algorithm.update`.
 
         A malformed batch raises :class:`learner.core.InvalidBatch` before any state changes.
         """
@@ -907,15 +918,12 @@ class SAC:
             critic_loss.detach(), q[:, 0].detach().mean(), -next_logp.mean(), priorities.mean(),
             grad_norm_critic.detach(), self.log_alpha.detach().exp(), *self._last_policy, *terms.values(),
         ]).float()
-        # One device->host transfer for priorities and every scalar metric.
-        packed = torch.cat([priorities.float(), scalars]).cpu().numpy()
-        size = priorities.shape[0]
-        metrics.update(zip(names, packed[size:].tolist(), strict=True))
         metrics["actor_updated"] = float(actor_updated)
         metrics["step"] = float(self.ctx.step)
         if cfg.reset_every is not None:
             metrics["sac/reset"] = float(reset)
-        return UpdateResult(metrics=metrics, priorities=packed[:size].copy())
+        # One device->host transfer for priorities and every scalar metric (deferred: no wait for it here).
+        return packed_result(priorities, names, scalars, metrics, defer=defer)
 
     def _reset_networks(self) -> None:
         """Primacy-bias reset: fresh actor, critic (and target = critic), empty Adam states, initial alpha."""

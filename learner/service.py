@@ -227,6 +227,7 @@ class LearnerService:
             self._train_replicated(loop, report, deadline=deadline, env_steps=env_steps)
         else:
             self._train_alone(loop, report, deadline=deadline, env_steps=env_steps)
+        _add_metrics(report, loop.flush())   # a GPU update read one update late: this call's last one
         report.updates = c.updates
         report.new_updates = c.updates - before[0]
         report.wait_seconds = loop.prefetcher.wait_seconds - before[1]

@@ -553,6 +553,23 @@ def test_cuda_updates_match_cpu_and_resume(distributional):
     assert resumed.interventions[0].draws == gpu.interventions[0].draws[2:]
 
 
+@pytest.mark.gpu
+def test_cuda_updates_with_defer_return_the_same_results_without_waiting():
+    from learner.core import DeferredResult
+
+    net = NetworkConfig(hidden_sizes=(16,))
+    now, later = (DQN(DQNConfig(), net, obs_shape=(3,), num_actions=2, obs_dtype="float32", device="cuda", seed=0)
+                  for _ in range(2))
+    rng = np.random.default_rng(5)
+    batches = [_random_batch(rng) for _ in range(3)]
+    pending = [later.update(batch, defer=True) for batch in batches]   # queued back to back
+    assert all(isinstance(p, DeferredResult) for p in pending)
+    for batch, deferred in zip(batches, pending, strict=True):
+        expected, got = now.update(batch), deferred.result()
+        assert got.metrics == expected.metrics
+        np.testing.assert_array_equal(got.priorities, expected.priorities)
+
+
 def test_grad_sync_sees_every_gradient_before_clipping_and_all_reduce_reaches_the_context():
     from learner.parallel import SingleProcess
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from learner.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from learner.core import InvalidBatch, UpdateResult
+from learner.core import DeferredResult, InvalidBatch, UpdateResult, packed_result
 from learner.loop import Batch, LearnerLoop, Prefetcher
 
 
@@ -119,6 +119,39 @@ def test_loop_updates_writes_priorities_publishes_and_measures_lag():
     # lag = published version - mean(policy_version) = {0,0,0,3,3,3} - 1
     assert loop.take_policy_lag() == pytest.approx(np.mean([-1, -1, -1, 2, 2, 2]))
     assert loop.take_policy_lag() is None
+
+
+class _Deferring(_Algorithm):
+    """Hands back each update's result the way a GPU algorithm does with defer=True (a DeferredResult)."""
+
+    supports_defer = True
+
+    def update(self, tensors, *, weights=None, defer=False):
+        assert defer, "the loop asks supporting algorithms to defer"
+        self.calls += 1
+        return DeferredResult(torch.tensor([float(self.calls)] * 2 + [1.0 / self.calls]), size=2, names=["loss"],
+                              metrics={"step": float(self.calls)})
+
+
+def test_deferred_results_are_read_one_update_later_and_the_last_at_flush():
+    batches = [(np.array([10 * i, 10 * i + 1], dtype=np.uint64), np.array([0, 0])) for i in range(3)]
+    written = []
+    pre = Prefetcher(sample=_source(batches), depth=2, poll_timeout_s=0.01).start()
+    loop = LearnerLoop(algorithm=_Deferring(), prefetcher=pre, publish=lambda v, w, net: None,
+                       update_priorities=lambda k, p: written.append((k.tolist(), p.tolist())))
+    first, second, third = (loop.step(timeout=5) for _ in range(3))
+    assert first == {} and loop.counters.updates == 3   # counted at once, read one update later
+    assert second == {"step": 1.0, "loss": 1.0} and third == {"step": 2.0, "loss": 0.5}
+    assert loop.flush() == {"step": 3.0, "loss": pytest.approx(1 / 3)} and loop.flush() is None
+    loop.close()
+    # every batch's priorities went back to its own keys
+    assert written == [([0, 1], [1.0, 1.0]), ([10, 11], [2.0, 2.0]), ([20, 21], [3.0, 3.0])]
+
+
+def test_packed_result_reads_now_on_the_cpu_even_when_asked_to_defer():
+    result = packed_result(torch.tensor([0.5, 2.0]), ["loss"], torch.tensor([3.0]), {"lr": 0.1}, defer=True)
+    assert isinstance(result, UpdateResult)
+    assert result.metrics == {"lr": 0.1, "loss": 3.0} and result.priorities.tolist() == [0.5, 2.0]
 
 
 def test_loop_raises_when_priority_updates_fail():
