@@ -65,6 +65,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -160,6 +161,9 @@ class SACConfig:
     learning_starts: int = 5000
     """Env steps of the run (all actors together) whose actions are uniform over the action box before the
     actors sample the policy (SAC's warm-up; read by the actors, not by the update)."""
+    bf16: bool = False
+    """Run the update's forward passes and losses under bfloat16 autocast (the parameters, gradients, Adam
+    state, noise and priorities stay float32). Meant for GPUs: on the CPU it works but is slower."""
 
     def __post_init__(self) -> None:
         # JSON and CLI hand tuples over as lists; keep the frozen config hashable and comparable.
@@ -172,7 +176,7 @@ class SACConfig:
             _positive(f"sac.{name}", getattr(self, name))
         if not _is_number(self.tau) or not 0.0 < self.tau <= 1.0:
             raise ValueError(f"sac.tau must be in (0, 1], got {self.tau!r}")
-        for name in ("autotune", "layer_norm", "normalize_observations"):
+        for name in ("autotune", "layer_norm", "normalize_observations", "bf16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"sac.{name} must be true or false, got {getattr(self, name)!r}")
         if self.target_entropy is not None and not _is_number(self.target_entropy):
@@ -706,6 +710,12 @@ class SAC:
             table[device] = table[torch.device("cpu")].to(device)
         return table[device]
 
+    def _autocast(self) -> Any:
+        """``sac.bf16``: forward passes and losses in bfloat16 (parameters, gradients and Adam stay float32)."""
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def check_batch(self, batch: Mapping[str, Any], *, weights: Any = None) -> None:
         """Raise :class:`InvalidBatch` where :meth:`update` would refuse ``batch``; change nothing (what
         data-parallel ranks agree on before they update)."""
@@ -803,7 +813,8 @@ class SAC:
         stay in step) and the group's update is one process's update on the concatenated batch."""
         rank, ranks = self.parallel.rank, self.parallel.world_size
         rows = like.shape[0]
-        noise = torch.randn((rows * ranks, *like.shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
+        noise = torch.randn((rows * ranks, *like.shape[1:]), generator=generator, device=like.device,
+                            dtype=torch.float32)   # float32 under bf16 autocast too: the same draws either way
         return noise if ranks == 1 else noise[rank * rows:(rank + 1) * rows]
 
     @staticmethod
@@ -870,27 +881,30 @@ class SAC:
             self.actor.normalizer.update(self.parallel.gather_rows(obs))
             self._share_observation_statistics()
 
-        # Critic.
-        y, next_logp = self._target_values(reward, discount, next_obs, alpha, self.generator)
-        x = torch.cat([obs, action], dim=-1)
-        features = self.critic.features(x)
-        q = self.critic.head(features)
-        per_sample, priorities = self._td(q, y)
-        critic_loss = _weighted_mean(per_sample, w)
-        extra, terms = self.interventions.loss(self.ctx, "critic", obs=x, features=features)
-        grad_norm_critic = self._step(critic_loss if extra is None else critic_loss + extra,
+        # Critic (forward passes and loss under sac.bf16's autocast; backward and Adam outside it, in float32).
+        with self._autocast():
+            y, next_logp = self._target_values(reward, discount, next_obs, alpha, self.generator)
+            x = torch.cat([obs, action], dim=-1)
+            features = self.critic.features(x)
+            q = self.critic.head(features).float()
+            per_sample, priorities = self._td(q, y.float())
+            critic_loss = _weighted_mean(per_sample, w)
+            extra, terms = self.interventions.loss(self.ctx, "critic", obs=x, features=features)
+        grad_norm_critic = self._step(critic_loss if extra is None else critic_loss + extra.float(),
                                       self.critic_optimizer, self._critic_params)
 
         # Actor and temperature.
         actor_updated = (self.ctx.step + 1) % cfg.policy_frequency == 0
         if actor_updated:
-            actor_features = self.actor.features(obs)
-            mean, log_std = self.actor.params_from_output(self.actor.head(actor_features))
-            pi, logp = self.actor.rsample(mean, log_std, noise=self._noise(mean, self.generator))
-            actor_loss = (alpha * logp - self.critic.q(obs, pi).min(dim=1).values).mean()
-            extra, actor_terms = self.interventions.loss(self.ctx, "actor", obs=obs, features=actor_features)
+            with self._autocast():
+                actor_features = self.actor.features(obs)
+                mean, log_std = self.actor.params_from_output(self.actor.head(actor_features))
+                pi, logp = self.actor.rsample(mean, log_std, noise=self._noise(mean, self.generator))
+                logp = logp.float()
+                actor_loss = (alpha * logp - self.critic.q(obs, pi).min(dim=1).values.float()).mean()
+                extra, actor_terms = self.interventions.loss(self.ctx, "actor", obs=obs, features=actor_features)
             terms.update(actor_terms)
-            grad_norm_actor = self._step(actor_loss if extra is None else actor_loss + extra,
+            grad_norm_actor = self._step(actor_loss if extra is None else actor_loss + extra.float(),
                                          self.actor_optimizer, self._actor_params)
             if cfg.autotune:
                 alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()

@@ -847,3 +847,24 @@ def test_cuda_updates_validate_on_the_device_and_resume_identically():
         again = resumed.update(batch)
         assert again.metrics == expected.metrics
         np.testing.assert_array_equal(again.priorities, expected.priorities)
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_the_state_float32():
+    full, half = _sac(hidden=(32, 32)), _sac(hidden=(32, 32), bf16=True)
+    seen = []
+    for net in (half.actor, half.critic):
+        layer = next(m for m in net.modules() if isinstance(m, nn.Linear))
+        layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        batch = _random_batch(rng)
+        a, b = full.update(batch), half.update(batch)
+        assert np.isfinite(b.metrics["critic_loss"]) and np.isfinite(b.metrics["q"])
+        assert b.metrics["critic_loss"] == pytest.approx(a.metrics["critic_loss"], rel=0.05, abs=1e-2)
+        assert b.priorities.dtype == np.float32
+    assert torch.bfloat16 in seen
+    assert all(p.dtype == torch.float32 for p in [*half.actor.parameters(), *half.critic.parameters()])
+    diffs = [float((p - q).abs().max()) for p, q in zip(full.critic.parameters(), half.critic.parameters(), strict=True)]
+    assert 0 < max(diffs) < 1e-2
+    with pytest.raises(ValueError, match="bf16"):
+        SACConfig(bf16=1).validate()
