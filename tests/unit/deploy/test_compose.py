@@ -4,7 +4,9 @@ Nothing here starts a container. Three checkers, each also shown to reject a bro
 * `docker-compose config` (Debian's docker-compose 1.29, or v2 as `docker-compose`) accepts the file, with
   secret files from a temporary directory (EVERGREEN_SECRETS_DIR), so the real secrets are not needed;
 * the compose-spec JSON schema vendored in check-jsonschema (`--builtin-schema vendor.compose-spec`, offline);
-* `compose_problems`, this project's policies over the parsed file: pinned images, CPU and memory limits,
+* `compose_problems`, this project's policies over the parsed file: pinned images (and, by
+  `image_default_problems` on the file before interpolation, pinned defaults for the image variables
+  REDIS_IMAGE, PROMETHEUS_IMAGE, GRAFANA_IMAGE), CPU and memory limits,
   non-root users, dropped capabilities, health checks and the `depends_on` conditions that rely on them,
   ports on 127.0.0.1 only, secrets as files only (no password in the file or the environment), the
   trainer's Ray address, resume and run directory on a volume, Prometheus on this repository's scrape
@@ -36,6 +38,7 @@ COMPOSE_DIR = REPO / "deploy" / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
 MAKE_SECRETS = COMPOSE_DIR / "make-secrets.sh"
+TEST_IMAGES = COMPOSE_DIR / "test-images.sh"   # the smoke test's local Redis and Prometheus images
 SECRET_NAMES = ("redis_password", "ray_token", "grafana_admin_password")
 
 
@@ -453,6 +456,57 @@ def test_images_are_the_pinned_ones():
     assert deploy.REDIS_IMAGE.split(":")[1] == "7.4.1"   # the same Redis release as the Kubernetes manifests
 
 
+IMAGE_VARIABLES = {"REDIS_IMAGE": ("redis",), "PROMETHEUS_IMAGE": ("prometheus-init", "prometheus"),
+                   "GRAFANA_IMAGE": ("grafana",)}
+
+
+def image_default_problems(raw: dict) -> list[str]:
+    """Each service's image as written (before interpolation): every ${VAR} in it has a default, and the
+    defaults alone make a pinned image, so an unset variable never means an unpinned or empty image."""
+    problems = []
+    for name, s in (raw.get("services") or {}).items():
+        image = str(s.get("image", ""))
+        for var, default in variables(image).items():
+            if default is None:
+                problems.append(f"{name}: image {image!r}: ${{{var}}} has no default")
+        if not _pinned(interpolate(image, {})):
+            problems.append(f"{name}: image {image!r} is not pinned with the defaults ({interpolate(image, {})!r})")
+    return problems
+
+
+def test_image_variables_default_to_the_pinned_images():
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert image_default_problems(raw) == []
+    for var, names in IMAGE_VARIABLES.items():
+        for name in names:
+            image = raw["services"][name]["image"]
+            assert re.fullmatch(r"\$\{" + var + r":-[^}]+\}", image), f"{name}: {image!r} is not ${{{var}:-pinned}}"
+    assert _pinned(read_env_file(ENV_EXAMPLE)["PROMETHEUS_IMAGE"])
+
+
+def test_image_variables_replace_the_images():
+    env = {"REDIS_IMAGE": "localhost/evergreen-test-redis:bookworm",
+           "PROMETHEUS_IMAGE": "localhost/evergreen-test-prometheus:bookworm",
+           "GRAFANA_IMAGE": "mirror.example.com/grafana/grafana:11.6.0"}
+    services = load(env=env)["services"]
+    for var, names in IMAGE_VARIABLES.items():
+        for name in names:
+            assert services[name]["image"] == env[var], name
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("${PROMETHEUS_IMAGE:-prom/prometheus}", "is not pinned with the defaults ('prom/prometheus')"),
+    ("${PROMETHEUS_IMAGE:-prom/prometheus:latest}", "is not pinned with the defaults ('prom/prometheus:latest')"),
+    ("${PROMETHEUS_IMAGE}", "${PROMETHEUS_IMAGE} has no default"),
+])
+def test_image_default_check_rejects(written, expected):
+    text = COMPOSE_FILE.read_text()
+    assert text.count("${PROMETHEUS_IMAGE:-prom/prometheus:v3.4.2}") == 2
+    raw = yaml.safe_load(text.replace("${PROMETHEUS_IMAGE:-prom/prometheus:v3.4.2}", written))
+    problems = image_default_problems(raw)
+    assert any(p.startswith("prometheus: ") and expected in p for p in problems), problems
+
+
 def test_ray_shape_agrees_with_the_kubernetes_manifests():
     """The head's and each worker group's num-cpus and custom resources, as in deploy/k8s/base."""
     from evergreen import deploy
@@ -542,19 +596,40 @@ def test_make_secrets_writes_hex_files_and_rotates_one(tmp_path):
     assert sorted(p.name for p in secrets.iterdir()) == sorted(SECRET_NAMES)   # no temporary files left
 
 
-def test_make_secrets_parses():
-    text = MAKE_SECRETS.read_text()
+SCRIPTS = [MAKE_SECRETS, TEST_IMAGES]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_scripts_parse(script):
+    text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
-    assert os.access(MAKE_SECRETS, os.X_OK)
-    result = subprocess.run(["bash", "-n", str(MAKE_SECRETS)], capture_output=True, text=True)
+    assert os.access(script, os.X_OK)
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
 @needs_shellcheck
-def test_make_secrets_shellcheck():
-    result = subprocess.run([SHELLCHECK, "--shell=bash", str(MAKE_SECRETS)], capture_output=True, text=True,
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_scripts_shellcheck(script):
+    result = subprocess.run([SHELLCHECK, "--shell=bash", str(script)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_test_images_match_the_smoke_test_and_the_compose_services():
+    """test-images.sh builds what tests/e2e/test_compose_smoke.py names, and the stand-ins run compose.yaml's
+    services as written: Prometheus' entrypoint, the users and directories the services rely on."""
+    text = TEST_IMAGES.read_text()
+    assert "FOR THE SMOKE TEST ONLY" in text
+    smoke = (REPO / "tests/e2e/test_compose_smoke.py").read_text()
+    for name in ("evergreen-test-redis", "evergreen-test-prometheus"):
+        assert f"localhost/{name}:$TAG" in text and f"localhost/{name}:" in smoke, name
+    services = load()["services"]
+    assert "entrypoint" not in services["prometheus"]                # the image's: /usr/bin/prometheus
+    assert 'ENTRYPOINT ["/usr/bin/prometheus"]' in text and "WORKDIR /prometheus" in text
+    assert _flag(_words(services["prometheus"]["command"]), "--storage.tsdb.path") == "/prometheus"
+    assert services["redis"]["user"] == "999:999" and "chown 999:999 /data" in text
+    assert "--pull=never" in text
 
 
 def test_ci_installs_docker_compose():
@@ -599,11 +674,14 @@ def test_docker_compose_config_accepts_the_file(secrets_env):
 
 @needs_compose
 def test_docker_compose_config_interpolates_env(secrets_env):
-    env = {**secrets_env, "EVERGREEN_TAG": "0.2.0", "RAY_WORKER_CPUS": "4", "EVERGREEN_REPLAY_SHARDS": "2"}
+    env = {**secrets_env, "EVERGREEN_TAG": "0.2.0", "RAY_WORKER_CPUS": "4", "EVERGREEN_REPLAY_SHARDS": "2",
+           "PROMETHEUS_IMAGE": "localhost/evergreen-test-prometheus:bookworm"}
     result = compose_config(COMPOSE_FILE, env)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     assert services["ray-worker"]["image"] == "registry.example.com/evergreen:0.2.0"
+    assert services["prometheus"]["image"] == services["prometheus-init"]["image"] == env["PROMETHEUS_IMAGE"]
+    assert services["redis"]["image"] == "redis:7.4.1-bookworm"
     assert "--num-cpus=4" in services["ray-worker"]["command"]
     assert float(services["ray-worker"]["cpus"]) == 4
     assert _flag(_words(services["trainer"]["command"]), "--replay.num_shards") == "2"

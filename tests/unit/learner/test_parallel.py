@@ -13,6 +13,8 @@ shrink-and-perturb, normalize-and-project and a plasticity injection firing mid-
 from __future__ import annotations
 
 import multiprocessing
+import queue
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,70 @@ def test_two_ranks_match_one_process_on_the_concatenated_batches(kind, tmp_path)
     assert worst <= 1e-6, f"largest parameter difference {worst:.3g} between 2 ranks and 1 process"
     # The interventions did act mid-way (or the comparison would prove little); NaP projects every step.
     assert fired >= {"redo", "shrink_perturb", "reset", "plasticity_injection"}
+
+
+#: Every intervention alone, on the network it can be built on (soft MoE needs a conv encoder, the
+#: effective-learning-rate increase a normalized network).
+EACH = [("mlp", name) for name in ("continual_backprop", "crelu", "fourier_features", "hare_tortoise", "infer", "l2",
+                                   "l2_init", "layer_norm", "nap", "parseval", "plasticity_injection",
+                                   "rational_activation", "redo", "reset", "shrink_perturb", "soft_reset",
+                                   "weight_clipping", "weight_decay", "layer_norm,elr_increase")] + \
+       [("cnn", "soft_moe"), ("cnn", "soft_moe,redo")]
+EACH_OPTIONS = {"redo": {"period": 2}, "reset": {"period": 3}, "shrink_perturb": {"period": 2},
+                "plasticity_injection": {"step": 3, "on_task_switch": False}, "soft_reset": {"warmup": 2}}
+
+
+def _each_rank(address: str, rank: int, out) -> None:
+    """Every EACH entry in turn: 6 updates with a task switch after the third; the replicas compared after each."""
+    from learner.dqn import DQN, DQNConfig
+    from learner.networks import NetworkConfig
+    from plasticity.interventions import bind_interventions
+
+    torch.set_num_threads(1)
+    group = ReplicaGroup.join(address, rank=rank, world_size=2, device=torch.device("cpu"))
+    differ = []
+    for encoder, spec in EACH:
+        shape, dtype = ((4,), "float32") if encoder == "mlp" else ((4, 36, 36), "uint8")
+        net = NetworkConfig(hidden_sizes=(16, 16)) if encoder == "mlp" else NetworkConfig(encoder="nature_cnn",
+                                                                                            cnn_dense_size=16)
+        options = {k: v for k, v in EACH_OPTIONS.items() if k in spec.split(",")}
+        dqn = DQN(DQNConfig(lr=1e-3), net, obs_shape=shape, num_actions=3, obs_dtype=dtype, seed=5,
+                  interventions=bind_interventions(spec, options, networks=DQN.NETWORKS), parallel=group)
+        rng = np.random.default_rng(7)   # the same probe on both ranks
+        dqn.set_probe(torch.from_numpy(rng.integers(0, 255, (8, *shape)).astype(dtype)))
+        for update in range(6):
+            rng = np.random.default_rng([update, rank])
+            obs, next_obs = (rng.integers(0, 255, (8, *shape)).astype(dtype) for _ in range(2))
+            dqn.update({"obs": obs, "action": rng.integers(0, 3, 8), "reward": rng.standard_normal(8).astype(np.float32),
+                        "discount": np.full(8, 0.99, np.float32), "next_obs": next_obs})
+            if update == 2:
+                dqn.task_switch(1)
+            try:
+                group.check_identical(state_digest(dqn.state_dict()), what=f"{spec} at update {update}")
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                differ.append(str(exc))
+                break
+    out.put((rank, differ))
+    group.close()
+
+
+def test_every_intervention_keeps_the_replicas_identical():
+    rendezvous = Rendezvous()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_each_rank, args=(rendezvous.address, r, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + 300
+    while len(results) < 2 and time.monotonic() < deadline:
+        try:
+            rank, differ = out.get(timeout=1.0)
+            results[rank] = differ
+        except queue.Empty:
+            assert all(p.exitcode in (None, 0) for p in procs), "a rank failed (its traceback is above)"
+    for p in procs:
+        p.join(timeout=60)
+    assert results == {0: [], 1: []}, results
 
 
 def test_single_process_group_is_the_identity():
