@@ -6,6 +6,8 @@ Rows (env steps/s, each after a warm-up, same machine, same run):
   (a)  baseline: one process looping ale-py's AtariVectorEnv + the learner's Nature-CNN Q-network
        inference on the CPU (1 torch thread) + epsilon-greedy — no replay, no Ray;
   (a') the `Actor` class in-process (adder and batching included), inserting into nothing;
+  (a'') the same `Actor` in-process inserting over gRPC into a replay shard process (no Ray): what the
+       insert path costs, apart from running as a Ray actor;
   (b)  Evergreen: one Ray actor process writing n-step transitions to a gRPC replay shard (itself a Ray
        actor, `replay.ray_shard.ShardActor`, as in a training run), no learner;
   (c)  the full system (`evergreen train --preset pong`): actor + replay + learner updating, with the
@@ -80,6 +82,24 @@ def actor_in_process(env_config: EnvConfig, seconds: float, warmup: float) -> fl
     return stats.steps_per_second
 
 
+def actor_in_process_to_shard(config, seconds: float, warmup: float) -> float:
+    from replay.client import ReplayClient
+    from replay.launch import ShardProcess
+
+    spec = env_spec(config.env)
+    builder = make_builder(config, spec)
+    table = dataclasses.replace(table_config(config, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
+                                             obs_dtype=spec.observation_dtype), samples_per_insert=None)
+    with ShardProcess([table]) as shard, ReplayClient([shard.address], table=table.name) as client:
+        actor = Actor(env_config=config.env, policy=_policy(spec),
+                      adder=NStepAdder(spec, num_envs=config.env.num_envs, n=3, gamma=0.99),
+                      insert=ReplayInserter(client, writer_key="actor-0"), insert_batch_size=64)
+        actor.run(max_seconds=warmup)
+        stats = actor.run(max_seconds=seconds)
+        actor.close()
+    return stats.steps_per_second
+
+
 def ray_actors_to_replay(config, seconds: float, warmup: float) -> float:
     import ray
 
@@ -140,6 +160,8 @@ def main() -> int:
     print(f"  (a) {a:.0f} env steps/s")
     a2 = actor_in_process(config.env, args.seconds, args.warmup)
     print(f"  (a') {a2:.0f} env steps/s")
+    a3 = actor_in_process_to_shard(config, args.seconds, args.warmup)
+    print(f"  (a'') {a3:.0f} env steps/s")
     b = ray_actors_to_replay(config, args.seconds, args.warmup)
     print(f"  (b) {b:.0f} env steps/s")
     c = full_system(config, args.seconds, args.warmup)
@@ -152,6 +174,7 @@ def main() -> int:
     print("|---|---|---:|---:|")
     print(f"| (a) | single process: AtariVectorEnv + CNN inference (baseline) | {a:.0f} | 1.00 |")
     print(f"| (a') | `Actor` in-process, no insert | {a2:.0f} | {a2 / a:.2f} |")
+    print(f"| (a'') | `Actor` in-process -> gRPC replay shard process (no Ray) | {a3:.0f} | {a3 / a:.2f} |")
     print(f"| (b) | 1 Ray actor -> gRPC replay shard, no learner | {b:.0f} | {b / a:.2f} |")
     print(f"| (c) | full system, preset replay ratio ({config.replay.samples_per_insert:g} samples per insert) "
           f"| {c['env_steps_per_s']:.0f} | {c['env_steps_per_s'] / a:.2f} |")
