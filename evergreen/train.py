@@ -328,8 +328,16 @@ class Trainer:
             # Logical CPUs: enough for every component's reservation; they share the machine's cores.
             # address="local": a Ray of this run's own, even where RAY_ADDRESS is set or a `ray start`
             # cluster runs on the machine (with no address, ray.init would join the latest of those).
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(int(np.ceil(need)), os.cpu_count() or 1),
-                     include_dashboard=False, log_to_driver=True, configure_logging=False)
+            options = dict(address="local", num_cpus=cfg.ray.num_cpus or max(int(np.ceil(need)), os.cpu_count() or 1),
+                           include_dashboard=False, log_to_driver=True, configure_logging=False)
+            try:
+                ray.init(**options)
+            except RuntimeError as exc:
+                # Seen once in a loaded CI run: Ray's GCS server never wrote its port file (no log of it either)
+                # and ray.init timed out. Starting a fresh local Ray again costs seconds; a real fault fails again.
+                print(f"  ray: the local Ray did not start ({exc}); starting it again", file=sys.stderr)
+                ray.shutdown()
+                ray.init(**options)
             self._guard.watch(p for p in psutil.Process().children(recursive=True) if p.pid not in before)
         self._started_ray = True
 
