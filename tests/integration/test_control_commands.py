@@ -14,6 +14,7 @@ import pytest
 from evergreen.control.commands import main as control_main
 from evergreen.train import main as train_main
 from learner.checkpoint import load_latest_checkpoint
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -23,14 +24,6 @@ def _status(run_dir, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def _wait(predicate, what: str, timeout_s: float = 90.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _actor_states(status: dict) -> list[str]:
@@ -48,8 +41,8 @@ def test_status_scale_and_stop_a_live_run_from_another_process(tmp_path, capsys)
     try:
         assert control_main("status", ["no-such-run", "--runs-dir", str(tmp_path)]) == 2
         assert "no run 'no-such-run'" in capsys.readouterr().err
-        _wait(lambda: (run_dir / "control.json").exists(), "control.json")
-        status = _wait(lambda: (s := _status(run_dir, capsys))["run"]["state"] == "running" and
+        wait_for(lambda: (run_dir / "control.json").exists(), "control.json")
+        status = wait_for(lambda: (s := _status(run_dir, capsys))["run"]["state"] == "running" and
                        _actor_states(s) == ["running"] and s, "the run to be running")
         kinds = {c["kind"] for c in status["components"]}
         assert kinds == {"driver", "learner", "replay", "actor"}
@@ -64,13 +57,13 @@ def test_status_scale_and_stop_a_live_run_from_another_process(tmp_path, capsys)
             assert "expected an integer in [0, 3]" in capsys.readouterr().err
         assert control_main("scale", [str(run_dir), "--actors", "3"]) == 0
         capsys.readouterr()
-        _wait(lambda: _actor_states(_status(run_dir, capsys)) == ["running"] * 3, "3 running actors")
+        wait_for(lambda: _actor_states(_status(run_dir, capsys)) == ["running"] * 3, "3 running actors")
         steps = _status(run_dir, capsys)["components"][0]["env_steps"]
         assert control_main("scale", [str(run_dir), "--actors", "2"]) == 0
         capsys.readouterr()
         # The leaving actor finishes its chunk, flushes its inserts, and is forgotten at once.
-        _wait(lambda: _actor_states(_status(run_dir, capsys)) == ["running"] * 2, "down to 2 actors", timeout_s=30)
-        _wait(lambda: _status(run_dir, capsys)["components"][0]["env_steps"] > steps, "env steps going on")
+        wait_for(lambda: _actor_states(_status(run_dir, capsys)) == ["running"] * 2, "down to 2 actors", timeout_s=30)
+        wait_for(lambda: _status(run_dir, capsys)["components"][0]["env_steps"] > steps, "env steps going on")
 
         assert control_main("runs", ["--runs-dir", str(tmp_path), "--json"]) == 0
         (row,) = json.loads(capsys.readouterr().out)

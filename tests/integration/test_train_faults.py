@@ -16,20 +16,13 @@ import pytest
 
 from replay.auth import read_token_file
 from replay.client import ReplayClient
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 INSERT_BATCH = 64
 
 
-def _wait(predicate, what: str, timeout_s: float = 90.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _placement(run_dir):
@@ -49,19 +42,19 @@ def test_a_killed_replay_shard_comes_back_and_the_lost_rows_are_counted(tmp_path
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     actor_pid = None
     try:
-        placement = _wait(lambda: _placement(run_dir), "placement.json")
+        placement = wait_for(lambda: _placement(run_dir), "placement.json")
         (shard,) = placement["replay"]
         (actor,) = placement["actors"]
         actor_pid = actor["pid"]
         client = ReplayClient([shard["address"]], token=read_token_file(run_dir / "replay.token"), timeout=30)
-        _wait(lambda: client.info()[0].size >= 1000, "1000 rows in replay")
+        wait_for(lambda: client.info()[0].size >= 1000, "1000 rows in replay")
         # A checkpoint with the actor paused (nothing in flight), then more acknowledged writes, then a crash.
         os.kill(actor_pid, signal.SIGSTOP)
         time.sleep(0.5)
         client.checkpoint()
         checkpointed = client.info()[0].inserts
         os.kill(actor_pid, signal.SIGCONT)
-        _wait(lambda: client.info()[0].inserts >= checkpointed + 10 * INSERT_BATCH, "writes after the checkpoint")
+        wait_for(lambda: client.info()[0].inserts >= checkpointed + 10 * INSERT_BATCH, "writes after the checkpoint")
         os.kill(actor_pid, signal.SIGSTOP)
         time.sleep(0.5)
         written = client.info()[0].inserts
@@ -69,13 +62,13 @@ def test_a_killed_replay_shard_comes_back_and_the_lost_rows_are_counted(tmp_path
         killed_at = time.monotonic()
         os.kill(actor_pid, signal.SIGCONT)
         actor_pid = None
-        events = _wait(lambda: (run_dir / "events.jsonl").exists() and
+        events = wait_for(lambda: (run_dir / "events.jsonl").exists() and
                        [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()],
                        "the shard's restart", timeout_s=30)
         assert time.monotonic() - killed_at < 30
         (event,) = events
         assert event["event"] == "replay_shard_restarted" and event["shard"] == 0 and event["restart_s"] < 30
-        info = _wait(lambda: (i := client.info()[0]).generation == 1 and i, "generation 1")
+        info = wait_for(lambda: (i := client.info()[0]).generation == 1 and i, "generation 1")
         assert info.inserts >= checkpointed     # restored from the checkpoint: the counts went back to it
         output, _ = train.communicate(timeout=300)
         assert train.returncode == 0, output[-3000:]

@@ -12,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from learner.checkpoint import load_latest_checkpoint, state_digest
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,14 +32,6 @@ def _records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _wait(predicate, what: str, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _learner_ranks(run_dir):
@@ -83,9 +75,9 @@ def test_a_killed_rank_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp
     train = _train(run_dir, "--preset", "cartpole", "--learner.num_ranks", "2", "--learner.total_env_steps",
                    "1000000", "--replay.min_size_to_sample", "200", "--learner.checkpoint_every_s", "2")
     try:
-        ranks = _wait(lambda: _learner_ranks(run_dir), "placement.json with the learner ranks")
-        _wait(lambda: list((run_dir / "checkpoints").glob("*.pt")) and _records(run_dir)[-1]["updates"] > 0,
-              "a checkpoint after some updates")
+        ranks = wait_for(lambda: _learner_ranks(run_dir), "placement.json with the learner ranks", timeout_s=120)
+        wait_for(lambda: list((run_dir / "checkpoints").glob("*.pt")) and _records(run_dir)[-1]["updates"] > 0,
+              "a checkpoint after some updates", timeout_s=120)
         os.kill(ranks[1]["pid"], signal.SIGKILL)
         output, _ = train.communicate(timeout=240)
     finally:
