@@ -959,8 +959,8 @@ class Trainer:
                      "updates_per_s": round((c["updates"] - prev[2]) / (now - prev[0]), 1)}
         self._heard["rates"] = (now, c["env_steps"], c["updates"])
         try:   # where the learner and the shards run: asked once (again for a restarted shard)
-            if "learner" not in self._heard:
-                self._heard["learner"] = ray.get(self._learner.info.remote(), timeout=5)
+            if "learner" not in self._heard:   # every rank (data-parallel learner), rank 0 first
+                self._heard["learner"] = ray.get([rank.info.remote() for rank in self._learner.ranks], timeout=5)
             if "replay" not in self._heard:
                 self._heard["replay"] = ray.get([s.info.remote() for s in self._shards], timeout=5)
         except (ray.exceptions.RayError, TimeoutError):
@@ -971,12 +971,13 @@ class Trainer:
             "node": ray.get_runtime_context().get_node_id(), "env_steps": c["env_steps"], "updates": c["updates"],
             "episodes": c["episodes"], "visit": c["visit"], "task": books.task, **rates,
             "return_mean_100": record.get("return_mean_100"), "replay_rows_lost": books.replay_rows_lost})]
-        learner = self._heard.get("learner", {})
-        entries.append(("learner", "0", {"state": "running", "pid": learner.get("pid"), "node": learner.get("node_id"),
-                                         "device": learner.get("device"), "updates": c["updates"],
-                                         "updates_per_s": rates.get("updates_per_s"),
-                                         "policy_lag_updates": record.get("policy_lag_updates"),
-                                         "learner_wait_fraction": record.get("learner_wait_fraction")}))
+        for rank, learner in enumerate(self._heard.get("learner") or [{}] * len(self._learner.ranks)):
+            entries.append(("learner", str(rank), {
+                "state": "running", "pid": learner.get("pid"), "node": learner.get("node_id"),
+                "device": learner.get("device"), "updates": c["updates"], "updates_per_s": rates.get("updates_per_s"),
+                # The loop's own statistics are rank 0's (the ranks' updates pair up, their data waits differ).
+                **({"policy_lag_updates": record.get("policy_lag_updates"),
+                    "learner_wait_fraction": record.get("learner_wait_fraction")} if rank == 0 else {})}))
         infos = self._info(client, fresh_only=True)
         shard_info = self._heard.get("replay") or [{} for _ in self._shard_endpoints]
         per_shard = len(infos) // len(self._shard_endpoints) if infos else 0

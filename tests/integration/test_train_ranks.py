@@ -70,7 +70,16 @@ def test_two_ranks_learn_cartpole_checkpoint_identical_replicas_and_resume_on_on
     assert [r["rank"] for r in _learner_ranks(run_dir)] == [0]
 
 
-def test_a_killed_rank_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp_path):
+def _learners_in_status(run_dir, capsys) -> list[dict]:
+    from evergreen.control.commands import main as control_main
+
+    if control_main("status", [str(run_dir), "--json"]) != 0:
+        capsys.readouterr()
+        return []
+    return [c for c in json.loads(capsys.readouterr().out)["components"] if c["kind"] == "learner"]
+
+
+def test_a_killed_rank_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "killed"
     train = _train(run_dir, "--preset", "cartpole", "--learner.num_ranks", "2", "--learner.total_env_steps",
                    "1000000", "--replay.min_size_to_sample", "200", "--learner.checkpoint_every_s", "2")
@@ -78,6 +87,10 @@ def test_a_killed_rank_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp
         ranks = wait_for(lambda: _learner_ranks(run_dir), "placement.json with the learner ranks", timeout_s=120)
         wait_for(lambda: list((run_dir / "checkpoints").glob("*.pt")) and _records(run_dir)[-1]["updates"] > 0,
               "a checkpoint after some updates", timeout_s=120)
+        # `evergreen status` lists both ranks, each with its own process.
+        learners = wait_for(lambda: [c for c in _learners_in_status(run_dir, capsys) if c.get("pid")],
+                            "both learner ranks in evergreen status", timeout_s=60)
+        assert sorted(c["pid"] for c in learners) == sorted(r["pid"] for r in ranks), learners
         os.kill(ranks[1]["pid"], signal.SIGKILL)
         output, _ = train.communicate(timeout=240)
     finally:
