@@ -454,9 +454,10 @@ class Trainer:
 
         try:
             actors = self._pool.placement(timeout_s=1.0)
+            ranks = ray.get([rank.info.remote() for rank in self._learner.ranks], timeout=10)
             placement = {
-                "learner": ray.get(self._learner.info.remote(), timeout=10),
-                "learner_ranks": ray.get([rank.info.remote() for rank in self._learner.ranks], timeout=10),
+                "learner": ranks[0],
+                "learner_ranks": ranks,
                 "replay": ray.get([s.info.remote() for s in self._shards], timeout=10),
                 "actors": actors,
                 "driver": {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()},

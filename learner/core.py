@@ -90,10 +90,8 @@ def packed_result(priorities: torch.Tensor, names: list[str], scalars: torch.Ten
     device-to-host transfer: now (an :class:`UpdateResult`), or with ``defer`` on a CUDA device as a
     :class:`DeferredResult` (no host synchronization in the update)."""
     packed = torch.cat([priorities.detach().float(), scalars.detach().float()])
-    deferred = DeferredResult(packed, size=priorities.shape[0], names=names, metrics=metrics) \
-        if defer and packed.is_cuda else None
-    return deferred if deferred is not None else \
-        DeferredResult(packed.cpu(), size=priorities.shape[0], names=names, metrics=metrics).result()
+    pending = DeferredResult(packed, size=priorities.shape[0], names=names, metrics=metrics)
+    return pending if defer and packed.is_cuda else pending.result()
 
 
 @runtime_checkable

@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -242,10 +243,6 @@ class LearnerService:
         report.task_rows = {t: n - task_rows.get(t, 0) for t, n in c.task_rows.items() if n != task_rows.get(t, 0)}
         return report
 
-    def _paced(self, env_steps: int) -> bool:
-        """Without a replay rate limiter: whether updates are at ``updates_per_env_step`` * env steps already."""
-        return self.updates_per_env_step > 0 and self._loop.counters.updates >= self.updates_per_env_step * env_steps
-
     def _train_alone(self, loop: LearnerLoop, report: TrainReport, *, deadline: float, env_steps: int) -> None:
         """:meth:`train`'s loop on a single learner."""
         while time.perf_counter() < deadline:
@@ -253,7 +250,7 @@ class LearnerService:
                 obs = self._sample_probe()
                 if obs is not None:
                     self._set_probe(loop, obs)
-            if self._paced(env_steps):
+            if not self._allowed_updates(env_steps):
                 time.sleep(min(0.005, max(0.0, deadline - time.perf_counter())))
                 continue
             _add_metrics(report, loop.step(timeout=max(0.001, min(0.05, deadline - time.perf_counter()))))
@@ -295,10 +292,11 @@ class LearnerService:
                 time.sleep(min(0.005, max(0.0, deadline - time.perf_counter())))
 
     def _allowed_updates(self, env_steps: int) -> int:
-        """Updates pacing allows now (without a replay rate limiter), at most ``prefetch_batches``."""
+        """Updates pacing allows now, at most ``prefetch_batches``: without a replay rate limiter, updates
+        stay below ``updates_per_env_step`` * env steps (0 = not paced)."""
         if self.updates_per_env_step <= 0:
             return self._prefetch_batches
-        due = int(self.updates_per_env_step * env_steps) - self._loop.counters.updates
+        due = math.ceil(self.updates_per_env_step * env_steps) - self._loop.counters.updates
         return max(0, min(self._prefetch_batches, due))
 
     def sample_task(self, task: int) -> None:

@@ -20,20 +20,18 @@ and its volumes, network and pod are removed at the end (`down -v`), whatever ha
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import api, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -180,13 +178,7 @@ class Stack:
     # -- Prometheus on the published port --
 
     def api(self, path: str, **params: str) -> dict:
-        url = f"http://127.0.0.1:{self.prometheus_port}{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = json.loads(resp.read())
-        assert body["status"] == "success", body
-        return body["data"]
+        return api(self.prometheus_port, path, **params)
 
     def last(self, family: str, **labels: str) -> list[dict]:
         """The latest sample of each series of `family` with these labels over the last hour: a run that has
