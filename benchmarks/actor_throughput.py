@@ -1,18 +1,21 @@
 """Acting throughput on Pong: a single-process baseline against Evergreen's actors, in one run.
 
-    .venv/bin/python benchmarks/actor_throughput.py [--seconds 30] [--num-envs 8]
+    .venv/bin/python benchmarks/actor_throughput.py [--seconds 30] [--num-envs 8] [--rows a,a2,b]
 
 Rows (env steps/s, each after a warm-up, same machine, same run):
   (a)  baseline: one process looping ale-py's AtariVectorEnv + the learner's Nature-CNN Q-network
        inference on the CPU (1 torch thread) + epsilon-greedy — no replay, no Ray;
   (a') the `Actor` class in-process (adder and batching included), inserting into nothing;
   (a'') the same `Actor` in-process inserting over gRPC into a replay shard process (no Ray): what the
-       insert path costs, apart from running as a Ray actor;
+       insert path costs, apart from running as a Ray actor; "(a'') dense" sends every transition's
+       full obs/next_obs stacks instead of each distinct frame once (`ReplayClient(share_frames=False)`,
+       the wire form before shared frames), so the two rows compare the insert paths in one run;
   (b)  Evergreen: one Ray actor process writing n-step transitions to a gRPC replay shard (itself a Ray
-       actor, `replay.ray_shard.ShardActor`, as in a training run), no learner;
+       actor, `replay.ray_shard.ShardActor`, as in a training run), no learner; "(b) dense" likewise;
   (c)  the full system (`evergreen train --preset pong`): actor + replay + learner updating, with the
        preset's samples-per-insert ratio (so env steps are paced by learner updates, by design);
   (c2) the same with no ratio limit: actors and learner run freely and share the cores.
+(a) is measured first and again last; every ratio is to the mean of the two.
 Reports (b)/(a), (c)/(a) and (c2)/(a) (target (b)/(a) >= 0.9), and from (c) and (c2) the policy lag and
 the fraction of time the learner waited on data.
 """
@@ -82,7 +85,7 @@ def actor_in_process(env_config: EnvConfig, seconds: float, warmup: float) -> fl
     return stats.steps_per_second
 
 
-def actor_in_process_to_shard(config, seconds: float, warmup: float) -> float:
+def actor_in_process_to_shard(config, seconds: float, warmup: float, *, share_frames: bool = True) -> float:
     from replay.client import ReplayClient
     from replay.launch import ShardProcess
 
@@ -90,7 +93,8 @@ def actor_in_process_to_shard(config, seconds: float, warmup: float) -> float:
     builder = make_builder(config, spec)
     table = dataclasses.replace(table_config(config, fields=builder.replay_fields(), obs_shape=spec.observation_shape,
                                              obs_dtype=spec.observation_dtype), samples_per_insert=None)
-    with ShardProcess([table]) as shard, ReplayClient([shard.address], table=table.name) as client:
+    with ShardProcess([table]) as shard, \
+            ReplayClient([shard.address], table=table.name, share_frames=share_frames) as client:
         actor = Actor(env_config=config.env, policy=_policy(spec),
                       adder=NStepAdder(spec, num_envs=config.env.num_envs, n=3, gamma=0.99),
                       insert=ReplayInserter(client, writer_key="actor-0"), insert_batch_size=64)
@@ -100,7 +104,7 @@ def actor_in_process_to_shard(config, seconds: float, warmup: float) -> float:
     return stats.steps_per_second
 
 
-def ray_actors_to_replay(config, seconds: float, warmup: float) -> float:
+def ray_actors_to_replay(config, seconds: float, warmup: float, *, share_frames: bool = True) -> float:
     import ray
 
     from actors.ray_actor import ActorPool
@@ -116,7 +120,7 @@ def ray_actors_to_replay(config, seconds: float, warmup: float) -> float:
     try:
         shard = ShardActor.options(num_cpus=1).remote([table], checkpoint_dir=None, shard_index=0)
         address, _ = ray.get(shard.endpoint.remote())
-        client = ReplayClient([address], table=table.name)
+        client = ReplayClient([address], table=table.name, share_frames=share_frames)
 
         def kwargs(index: int) -> dict:
             return dict(env_config=config.env, policy=_policy(spec),
@@ -149,6 +153,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--num-envs", type=int, default=8)
+    parser.add_argument("--rows", default="a,a1,a2-dense,a2,b-dense,b,c,c2",
+                        help="rows to measure, in this order (comma-separated; 'a' is required)")
     args = parser.parse_args()
     config = load_config(preset="pong", overrides={
         "env": {"num_envs": args.num_envs},
@@ -156,37 +162,59 @@ def main() -> int:
         "learner": {"total_env_steps": 10**9, "log_every_s": 2.0, "checkpoint_every_s": 10**6},
     }).validate()
     print(f"Pong, {args.num_envs} envs per actor, Nature-CNN (dueling) inference on CPU, 1 torch thread per actor")
-    a = baseline(config.env, args.seconds, args.warmup)
-    print(f"  (a) {a:.0f} env steps/s")
-    a2 = actor_in_process(config.env, args.seconds, args.warmup)
-    print(f"  (a') {a2:.0f} env steps/s")
-    a3 = actor_in_process_to_shard(config, args.seconds, args.warmup)
-    print(f"  (a'') {a3:.0f} env steps/s")
-    b = ray_actors_to_replay(config, args.seconds, args.warmup)
-    print(f"  (b) {b:.0f} env steps/s")
-    c = full_system(config, args.seconds, args.warmup)
-    print(f"  (c) {c['env_steps_per_s']:.0f} env steps/s")
     free = dataclasses.replace(config, replay=dataclasses.replace(config.replay, samples_per_insert=0.0),
                                learner=dataclasses.replace(config.learner, updates_per_env_step=0.0))
-    c2 = full_system(free, args.seconds, args.warmup)
-    print(f"  (c2) {c2['env_steps_per_s']:.0f} env steps/s")
+    t, w = args.seconds, args.warmup
+    # Each row: (label, what, measure() -> env steps/s or run_system's dict).
+    rows = {
+        "a": ("(a)", "single process: AtariVectorEnv + CNN inference (baseline)", lambda: baseline(config.env, t, w)),
+        "a1": ("(a')", "`Actor` in-process, no insert", lambda: actor_in_process(config.env, t, w)),
+        "a2-dense": ("(a'') dense", "`Actor` in-process -> gRPC replay shard process (no Ray), dense frame stacks",
+                     lambda: actor_in_process_to_shard(config, t, w, share_frames=False)),
+        "a2": ("(a'')", "`Actor` in-process -> gRPC replay shard process (no Ray)",
+               lambda: actor_in_process_to_shard(config, t, w)),
+        "b-dense": ("(b) dense", "1 Ray actor -> gRPC replay shard, no learner, dense frame stacks",
+                    lambda: ray_actors_to_replay(config, t, w, share_frames=False)),
+        "b": ("(b)", "1 Ray actor -> gRPC replay shard, no learner", lambda: ray_actors_to_replay(config, t, w)),
+        "c": ("(c)", f"full system, preset replay ratio ({config.replay.samples_per_insert:g} samples per insert)",
+              lambda: full_system(config, t, w)),
+        "c2": ("(c2)", "full system, no ratio limit (actors and learner free-running)", lambda: full_system(free, t, w)),
+    }
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in rows]
+    if unknown or "a" not in chosen:
+        parser.error(f"--rows {args.rows!r}: expected a comma-separated subset of {list(rows)} including 'a' "
+                     "(the baseline every ratio is to)")
+    results = {}
+    for key in chosen:
+        label, _, measure = rows[key]
+        results[key] = measure()
+        rate = results[key]["env_steps_per_s"] if isinstance(results[key], dict) else results[key]
+        print(f"  {label} {rate:.0f} env steps/s")
+    # This machine's speed drifts by +-15% between minutes: the baseline runs again last, and every
+    # ratio is to the mean of its two measurements (both are shown).
+    results["a-after"] = rows["a"][2]()
+    print(f"  (a) again {results['a-after']:.0f} env steps/s")
+    a = (results["a"] + results["a-after"]) / 2
+    print(f"\nbaseline (a): {results['a']:.0f} first, {results['a-after']:.0f} last, ratios are to the mean {a:.0f}")
     print("\n| row | what | env steps/s | ratio to (a) |")
     print("|---|---|---:|---:|")
-    print(f"| (a) | single process: AtariVectorEnv + CNN inference (baseline) | {a:.0f} | 1.00 |")
-    print(f"| (a') | `Actor` in-process, no insert | {a2:.0f} | {a2 / a:.2f} |")
-    print(f"| (a'') | `Actor` in-process -> gRPC replay shard process (no Ray) | {a3:.0f} | {a3 / a:.2f} |")
-    print(f"| (b) | 1 Ray actor -> gRPC replay shard, no learner | {b:.0f} | {b / a:.2f} |")
-    print(f"| (c) | full system, preset replay ratio ({config.replay.samples_per_insert:g} samples per insert) "
-          f"| {c['env_steps_per_s']:.0f} | {c['env_steps_per_s'] / a:.2f} |")
-    print(f"| (c2) | full system, no ratio limit (actors and learner free-running) "
-          f"| {c2['env_steps_per_s']:.0f} | {c2['env_steps_per_s'] / a:.2f} |")
-    print("\n| run | learner updates/s | learner waited on data | policy lag of sampled data (updates) "
-          "| actors' weights lag (updates) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in (("(c)", c), ("(c2)", c2)):
-        print(f"| {name} | {r['updates_per_s']:.1f} | {100 * r['wait']:.0f}% | {r['policy_lag']:.0f} "
-              f"| {r['actor_policy_lag']:.0f} |")
-    print(f"target (b)/(a) >= 0.9: {'met' if b / a >= 0.9 else 'NOT met'}")
+    for key in chosen:
+        label, what, _ = rows[key]
+        rate = results[key]["env_steps_per_s"] if isinstance(results[key], dict) else results[key]
+        print(f"| {label} | {what} | {rate:.0f} | {rate / a:.2f} |")
+    systems = [k for k in ("c", "c2") if k in results]
+    if systems:
+        print("\n| run | learner updates/s | learner waited on data | policy lag of sampled data (updates) "
+              "| actors' weights lag (updates) |")
+        print("|---|---:|---:|---:|---:|")
+        for key in systems:
+            r = results[key]
+            print(f"| {rows[key][0]} | {r['updates_per_s']:.1f} | {100 * r['wait']:.0f}% | {r['policy_lag']:.0f} "
+                  f"| {r['actor_policy_lag']:.0f} |")
+    if "b" in results:
+        b = results["b"]
+        print(f"target (b)/(a) >= 0.9: {'met' if b / a >= 0.9 else 'NOT met'} ({b / a:.2f})")
     return 0
 
 

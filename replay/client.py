@@ -57,6 +57,7 @@ it can be handed to Ray actors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -74,10 +75,12 @@ import numpy as np
 from replay import errors
 from replay.auth import ClientTls, metadata
 from replay.codec import InsertRequestParts, SampleResponseView, decode_array, encode_array, payload_nbytes
+from replay.frames import SharedFrames, share_frames
 from replay.keys import SHARD_BITS, TABLE_KEY_BITS
 from replay.limits import MAX_TIMEOUT_S, MAX_WRITER_KEY_CHARS
 from replay.proto import replay_pb2
 from replay.samplers import importance_weights
+from replay.storage import STACK_FIELDS
 from replay.table import TableConfig, TableInfo
 
 LOCAL_BITS = TABLE_KEY_BITS
@@ -224,6 +227,7 @@ class ReplayClient:
         seed: int | None = None,
         token: str | None = None,
         tls: ClientTls | None = None,
+        share_frames: bool = True,
     ):
         if isinstance(addresses, str):
             addresses = [addresses]
@@ -249,6 +253,9 @@ class ReplayClient:
         self.seed = seed
         self._token = token
         self.tls = tls
+        if not isinstance(share_frames, bool):
+            raise TypeError(f"share_frames={share_frames!r} must be a bool")
+        self.share_frames = share_frames
         self._init_runtime()
 
     def __repr__(self) -> str:   # never the token
@@ -261,7 +268,7 @@ class ReplayClient:
         # printed (see __repr__).
         return {"addresses": self.addresses, "table": self.table, "timeout": self.timeout,
                 "max_message_bytes": self.max_message_bytes, "refresh_interval_s": self.refresh_interval_s,
-                "seed": self.seed, "_token": self._token, "tls": self.tls}
+                "seed": self.seed, "_token": self._token, "tls": self.tls, "share_frames": self.share_frames}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -456,14 +463,24 @@ class ReplayClient:
         if len(writer_key) > MAX_WRITER_KEY_CHARS:
             raise errors.InvalidArgument(f"writer_key of {len(writer_key)} chars; expected at most "
                                          f"{MAX_WRITER_KEY_CHARS}")
+        deadline = self._deadline(timeout)
+        shard = self._get_shards()[shard_of_writer(writer_key, self.num_shards)]
+        if self.share_frames and not any(isinstance(c, SharedFrames) for c in columns.values()):
+            if self._config is None:
+                # The writer's own shard (another one may be down); no such table: the Insert below says so.
+                with contextlib.suppress(errors.NotFound):
+                    self._info_one(shard, deadline)
+            if self._config is not None and self._config.storage == "atari":
+                # The shard keeps each distinct frame once anyway: send each once too (~4x fewer bytes).
+                # Columns that are not the stacks the table expects go as they are: the shard says what is wrong.
+                with contextlib.suppress(ValueError):
+                    columns = share_frames(columns, names=STACK_FIELDS)
         nbytes = payload_nbytes(columns) + (0 if priorities is None else np.asarray(priorities).nbytes)
         if nbytes + _REQUEST_OVERHEAD > self.max_message_bytes:
             raise errors.ResourceExhausted(
                 f"insert of {nbytes} bytes (+{_REQUEST_OVERHEAD} framing) exceeds the {self.max_message_bytes}-byte "
                 f"message limit; insert in smaller batches"
             )
-        deadline = self._deadline(timeout)
-        shard = self._get_shards()[shard_of_writer(writer_key, self.num_shards)]
         writer_id, writer_lock = self._writer(writer_key)
         # One insert per writer at a time, so that sequence numbers reach the shard in order.
         if not writer_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):

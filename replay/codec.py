@@ -36,6 +36,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from replay.errors import InvalidArgument
+from replay.frames import SharedFrames
 from replay.limits import (
     MAX_COLUMNS,
     MAX_DIM,
@@ -100,9 +101,27 @@ def decode_columns(source) -> dict[str, np.ndarray]:
     return {field_name: decode_array(message, name=f"column {field_name!r}") for field_name, message in source.items()}
 
 
-def payload_nbytes(columns: Mapping[str, np.ndarray]) -> int:
-    """Bytes the columns occupy on the wire (what the message-size limit is checked against)."""
-    return int(sum(np.asarray(a).nbytes for a in columns.values()))
+def payload_nbytes(columns: Mapping[str, np.ndarray | SharedFrames]) -> int:
+    """Bytes the columns occupy on the wire (what the message-size limit is checked against); shared
+    frames count once however many columns refer to them."""
+    dense = sum(np.asarray(a).nbytes for a in columns.values() if not isinstance(a, SharedFrames))
+    shared = [a for a in columns.values() if isinstance(a, SharedFrames)]
+    frames = {id(a.frames): a.frames.nbytes for a in shared}
+    return int(dense + sum(a.index.nbytes for a in shared) + sum(frames.values()))
+
+
+def _split_shared(columns: Mapping[str, np.ndarray | SharedFrames]
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray]]:
+    """(dense columns, the one frames array, index per shared column) of an insert's columns."""
+    dense = {k: v for k, v in columns.items() if not isinstance(v, SharedFrames)}
+    shared = {k: v for k, v in columns.items() if isinstance(v, SharedFrames)}
+    if not shared:
+        return dense, None, {}
+    frames = next(iter(shared.values())).frames
+    if any(v.frames is not frames for v in shared.values()):
+        raise ValueError(f"columns {sorted(shared)} refer to different frames arrays; an insert carries one "
+                         "(build them with replay.frames.share_frames)")
+    return dense, frames, {k: v.index for k, v in shared.items()}
 
 
 # -- hand-written wire format for the large messages ---------------------------------------------------
@@ -194,7 +213,11 @@ class InsertRequestParts:
         parts = _Parts()
         parts.add(_string(1, table))
         parts.add(_string(2, writer_key))
-        _columns_parts(parts, 3, columns)
+        dense, frames, frame_index = _split_shared(columns)
+        _columns_parts(parts, 3, dense)
+        if frames is not None:
+            parts.add_message(8, _array_parts(frames, name="frames"))
+            _columns_parts(parts, 9, frame_index)
         if priorities is not None:
             parts.add_message(4, _array_parts(np.asarray(priorities), name="priorities"))
         parts.add(_string(6, writer_id))
@@ -369,6 +392,8 @@ class InsertRequestView:
         self.timeout_s: float | None = None
         self.writer_id = ""
         self.sequence = 0
+        frames: np.ndarray | None = None
+        frame_index: dict[str, np.ndarray] = {}
         for field, wire_type, value in _fields(buf, 0, len(buf)):
             if field == 1 and wire_type == 2:
                 self.table = _text(buf, value, limit=MAX_NAME_CHARS, what="table name")
@@ -384,6 +409,27 @@ class InsertRequestView:
                 self.writer_id = _text(buf, value, limit=MAX_WRITER_KEY_CHARS, what="writer id")
             elif field == 7 and wire_type == 0:
                 self.sequence = value
+            elif field == 8 and wire_type == 2:
+                if frames is not None:
+                    raise InvalidArgument("frames appear twice; expected at most one frames array per insert")
+                frames = _array_view(data, buf, value, name="frames")
+            elif field == 9 and wire_type == 2:
+                _add_column(frame_index, _columns_entry(data, buf, value))
+        if frame_index or frames is not None:
+            self._add_shared(frames, frame_index)
+
+    def _add_shared(self, frames: np.ndarray | None, frame_index: dict[str, np.ndarray]) -> None:
+        """The shared-frame columns, each ``SharedFrames(frames, index)`` (checked against the schema later)."""
+        if frames is None:
+            raise InvalidArgument(f"columns {', '.join(clip(k) for k in sorted(frame_index))} are sent as frame indices "
+                                  "but the insert carries no frames")
+        if not frame_index:
+            raise InvalidArgument("the insert carries frames but no column refers to them; expected frame_index "
+                                  "entries or no frames")
+        for name, index in frame_index.items():
+            if name in self.columns:
+                raise InvalidArgument(f"column {clip(name)} is sent both dense and as frame indices; expected one")
+            _add_column(self.columns, (name, SharedFrames(frames, index)))
 
 
 class UpdatePrioritiesRequestView:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from replay.errors import InvalidArgument
+from replay.frames import INDEX_DTYPE, SharedFrames
 from replay.limits import MAX_COLUMNS, MAX_NAME_CHARS, MAX_NDIM, clip
 
 __all__ = ["Bounds", "Field", "Schema"]
@@ -270,6 +271,30 @@ class Field:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+def _check_shared(column: SharedFrames, f: Field) -> None:
+    """A column sent as shared frames: frames ``[U, *shape[1:]]`` of the field's dtype, an int32 index
+    ``[rows, shape[0]]`` with every entry in ``[0, U)`` (so that it describes ``[rows, *shape]``)."""
+    frames, index = column.frames, column.index
+    if not isinstance(frames, np.ndarray) or not isinstance(index, np.ndarray):
+        raise InvalidArgument(f"field {f.name!r}: shared frames and index must be numpy arrays")
+    if not f.shape:
+        raise InvalidArgument(f"field {f.name!r} is a scalar; only a field of shape (stack, ...) can be sent as "
+                              "shared frames")
+    if frames.dtype != f.np_dtype:
+        raise InvalidArgument(f"field {f.name!r}: shared frames have dtype {frames.dtype.name}; expected {f.dtype}")
+    if frames.ndim != len(f.shape) or tuple(frames.shape[1:]) != f.shape[1:] or frames.shape[0] < 1:
+        want = "(" + ", ".join(["frames >= 1", *map(str, f.shape[1:])]) + ")"
+        raise InvalidArgument(f"field {f.name!r}: shared frames have shape {tuple(frames.shape)}; expected {want}")
+    if index.dtype != INDEX_DTYPE or index.ndim != 2 or index.shape[1] != f.shape[0]:
+        raise InvalidArgument(f"field {f.name!r}: shared-frame index is {index.dtype.name} {tuple(index.shape)}; "
+                              f"expected {INDEX_DTYPE.name} (rows, {f.shape[0]})")
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= frames.shape[0]):
+        bad = np.flatnonzero((index < 0) | (index >= frames.shape[0]))[0]
+        row, pos = divmod(int(bad), index.shape[1])
+        raise InvalidArgument(f"field {f.name!r} row {row} stack position {pos}: frame index "
+                              f"{int(index.reshape(-1)[bad])} is outside the {frames.shape[0]} shared frames")
+
+
 @dataclass(frozen=True)
 class Schema:
     """An ordered set of uniquely named fields."""
@@ -337,7 +362,9 @@ class Schema:
         first = ""
         for f in self.fields:
             arr = columns[f.name]
-            if not isinstance(arr, np.ndarray):
+            if isinstance(arr, SharedFrames):
+                _check_shared(arr, f)
+            elif not isinstance(arr, np.ndarray):
                 raise InvalidArgument(f"field {f.name!r}: expected a numpy array, got {type(arr).__name__}")
             if arr.dtype != f.np_dtype:
                 got = arr.dtype.name if arr.dtype.name != f.dtype else f"{arr.dtype.str} (non-native byte order)"
@@ -357,7 +384,11 @@ class Schema:
             raise InvalidArgument("empty batch: expected at least one row")
         for f in self.fields:
             if f.bounds is not None:
-                f.bounds.check(columns[f.name], field=f.name)
+                column = columns[f.name]
+                if isinstance(column, SharedFrames):   # every frame sent, referenced or not
+                    f.bounds.check(column.frames, field=f"{f.name} (shared frames; row = frame)")
+                else:
+                    f.bounds.check(column, field=f.name)
         return rows
 
     def layout(self) -> list[dict]:

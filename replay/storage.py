@@ -48,12 +48,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from replay.errors import InvalidArgument
+from replay.frames import SharedFrames, distinct_rows, hash_rows
+from replay.frames import words as _words
 from replay.interfaces import Storage
 from replay.schema import Field, Schema
 
-__all__ = ["AtariStorage", "RingStorage", "STORAGES", "check_atari_schema", "make_storage"]
+__all__ = ["AtariStorage", "RingStorage", "STACK_FIELDS", "STORAGES", "check_atari_schema", "make_storage"]
 
-_STACK_FIELDS = ("obs", "next_obs")
+STACK_FIELDS = ("obs", "next_obs")
+"""The stacked fields of an Atari table (clients send them as shared frames, ``replay.frames``)."""
 
 
 def _ring_slices(first_key: int, n: int, capacity: int) -> list[tuple[slice, slice]]:
@@ -137,7 +140,9 @@ class RingStorage:
         """Columns must already have passed ``schema.validate_batch``; n <= capacity."""
         if n > self.capacity:
             raise InvalidArgument(f"insert of {n} rows exceeds the table capacity {self.capacity}")
-        return _RingPrepared(columns, n)
+        # A column sent as shared frames is stored dense here (only the Atari storage keeps frames).
+        dense = {name: c.materialize() if isinstance(c, SharedFrames) else c for name, c in columns.items()}
+        return _RingPrepared(dense, n)
 
     def commit(self, prepared: _RingPrepared, *, first_key: int) -> int:
         self._cols.write(prepared.columns, first_key, prepared.n)
@@ -171,7 +176,7 @@ class RingStorage:
 
 def check_atari_schema(schema: Schema) -> tuple[int, int, int]:
     """Return ``(S, H, W)`` if ``schema`` suits the Atari storage, else ValueError saying what is expected."""
-    for name in _STACK_FIELDS:
+    for name in STACK_FIELDS:
         if name not in schema:
             raise ValueError(
                 f"atari storage needs fields 'obs' and 'next_obs' of dtype uint8 and shape (stack, H, W); "
@@ -190,39 +195,8 @@ def check_atari_schema(schema: Schema) -> tuple[int, int, int]:
     return o.shape  # type: ignore[return-value]
 
 
-_HASH_RNG = np.random.default_rng(0x5EED_F4A3)
-_HASH_M1 = _HASH_RNG.integers(1, 2**63, size=1 << 14, dtype=np.uint64) | np.uint64(1)
-_HASH_M2 = _HASH_RNG.integers(1, 2**63, size=1 << 14, dtype=np.uint64) | np.uint64(1)
-
-
-def _words(rows: np.ndarray) -> np.ndarray:
-    """A C-contiguous uint8 ``[N, L]`` array as uint64 words when ``L % 8 == 0`` (a view), else itself."""
-    return rows.view(np.uint64) if rows.shape[1] % 8 == 0 else rows
-
-
-def _hash_rows(rows: np.ndarray) -> np.ndarray:
-    """64-bit content hash of each row of a uint8 ``[N, L]`` array (vectorized, ~7 GB/s).
-
-    ``sum_i w_i * a_i + sum_i (w_i >> 29) * b_i (mod 2**64)`` over the row's 64-bit words ``w_i`` with
-    fixed random odd ``a_i, b_i``: two integer mat-vec products, one pass each. The shifted term carries
-    differences confined to a word's top bits down into the middle bits (the plain weighted sum alone
-    would leave them in the top byte). A final avalanche spreads entropy into the low bits that the dict
-    buckets on. Hits are always verified byte for byte, so the hash only has to make collisions rare.
-    """
-    length = rows.shape[1]
-    if length % 8 == 0:
-        words = rows.view(np.uint64)
-    elif length % 4 == 0:
-        words = rows.view(np.uint32).astype(np.uint64)
-    else:
-        words = rows.astype(np.uint64)
-    nw = words.shape[1]
-    pick = np.arange(nw) % _HASH_M1.size
-    h = words @ _HASH_M1[pick] + (words >> np.uint64(29)) @ _HASH_M2[pick]
-    h ^= h >> np.uint64(31)
-    h *= np.uint64(0x9E3779B97F4A7C15)
-    h ^= h >> np.uint64(33)
-    return h
+# The content hash is module-level here so that a test can replace it (forcing collisions).
+_hash_rows = hash_rows
 
 
 @dataclass
@@ -274,38 +248,54 @@ class AtariStorage:
         self.index = np.zeros((self.capacity, 2 * self.stack), dtype=np.int32)
         self.frames_written = 0  # pool write position (monotonic); slot = position % frame_capacity
         self._recent: dict[int, int] = {}  # content hash -> slot, for frames in the dedup window
-        self._other_fields = tuple(f for f in schema.fields if f.name not in _STACK_FIELDS)
+        self._other_fields = tuple(f for f in schema.fields if f.name not in STACK_FIELDS)
         self._cols = _Columns(self._other_fields, self.capacity)
 
     # ------------------------------------------------------------------ insert
-    def prepare(self, columns: Mapping[str, np.ndarray], *, n: int) -> _AtariPrepared:
-        """Hash and deduplicate the batch's frames (pure; safe outside the table lock)."""
+    def prepare(self, columns: Mapping[str, np.ndarray | SharedFrames], *, n: int) -> _AtariPrepared:
+        """Hash and deduplicate the batch's frames (pure; safe outside the table lock).
+
+        ``obs``/``next_obs`` come dense (``[n, S, H, W]``) or as :class:`replay.frames.SharedFrames`
+        (the client sent each distinct frame once); either way every frame the rows use is hashed,
+        equal frames are confirmed byte for byte, and only the distinct ones go on to ``commit``.
+        """
         if n > self.capacity:
             raise InvalidArgument(f"insert of {n} rows exceeds the table capacity {self.capacity}")
         s, (h, w) = self.stack, self.frame_shape
-        hw = h * w
-        obs = np.ascontiguousarray(columns["obs"]).reshape(n * s, hw)
-        nxt = np.ascontiguousarray(columns["next_obs"]).reshape(n * s, hw)
-        hashes = np.concatenate([_hash_rows(obs), _hash_rows(nxt)])
-        total = 2 * n * s
+        # Every stack position as an index into one pool of candidate frames [R, H*W].
+        pools, indices, offset = [], [], 0
+        for name in STACK_FIELDS:
+            column = columns[name]
+            if isinstance(column, SharedFrames):
+                # Columns over the same frames object (obs and next_obs of one request) share its rows.
+                same = next((start for src, start in pools if src is column.frames), None)
+                if same is None:
+                    same = offset
+                    pools.append((column.frames, offset))
+                    offset += column.frames.shape[0]
+                indices.append(column.index.astype(np.int64) + same)
+            else:
+                frames = np.ascontiguousarray(column).reshape(n * s, h * w)
+                pools.append((frames, offset))
+                indices.append(np.arange(offset, offset + n * s, dtype=np.int64).reshape(n, s))
+                offset += n * s
+        rows = [np.ascontiguousarray(src).reshape(-1, h * w) for src, _ in pools]
+        starts = np.array([start for _, start in pools], dtype=np.int64)
         # Gathers and byte comparisons run on 64-bit words where the frame size allows (8x fewer elements).
-        obs_w, nxt_w = _words(obs), _words(nxt)
+        rows_w = [_words(r) for r in rows]
 
-        def take(js: np.ndarray) -> np.ndarray:
-            out = np.empty((js.size, obs_w.shape[1]), dtype=obs_w.dtype)
-            low = js < n * s
-            out[low] = obs_w[js[low]]
-            out[~low] = nxt_w[js[~low] - n * s]
+        def take(js: np.ndarray) -> np.ndarray:      # pool rows js, from whichever array holds each
+            out = np.empty((js.size, rows_w[0].shape[1]), dtype=rows_w[0].dtype)
+            which = np.searchsorted(starts, js, side="right") - 1
+            for i, part in enumerate(rows_w):
+                mine = which == i
+                out[mine] = part[js[mine] - starts[i]]
             return out
 
-        _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        rep_of = first[inverse.reshape(-1)]
-        # Verify in-batch duplicates byte for byte; a (vanishingly rare) hash collision gets its own entry.
-        dup = np.flatnonzero(rep_of != np.arange(total))
-        if dup.size:
-            same = (take(dup) == take(rep_of[dup])).all(axis=1)
-            rep_of[dup[~same]] = dup[~same]
-        reps, frame_rep = np.unique(rep_of, return_inverse=True)
+        hashes = np.concatenate([_hash_rows(r) for r in rows])
+        rep_of = distinct_rows(hashes, take)
+        stack_rows = rep_of[np.concatenate(indices, axis=1)]      # [n, 2S] pool row of each position
+        reps, frame_rep = np.unique(stack_rows, return_inverse=True)
         if reps.size > self.frame_capacity:
             raise InvalidArgument(
                 f"insert of {n} rows has {reps.size} distinct frames but the frame pool holds at most "
@@ -317,7 +307,7 @@ class AtariStorage:
             n=n,
             rep_frames=take(reps).view(np.uint8),
             rep_hash=hashes[reps],
-            frame_rep=frame_rep.reshape(2, n, s).transpose(1, 0, 2).reshape(n, 2 * s),
+            frame_rep=frame_rep.reshape(n, 2 * s),
         )
 
     def commit(self, prepared: _AtariPrepared, *, first_key: int) -> int:

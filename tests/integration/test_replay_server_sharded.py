@@ -218,3 +218,38 @@ def test_a_dead_shard_is_left_out_of_samples_and_priority_updates_until_it_is_ba
     else:
         raise AssertionError("the restarted shard was never sampled again")
     client.close()
+
+
+def test_atari_inserts_travel_as_shared_frames_and_store_the_same_rows(monkeypatch):
+    """A client of an Atari table sends each distinct frame once (replay.frames); the shard stores and
+    samples back exactly the rows a dense insert stores, with a fraction of the bytes on the wire."""
+    import replay.client as client_mod
+    from tests.unit.replay.test_replay_atari_storage import _columns, _schema, stream_transitions
+
+    sent: list[int] = []
+
+    class Recorded(client_mod.InsertRequestParts):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            sent.append(self.nbytes)
+
+    monkeypatch.setattr(client_mod, "InsertRequestParts", Recorded)
+    obs_ids, nxt_ids, _ = stream_transitions(0, ep_lens=[20, 7, 30], n=3, pad="repeat")
+    batches = [_columns(obs_ids[a:a + 16], nxt_ids[a:a + 16], a) for a in range(0, len(obs_ids), 16)]
+    config = TableConfig(name="replay", schema=_schema(), capacity=256, storage="atari")
+    sampled = {}
+    for share in (True, False):
+        with ReplayServer(tables=[config], port=0) as server, \
+                ReplayClient([server.address], table="replay", timeout=10.0, share_frames=share) as client:
+            for cols in batches:
+                client.insert(cols, writer_key="actor-0")
+            info = client.info()[0]
+            assert info.size == len(obs_ids)
+            batch = client.sample(200, timeout=5.0)
+            order = np.argsort(batch.columns["action"], kind="stable")
+            sampled[share] = {k: v[order] for k, v in batch.columns.items()}
+            truth = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+            for name in ("obs", "next_obs", "reward"):
+                np.testing.assert_array_equal(sampled[share][name], truth[name][sampled[share]["action"]])
+    shared_bytes, dense_bytes = sum(sent[:len(batches)]), sum(sent[len(batches):])
+    assert shared_bytes < 0.45 * dense_bytes, (shared_bytes, dense_bytes)
