@@ -139,6 +139,13 @@ def bare_beside_sampling(config, *, rate: float, seconds: float, rounds: int) ->
 
         with ReplayClient([shard.address]) as client:  # fill it with rows of the right shapes
             rows = {k: v.numpy() for k, v in synthetic_batches(spec, table.capacity, 1)[0].items()}
+            if len(spec.observation_shape) == 3:   # frame stacks: consecutive rows share frames, as an env's do
+                stack = spec.observation_shape[0]  # (random stacks would need 2 x stack frames per row of storage)
+                frames = np.random.default_rng(1).integers(0, 256, (table.capacity + stack + 1,
+                                                                    *spec.observation_shape[1:]), dtype=np.uint8)
+                windows = np.lib.stride_tricks.sliding_window_view(frames, stack, axis=0).transpose(0, 3, 1, 2)
+                rows["obs"] = np.ascontiguousarray(windows[:table.capacity])
+                rows["next_obs"] = np.ascontiguousarray(windows[1:table.capacity + 1])
             rows["policy_version"] = np.zeros(table.capacity, dtype=np.int64)
             rows["task"] = np.zeros(table.capacity, dtype=np.int64)
             client.insert(rows, writer_key="bench")
@@ -159,6 +166,7 @@ def bare_rates(config, *, old_module, seconds: float, rounds: int) -> dict[str, 
     builder = make_builder(config, spec)
     threads = config.learner.num_threads or max(1, int(config.learner.placement.num_cpus))
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(config.learner.flush_denormal)   # as the learner process does
     batches = synthetic_batches(spec, config.learner.batch_size, 16)
     loops = {"now": builder.make_algorithm(torch.device("cpu")).update}
     if config.algorithm != "dqn":

@@ -414,7 +414,7 @@ class Trainer:
             batches_per_sample=lrn.batches_per_sample, sample_seed=cfg.seed,
             make_diagnostics=builder.make_diagnostics if cfg.plasticity.diagnostics else None,
             probe_size=cfg.plasticity.probe_size, device=lrn.device,
-            num_threads=lrn.num_threads or max(1, int(lrn.placement.num_cpus)),
+            num_threads=lrn.num_threads or max(1, int(lrn.placement.num_cpus)), flush_denormal=lrn.flush_denormal,
         )
         return self._learner
 

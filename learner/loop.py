@@ -271,9 +271,11 @@ class LearnerLoop:
         else:
             metrics = self._finish(result, batch)
         if batch.task is not None and len(batch.task):
-            tasks, counts = np.unique(batch.task, return_counts=True)
-            for task, count in zip(tasks.tolist(), counts.tolist(), strict=True):
-                self.counters.task_rows[task] = self.counters.task_rows.get(task, 0) + count
+            # bincount, not np.unique: tasks are small non-negative ids (replay checks them at insert), and
+            # np.unique's sort cost ~50 us a batch, 7% of a small network's whole update.
+            counts = np.bincount(batch.task)
+            for task in np.flatnonzero(counts).tolist():
+                self.counters.task_rows[task] = self.counters.task_rows.get(task, 0) + int(counts[task])
         if batch.policy_version is not None and len(batch.policy_version):
             lag = self.counters.published_version - float(np.mean(batch.policy_version))
             self.counters.policy_lag_sum += lag

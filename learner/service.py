@@ -118,11 +118,15 @@ class LearnerService:
         probe_size: int = 256,
         device: str = "auto",
         num_threads: int = 0,
+        flush_denormal: bool = True,
         rank: int = 0,
         world_size: int = 1,
         rendezvous: str | None = None,
         backend: str = "auto",
     ):
+        # Before the algorithm's first op: threads torch starts later inherit the setting (pthreads copy the
+        # floating-point environment of the thread that creates them); see LearnerConfig.flush_denormal.
+        torch.set_flush_denormal(bool(flush_denormal))
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)

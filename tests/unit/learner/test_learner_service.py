@@ -109,3 +109,18 @@ def test_diagnostics_start_once_the_probe_can_be_sampled(tmp_path):
     # diagnostics every 5 updates, measured on the network "q": keys without a network prefix
     assert "diag/srank" in report.diagnostics and "diag/dormant_ratio/total" in report.diagnostics
     service.close()
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_the_learner_flushes_denormal_floats_only_when_asked(tmp_path, flush):
+    """Denormal arithmetic is many times slower on x86 CPUs (LearnerConfig.flush_denormal): with the
+    option the learner's thread computes them as zero, without it they stay what IEEE 754 says."""
+    make, _ = _setup(tmp_path)
+    smallest_normal = torch.finfo(torch.float32).tiny
+    try:
+        service = make(flush_denormal=flush)
+        halved = (torch.tensor([smallest_normal]) / 2).item()   # a denormal, unless flushed
+        assert (halved == 0.0) is flush, halved
+        service.close()
+    finally:
+        torch.set_flush_denormal(False)   # the thread's default, for the tests after this one
