@@ -138,8 +138,8 @@ class LearnerConfig:
     """Torch intra-op threads for the learner; 0 = its placement's num_cpus (at least 1)."""
     flush_denormal: bool = True
     """Flush denormal floats (below ~1.2e-38) to zero in the learner's CPU math. Denormal arithmetic is many
-    times slower on x86, and optimizer state fills with such values as training goes on: without this an SAC
-    update on the CPU slowed by 11% within its first 1,000 updates. Flushing them changes no result that matters."""
+    times slower on x86, and such values appear as a network trains: without this an SAC update on the CPU
+    slowed by 11% within its first 1,000 updates. Flushing them changes no result that matters."""
     log_every_s: float = 5.0
     """Seconds between progress lines and metrics-log records."""
     checkpoint_dir: str = ""
