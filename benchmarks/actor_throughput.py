@@ -148,6 +148,11 @@ def full_system(config, seconds: float, warmup: float) -> dict:
     return run_system(config, warmup_s=warmup, seconds=seconds)
 
 
+def _rate(result: float | dict) -> float:
+    """Env steps/s of a row: a measured rate, or a full-system row's ``run_system`` dict."""
+    return result["env_steps_per_s"] if isinstance(result, dict) else result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per row")
@@ -189,8 +194,7 @@ def main() -> int:
     for key in chosen:
         label, _, measure = rows[key]
         results[key] = measure()
-        rate = results[key]["env_steps_per_s"] if isinstance(results[key], dict) else results[key]
-        print(f"  {label} {rate:.0f} env steps/s")
+        print(f"  {label} {_rate(results[key]):.0f} env steps/s")
     # This machine's speed drifts by +-15% between minutes: the baseline runs again last, and every
     # ratio is to the mean of its two measurements (both are shown).
     results["a-after"] = rows["a"][2]()
@@ -201,7 +205,7 @@ def main() -> int:
     print("|---|---|---:|---:|")
     for key in chosen:
         label, what, _ = rows[key]
-        rate = results[key]["env_steps_per_s"] if isinstance(results[key], dict) else results[key]
+        rate = _rate(results[key])
         print(f"| {label} | {what} | {rate:.0f} | {rate / a:.2f} |")
     systems = [k for k in ("c", "c2") if k in results]
     if systems:

@@ -46,7 +46,7 @@ CLEANRL_1M = 9.6e3  # CleanRL SAC, HalfCheetah-v4, 1M env steps (its published b
 def run(variant: str, seed: int, env_steps: int, root: Path, reset_every: int | None = None) -> dict:
     preset, overrides = VARIANTS[variant]
     if reset_every is not None and variant == "rr8-reset":
-        overrides = {"sac": {"reset_every": reset_every}}
+        overrides = {**overrides, "sac": {**overrides.get("sac", {}), "reset_every": reset_every}}
     config = load_config(preset=preset, overrides={
         **overrides, "seed": seed,
         "learner": {"total_env_steps": env_steps, "log_every_s": 15.0, "checkpoint_every_s": 600.0},

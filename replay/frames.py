@@ -150,8 +150,9 @@ def share_frames(columns: Mapping[str, np.ndarray], *, names: Sequence[str]) -> 
     frame_shape = first.shape[2:]
     flat = [a.reshape(-1, *frame_shape) for a in stacks]
     pool = np.concatenate(flat) if len(flat) > 1 else flat[0]
-    pool_words = words(pool.reshape(pool.shape[0], -1).view(np.uint8))
-    rep_of = distinct_rows(hash_rows(pool.reshape(pool.shape[0], -1).view(np.uint8)), lambda js: pool_words[js])
+    pool_bytes = pool.reshape(pool.shape[0], -1).view(np.uint8)
+    pool_words = words(pool_bytes)
+    rep_of = distinct_rows(hash_rows(pool_bytes), lambda js: pool_words[js])
     reps, inverse = np.unique(rep_of, return_inverse=True)
     frames = pool[reps]
     out: dict[str, np.ndarray | SharedFrames] = dict(columns)
